@@ -1,0 +1,3 @@
+from noodle.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""Choosing the compute device and the precision to run on it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from noodle.errors import NoodleError, UsageError
+
+BACKENDS = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def select_device(backend: str | None) -> torch.device:
+    """`--backend`, else $NOODLE_BACKEND, else auto (cuda, then mps, then cpu)."""
+    name = (backend or os.environ.get("NOODLE_BACKEND") or "auto").lower()
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r} (choose {', '.join(BACKENDS)})")
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NoodleError("backend cuda requested but no CUDA GPU is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise NoodleError("backend mps requested but MPS is not available")
+    if name == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`--dtype`: auto is bfloat16 on GPUs that support it and float32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; weights and optimizer stay float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

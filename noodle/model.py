@@ -1,0 +1,166 @@
+"""The Noodle transformer: a pre-norm decoder with QK-norm and rotary attention.
+
+Block: x + Dropout(Proj(Attn(LN1(x)))), then x + Dropout(Down(GELU(Up(LN2(x))))).
+The model can decode from a static key/value cache (see `setup_cache`), so a new token
+costs one position of work instead of a pass over the whole context.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noodle.config import ModelConfig
+
+QK_NORM_EPS = 1e-6
+
+
+def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (length, head_dim) in the rotate-half layout."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, preallocated to the window length."""
+
+    def __init__(
+        self, batch: int, n_heads: int, length: int, head_dim: int, dtype: torch.dtype, device
+    ) -> None:
+        super().__init__()
+        shape = (batch, n_heads, length, head_dim)
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), False)
+
+    def update(
+        self, start: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + keys.shape[2]
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        inner = config.n_heads * config.head_dim
+        self.qkv = nn.Linear(config.emb_dim, 3 * inner, bias=True)
+        self.proj = nn.Linear(inner, config.emb_dim, bias=True)
+        self.cache: KVCache | None = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        q = apply_rotary(F.rms_norm(q, (self.head_dim,), eps=QK_NORM_EPS), cos, sin)
+        k = apply_rotary(F.rms_norm(k, (self.head_dim,), eps=QK_NORM_EPS), cos, sin)
+        mask, causal = None, True
+        if start is not None:
+            k, v = self.cache.update(start, k, v)
+            if length == 1:
+                causal = False
+            elif start > 0:
+                # Query i sits at position start + i and may see keys 0 ..= start + i.
+                mask = torch.ones(length, start + length, dtype=torch.bool, device=x.device)
+                mask = mask.tril(diagonal=start)
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.emb_dim)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.emb_dim)
+        self.up = nn.Linear(config.emb_dim, config.hidden_dim, bias=True)
+        self.down = nn.Linear(config.hidden_dim, config.emb_dim, bias=True)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln1(x), cos, sin, start))
+        return x + self.dropout(self.down(F.gelu(self.up(self.ln2(x)))))
+
+
+class NoodleModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.emb_dim)
+        self.head = nn.Linear(config.emb_dim, config.vocab_size, bias=True)
+        cos, sin = rotary_tables(config.head_dim, config.ctx_len, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # GPT-2 style: N(0, 0.02), with the residual projections scaled down by depth so
+        # the residual stream's variance does not grow with the number of blocks.
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("attn.proj", "down")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def setup_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> None:
+        """Allocate a key/value cache of one context window for cached decoding."""
+        dtype = dtype or self.head.weight.dtype
+        device = self.head.weight.device
+        for block in self.blocks:
+            block.attn.cache = KVCache(
+                batch, self.config.n_heads, self.config.ctx_len, self.config.head_dim, dtype, device
+            )
+
+    def hidden_states(self, idx: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states; `start` is the position of idx[:, 0] in the cache."""
+        length = idx.shape[1]
+        offset = start or 0
+        if offset + length > self.config.ctx_len:
+            raise ValueError(
+                f"sequence end {offset + length} exceeds the context window {self.config.ctx_len}"
+            )
+        cos = self.rope_cos[offset : offset + length]
+        sin = self.rope_sin[offset : offset + length]
+        x = self.tok_emb(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, start)
+        return self.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start: int | None = None
+    ) -> torch.Tensor:
+        """Logits (batch, length, vocab_size), or with `targets` the mean next-token
+        cross-entropy (targets of -100 are ignored). With `start`, reads and extends the
+        key/value cache."""
+        logits = self.head(self.hidden_states(idx, start))
+        if targets is None:
+            return logits
+        return F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+        )
