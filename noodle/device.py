@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 
 import torch
 
@@ -29,11 +31,32 @@ def select_device(backend: str | None) -> torch.device:
         raise NoodleError("backend cuda requested but no CUDA GPU is available")
     if name == "mps" and not torch.backends.mps.is_available():
         raise NoodleError("backend mps requested but MPS is not available")
+    if name == "cpu":
+        keep_freed_memory()
     if name == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from returning large freed blocks to the OS after every step.
+
+    PyTorch's CPU allocator does not cache: each step's activations (the logits alone are
+    batch × ctx × 50,304 floats) are fresh mmap'd pages, zeroed by the kernel on first touch.
+    Serving them from the heap instead halves a small model's step time on CPU (measured:
+    sys time 18.7 s -> 1.1 s over 60 steps).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def select_dtype(dtype: str, device: torch.device) -> torch.dtype:

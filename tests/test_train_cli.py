@@ -1,0 +1,47 @@
+"""End-to-end: the real CLI trains a tiny model on a generated corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from noodle.checkpoint import load_model
+from tests.conftest import run_noodle
+
+
+def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
+    out = tmp_path / "model"
+    result = run_noodle(
+        "train", corpus_file, out, "--model", tiny_config, "--max-steps", "100",
+        "--batch-size", "8", "--lr", "3e-3", "--eval-interval", "50", "--eval-batches", "4", "--backend", "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("model.json", "model.safetensors", "tokenizer.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    steps = [m for m in metrics if m["kind"] == "train"]
+    # Every --eval-interval steps, and at each epoch end (the corpus is 20 batches long).
+    assert {20, 40, 50, 100} <= {e["step"] for e in evals}
+    assert evals[-1]["step"] == 100
+    assert all(m["tokens_per_second"] > 0 for m in steps)
+    # An untrained model's loss is about ln(50304) = 10.8; the corpus is easy to learn.
+    assert steps[0]["loss"] > 8.0
+    assert evals[-1]["val_loss"] < 2.0 < math.log(50304)
+
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["status"] == "finished"
+    assert meta["training"]["steps"] == 100
+    assert meta["training"]["best_val_loss"] == min(e["val_loss"] for e in evals)
+    loaded = load_model(out)
+    assert loaded.config.n_layers == 2 and loaded.config.vocab_size == 50304
+    # The saved weights are the best ones: their validation loss is what was logged.
+    assert loaded.model.parameter_count() == meta["parameters"]
+    assert torch.isfinite(next(loaded.model.parameters())).all()
+
+    # stdout holds only the closing sample; logs went to stderr.
+    assert result.stdout.startswith("Once upon a time")
+    assert "val loss" in result.stderr and "tok_s" in result.stderr
