@@ -14,8 +14,9 @@ from tests.conftest import run_noodle
 def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     out = tmp_path / "model"
     result = run_noodle(
-        "train", corpus_file, out, "--model", tiny_config, "--max-steps", "100",
-        "--batch-size", "8", "--lr", "3e-3", "--eval-interval", "50", "--eval-batches", "4", "--backend", "cpu",
+        *("train", corpus_file, out, "--model", tiny_config, "--backend", "cpu"),
+        *("--max-steps", 100, "--batch-size", 8, "--lr", 3e-3),
+        *("--eval-interval", 50, "--eval-batches", 4),
     )
     assert result.returncode == 0, result.stderr
     for name in ("model.json", "model.safetensors", "tokenizer.json", "metrics.jsonl"):
