@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from noodle.checkpoint import ModelDir, atomic_write_bytes, load_model, model_metadata
+from noodle.config import ModelConfig
+from noodle.errors import NoodleError
+from noodle.model import NoodleModel
+from noodle.tokenizer import load_tokenizer
+
+CONFIG = ModelConfig(n_layers=1, emb_dim=32, n_heads=2, head_dim=16, hidden_dim=64, ctx_len=16)
+
+
+def save(tmp_path, config=CONFIG):
+    torch.manual_seed(0)
+    model = NoodleModel(config)
+    out = ModelDir(tmp_path / "m")
+    tokenizer = load_tokenizer()
+    out.write_metadata(model_metadata(config, "custom", tokenizer, {"kind": "train"}))
+    out.write_tokenizer(tokenizer)
+    out.save_weights(model)
+    return model.eval(), out.path
+
+
+def test_load_of_save_gives_identical_logits(tmp_path):
+    model, path = save(tmp_path)
+    idx = torch.randint(0, 50277, (2, 16))
+    loaded = load_model(path)
+    assert torch.equal(model(idx), loaded.model(idx))
+    for spec in (path / "model.json", path / "model.safetensors"):
+        assert torch.equal(model(idx), load_model(spec).model(idx))
+
+
+def test_model_json_records_architecture_tokenizer_and_training(tmp_path):
+    _, path = save(tmp_path)
+    meta = json.loads((path / "model.json").read_text())
+    assert meta["n_layers"] == 1 and meta["vocab_size"] == 50304 and meta["head_dim"] == 16
+    assert meta["tokenizer"]["end_of_text_id"] == 0 and meta["tokenizer"]["padding_id"] == 1
+    assert meta["training"]["kind"] == "train" and "date" in meta["training"]
+    assert meta["parameters"] == NoodleModel(CONFIG).parameter_count()
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "f.bin"
+    atomic_write_bytes(target, b"old")
+    atomic_write_bytes(target, b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_missing_model_dir_and_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(NoodleError, match="no such directory"):
+        load_model(tmp_path / "nope")
+    _, path = save(tmp_path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(NoodleError, match=r"model\.safetensors is missing"):
+        load_model(path)
+
+
+def test_weights_that_do_not_match_model_json_are_an_error(tmp_path):
+    _, path = save(tmp_path)
+    meta = json.loads((path / "model.json").read_text())
+    meta["emb_dim"] = 48
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(NoodleError, match=r"weights do not match model\.json"):
+        load_model(path)
+
+
+def test_corrupt_weights_are_an_error(tmp_path):
+    _, path = save(tmp_path)
+    (path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(NoodleError, match="unreadable weights"):
+        load_model(path)
+
+
+def test_output_dir_that_is_a_file_is_an_error(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(NoodleError, match="is a file"):
+        ModelDir(target)
