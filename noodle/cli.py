@@ -86,6 +86,14 @@ def train(
     cache: Annotated[
         bool, typer.Option("--cache/--no-cache", help="Keep the tokenized corpus in the cache.")
     ] = True,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the model. Default: on for CUDA, off elsewhere.",
+            show_default=False,
+        ),
+    ] = None,
     backend: Backend = None,
     dtype: Dtype = "auto",
 ) -> None:
@@ -123,6 +131,7 @@ def train(
         dtype=dtype,
         resume=resume,
         use_cache=cache,
+        compile=compile,
         settings=settings,
     )
     reporter = Reporter()

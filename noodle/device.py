@@ -36,6 +36,9 @@ def select_device(backend: str | None) -> torch.device:
     if name == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
+        # float32 matmuls (outside autocast) on tensor cores; bf16 paths are unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class TrainOptions:
     dtype: str = "auto"
     resume: bool = False
     use_cache: bool = True
+    compile: bool | None = None  # None: compile on CUDA, not elsewhere
     settings: TrainSettings = field(default_factory=TrainSettings)
 
 
@@ -60,9 +61,10 @@ def closing_sample(model: NoodleModel, tokenizer, seed: int) -> str:
 
 
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
-    settings = options.settings
     device = select_device(options.backend)
     amp_dtype = select_dtype(options.dtype, device)
+    compile_model = device.type == "cuda" if options.compile is None else options.compile
+    settings = replace(options.settings, compile=compile_model)
     out = ModelDir(options.output_dir)
     existing = out.file(MODEL_JSON)
     if options.resume:

@@ -55,6 +55,7 @@ class TrainSettings:
     warmup_steps: int = 100
     log_interval: int = 10
     max_nonfinite_in_row: int = 5
+    compile: bool = False
 
 
 @dataclass
@@ -178,6 +179,8 @@ class Trainer:
         self.settings, self.out, self.device, self.amp_dtype = settings, out, device, amp_dtype
         self.reporter, self.fingerprint, self.on_best = reporter, fingerprint, on_best
         self.optimizer = make_optimizer(model, settings)
+        # The compiled module shares the model's parameters; saving goes through unwrap().
+        self.step_model = torch.compile(model) if settings.compile else model
         self.state = TrainState()
         self.batches_per_epoch = train_data.batches_per_epoch()
         self.total_steps = planned_steps(settings, self.batches_per_epoch)
@@ -246,7 +249,7 @@ class Trainer:
     def run_evaluation(self) -> None:
         state, settings = self.state, self.settings
         loss = evaluate(
-            self.model,
+            self.step_model,
             self.eval_data.eval_batches(settings.eval_batches),
             self.device,
             self.amp_dtype,
@@ -279,11 +282,21 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------
 
+    def device_batch(self, epoch: int, index: int) -> Batch:
+        """A training batch on the device; on CUDA copied from pinned memory asynchronously."""
+        inputs, targets = self.train_data.get(epoch, index)
+        if self.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return (
+            inputs.to(self.device, non_blocking=True),
+            targets.to(self.device, non_blocking=True),
+        )
+
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast(self.device, self.amp_dtype):
-            loss = self.model(inputs, targets)
+            loss = self.step_model(inputs, targets)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         nonfinite = ~torch.isfinite(grad_norm)
@@ -313,9 +326,7 @@ class Trainer:
                 if state.batch_index >= self.batches_per_epoch:
                     state.epoch, state.batch_index = state.epoch + 1, 0
                     continue
-                inputs, targets = self.train_data.get(state.epoch, state.batch_index)
-                inputs = inputs.to(self.device, non_blocking=True)
-                targets = targets.to(self.device, non_blocking=True)
+                inputs, targets = self.device_batch(state.epoch, state.batch_index)
                 lr = learning_rate(state.step, settings, self.total_steps)
                 loss, nonfinite = self.train_step(inputs, targets, lr)
                 window_loss += torch.where(nonfinite, 0.0, loss)
