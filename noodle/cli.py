@@ -82,12 +82,16 @@ def positive(name: str, value: int | float | None) -> None:
         raise click.UsageError(f"--{name} must be positive, got {value}")
 
 
-def training_settings(seed: int, **positive_options: int | float | None) -> TrainSettings:
-    """TrainSettings from the options train and finetune share; all but the seed must be
-    positive."""
+def training_settings(
+    seed: int, min_improvement: float, **positive_options: int | float | None
+) -> TrainSettings:
+    """TrainSettings from the options train and finetune share; a minimum improvement of 0
+    (any drop counts) is allowed, the other numbers must be positive."""
     for name, value in positive_options.items():
         positive(name.replace("_", "-"), value)
-    return TrainSettings(seed=seed, **positive_options)
+    if min_improvement < 0:
+        raise click.UsageError(f"--min-improvement must not be negative, got {min_improvement}")
+    return TrainSettings(seed=seed, min_improvement=min_improvement, **positive_options)
 
 
 def run_with_reporter(work: Callable[[Reporter], object]) -> None:

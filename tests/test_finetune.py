@@ -154,3 +154,36 @@ def test_finetune_will_not_overwrite_its_base_model(trained_base, tmp_path, cli_
         f"error: {trained_base} is the base model's directory; fine-tune into another one"
     ]
     assert (trained_base / "model.safetensors").read_bytes() == before
+
+
+def test_finetune_resume_continues_where_the_run_stopped(
+    trained_base, tmp_path, cli_in_process, one_torch_thread
+):
+    instructions = write_instructions(tmp_path / "qa.txt", PAIRS * 2)
+    out = tmp_path / "tuned"
+    common = ("--backend", "cpu", "--lr", 1e-2, "--eval-interval", 2, "--patience", 100)
+    code, _, err = cli_in_process(
+        "finetune", trained_base, instructions, out, *common, "--max-steps", 4
+    )
+    assert code == 0, err
+    code, _, err = cli_in_process(
+        "finetune", trained_base, instructions, out, *common, "--max-steps", 8, "--resume"
+    )
+    assert code == 0, err
+    assert "resuming at step 4" in err
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "eval"
+    ]
+    assert steps == [2, 4, 6, 8]
+    assert json.loads((out / "model.json").read_text())["training"]["steps"] == 8
+
+
+def test_finetune_rejects_a_batch_size_of_zero(trained_base, tmp_path, cli_in_process):
+    instructions = write_instructions(tmp_path / "qa.txt", PAIRS)
+    code, _, err = cli_in_process(
+        "finetune", trained_base, instructions, tmp_path / "out", "--batch-size", 0
+    )
+    assert code == 2
+    assert err.splitlines() == ["error: --batch-size must be positive, got 0"]
