@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +17,7 @@ import typer
 from noodle import __version__
 from noodle.errors import NoodleError
 from noodle.progress import Reporter
-from noodle.training import Interrupted
+from noodle.training import Interrupted, TrainSettings
 
 app = typer.Typer(
     name="noodle",
@@ -41,6 +43,38 @@ Dtype = Annotated[
     ),
 ]
 Corpus = Annotated[str, typer.Argument(help="Text corpus: a local file path.", show_default=False)]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Model directory (or the model.json / model.safetensors inside it).",
+        show_default=False,
+    ),
+]
+OutputDir = Annotated[
+    Path, typer.Argument(help="Directory to write the model into.", show_default=False)
+]
+MaxEpochs = Annotated[int, typer.Option(help="Passes over the training split.")]
+MaxSteps = Annotated[
+    int | None, typer.Option(help="Stop after this many steps, whatever the epochs.")
+]
+BatchSize = Annotated[int, typer.Option(help="Sequences per optimizer step.")]
+EvalInterval = Annotated[int, typer.Option(help="Evaluate every this many steps.")]
+EvalBatches = Annotated[
+    int, typer.Option(help="Validation batches per evaluation (evenly spread).")
+]
+Patience = Annotated[
+    int,
+    typer.Option(
+        help="Stop after this many evaluations without an improvement of --min-improvement."
+    ),
+]
+MinImprovement = Annotated[
+    float, typer.Option(help="The drop in validation loss that counts as an improvement.")
+]
+Seed = Annotated[int, typer.Option(help="Seed for weights, data order and dropout.")]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue the interrupted run in OUTPUT_DIR.")
+]
 
 
 def positive(name: str, value: int | float | None) -> None:
@@ -48,37 +82,48 @@ def positive(name: str, value: int | float | None) -> None:
         raise click.UsageError(f"--{name} must be positive, got {value}")
 
 
+def training_settings(
+    seed: int, min_improvement: float, **positive_options: int | float | None
+) -> TrainSettings:
+    """TrainSettings from the options train and finetune share; a minimum improvement of 0
+    (any drop counts) is allowed, the other numbers must be positive."""
+    for name, value in positive_options.items():
+        positive(name.replace("_", "-"), value)
+    if min_improvement < 0:
+        raise click.UsageError(f"--min-improvement must not be negative, got {min_improvement}")
+    return TrainSettings(seed=seed, min_improvement=min_improvement, **positive_options)
+
+
+def run_with_reporter(work: Callable[[Reporter], object]) -> None:
+    reporter = Reporter()
+    try:
+        work(reporter)
+    finally:
+        reporter.close()
+
+
 @app.command()
 def train(
     corpus: Corpus,
-    output_dir: Annotated[
-        Path, typer.Argument(help="Directory to write the model into.", show_default=False)
-    ],
+    output_dir: OutputDir,
     model: Annotated[
         str, typer.Option(help="Preset (somen, soba, udon) or a CONFIG.json in model.json form.")
     ] = "somen",
-    max_epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 20,
-    max_steps: Annotated[
-        int | None, typer.Option(help="Stop after this many steps, whatever the epochs.")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per optimizer step.")] = 8,
+    max_epochs: MaxEpochs = 20,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = 8,
     lr: Annotated[
         float | None,
         typer.Option(
             help="Peak learning rate. Default: 1e-4 × batch-size / 4.", show_default=False
         ),
     ] = None,
-    eval_interval: Annotated[int, typer.Option(help="Evaluate every this many steps.")] = 200,
-    eval_batches: Annotated[
-        int, typer.Option(help="Validation batches per evaluation (evenly spread).")
-    ] = 50,
-    patience: Annotated[
-        int, typer.Option(help="Stop after this many evaluations without a 0.01 improvement.")
-    ] = 10,
-    seed: Annotated[int, typer.Option(help="Seed for weights, data order and dropout.")] = 1337,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the interrupted run in OUTPUT_DIR.")
-    ] = False,
+    eval_interval: EvalInterval = 200,
+    eval_batches: EvalBatches = 50,
+    patience: Patience = 10,
+    min_improvement: MinImprovement = 0.01,
+    seed: Seed = 1337,
+    resume: Resume = False,
     tokenizer: Annotated[
         Path | None,
         typer.Option(help="A tokenizer.json to use instead of the bundled GPT-NeoX-20B one."),
@@ -100,19 +145,8 @@ def train(
     """Train a model from scratch on CORPUS into OUTPUT_DIR."""
     from noodle.pretrain import TrainOptions, default_lr
     from noodle.pretrain import train as run_train
-    from noodle.training import TrainSettings
 
-    for name, value in [
-        ("max-epochs", max_epochs),
-        ("max-steps", max_steps),
-        ("batch-size", batch_size),
-        ("lr", lr),
-        ("eval-interval", eval_interval),
-        ("eval-batches", eval_batches),
-        ("patience", patience),
-    ]:
-        positive(name, value)
-    settings = TrainSettings(
+    settings = training_settings(
         max_epochs=max_epochs,
         max_steps=max_steps,
         batch_size=batch_size,
@@ -120,6 +154,7 @@ def train(
         eval_interval=eval_interval,
         eval_batches=eval_batches,
         patience=patience,
+        min_improvement=min_improvement,
         seed=seed,
     )
     options = TrainOptions(
@@ -134,34 +169,130 @@ def train(
         compile=compile,
         settings=settings,
     )
-    reporter = Reporter()
-    try:
-        run_train(options, reporter)
-    finally:
-        reporter.close()
-
-
-def not_implemented() -> None:
-    raise NoodleError("not implemented yet")
+    run_with_reporter(lambda reporter: run_train(options, reporter))
 
 
 @app.command()
 def finetune(
-    model: Annotated[str, typer.Argument(help="Base model directory.")],
-    input: Annotated[str, typer.Argument(help="Instruction file.")],
-    output_dir: Annotated[Path, typer.Argument(help="Directory for the fine-tuned model.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Base model directory (or the model.json / model.safetensors inside it).",
+            show_default=False,
+        ),
+    ],
+    input: Annotated[
+        str,
+        typer.Argument(
+            help="Instruction file: ### Instruction: / ### Input: / ### Response: blocks "
+            "separated by <|endoftext|> (see `noodle prepare-instructions`).",
+            show_default=False,
+        ),
+    ],
+    output_dir: OutputDir,
+    max_epochs: MaxEpochs = 5,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = 4,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help="Peak learning rate. Default: 2e-5 × batch-size / 4.", show_default=False
+        ),
+    ] = None,
+    eval_interval: EvalInterval = 5000,
+    eval_batches: EvalBatches = 500,
+    patience: Patience = 3,
+    min_improvement: MinImprovement = 0.005,
+    seed: Seed = 1337,
+    resume: Resume = False,
+    backend: Backend = None,
+    dtype: Dtype = "auto",
 ) -> None:
-    """Fine-tune MODEL on instruction data into OUTPUT_DIR."""
-    not_implemented()
+    """Fine-tune MODEL on the instruction file INPUT into OUTPUT_DIR."""
+    from noodle.finetune import FinetuneOptions, default_lr
+    from noodle.finetune import finetune as run_finetune
+
+    settings = training_settings(
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr if lr is not None else default_lr(batch_size),
+        eval_interval=eval_interval,
+        eval_batches=eval_batches,
+        patience=patience,
+        min_improvement=min_improvement,
+        seed=seed,
+    )
+    options = FinetuneOptions(
+        model=model,
+        input=input,
+        output_dir=output_dir,
+        backend=backend,
+        dtype=dtype,
+        resume=resume,
+        settings=settings,
+    )
+    run_with_reporter(lambda reporter: run_finetune(options, reporter))
+
+
+@app.command(name="prepare-instructions")
+def prepare_instructions(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="JSON array or JSON Lines of records with instruction, input or context, "
+            "and output or response (Alpaca and Dolly field names).",
+            show_default=False,
+        ),
+    ],
+    destination: Annotated[
+        Path, typer.Argument(help="Instruction file to write.", show_default=False)
+    ],
+) -> None:
+    """Turn a JSON/JSONL instruction set into an instruction file for `noodle finetune`."""
+    from noodle.instructions import prepare_instructions as prepare
+
+    run_with_reporter(lambda reporter: prepare(source, destination, reporter))
 
 
 @app.command(name="eval")
 def evaluate(
-    model: Annotated[str, typer.Argument(help="Model directory.")],
+    model: ModelArg,
     corpus: Corpus,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Context windows per batch.")] = 8,
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Keep the tokenized corpus in the cache.")
+    ] = True,
+    backend: Backend = None,
+    dtype: Dtype = "auto",
 ) -> None:
-    """Measure MODEL's loss, perplexity and bits per byte on CORPUS."""
-    not_implemented()
+    """Measure MODEL's loss, perplexity and bits per byte on all of CORPUS."""
+    from noodle.evaluation import evaluate_model
+
+    positive("batch-size", batch_size)
+
+    def work(reporter: Reporter) -> None:
+        result = evaluate_model(model, corpus, batch_size, reporter, backend, dtype, cache)
+        print(json.dumps(result.to_json()) if json_output else result.to_text(), flush=True)
+
+    run_with_reporter(work)
+
+
+@app.command()
+def info(model: ModelArg) -> None:
+    """Show MODEL's architecture, parameter count, tokenizer and training summary."""
+    from rich.console import Console
+
+    from noodle.info import model_table
+
+    Console(highlight=False).print(model_table(model))
+
+
+def not_implemented() -> None:
+    raise NoodleError("not implemented yet")
 
 
 @app.command()

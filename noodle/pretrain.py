@@ -10,20 +10,17 @@ import numpy as np
 import torch
 
 from noodle.batching import split_windows
-from noodle.checkpoint import MODEL_JSON, ModelDir, load_model, model_metadata
+from noodle.checkpoint import MODEL_JSON, TOKENIZER, load_model
 from noodle.config import config_from_dict, read_json_file, resolve_model_config
 from noodle.corpus import load_token_stream
 from noodle.device import select_device, select_dtype
-from noodle.errors import NoodleError
-from noodle.inference import Session, generate
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
-from noodle.sampling import SamplingSettings
+from noodle.runs import RunRecord, open_output_dir, run_training, sample_continuation
 from noodle.tokenizer import load_tokenizer
-from noodle.training import Interrupted, Trainer, TrainSettings, TrainState
+from noodle.training import Trainer, TrainSettings, TrainState
 
 SAMPLE_PROMPT = "Once upon a time"
-SAMPLE_TOKENS = 60
 
 
 def default_lr(batch_size: int) -> float:
@@ -53,56 +50,24 @@ def corpus_fingerprint(tokens: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def closing_sample(model: NoodleModel, tokenizer, seed: int) -> str:
-    session = Session(model, tokenizer)
-    generator = torch.Generator(device=session.device).manual_seed(seed)
-    ids = list(generate(session, SAMPLE_PROMPT, SAMPLE_TOKENS, SamplingSettings(), generator))
-    return SAMPLE_PROMPT + tokenizer.decode(ids)
-
-
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     device = select_device(options.backend)
     amp_dtype = select_dtype(options.dtype, device)
     compile_model = device.type == "cuda" if options.compile is None else options.compile
     settings = replace(options.settings, compile=compile_model)
-    out = ModelDir(options.output_dir)
-    existing = out.file(MODEL_JSON)
+    out = open_output_dir(options.output_dir, options.resume)
     if options.resume:
-        metadata = read_json_file(existing) if existing.exists() else None
-        if metadata is None:
-            raise NoodleError(f"nothing to resume: {existing} does not exist")
-        tokenizer = load_tokenizer(out.file("tokenizer.json"))
+        existing = out.file(MODEL_JSON)
+        metadata = read_json_file(existing)
+        tokenizer = load_tokenizer(out.file(TOKENIZER))
         config, _ = config_from_dict(metadata, str(existing))
         preset = metadata.get("preset", "custom")
     else:
-        if existing.exists():
-            raise NoodleError(
-                f"{options.output_dir} already holds a model; continue it with --resume or "
-                "choose another output directory"
-            )
         tokenizer = load_tokenizer(options.tokenizer)
         preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
-
-    def summary(state: TrainState, status: str) -> dict:
-        return {
-            "kind": "train",
-            "status": status,
-            "steps": state.step,
-            "epochs": state.epoch,
-            "tokens_seen": state.tokens_seen,
-            "best_val_loss": None if state.best_step == 0 else state.best_loss,
-            "best_step": state.best_step,
-            "source": options.corpus,
-            "batch_size": settings.batch_size,
-            "lr": settings.lr,
-            "seed": settings.seed,
-        }
-
-    def write_metadata(state: TrainState, status: str) -> None:
-        out.write_metadata(model_metadata(config, preset, tokenizer, summary(state, status)))
-
+    record = RunRecord(out, config, preset, tokenizer, "train", options.corpus, settings)
     if not options.resume:
-        write_metadata(TrainState(), "tokenizing")
+        record.write(TrainState(), "tokenizing")
         out.write_tokenizer(tokenizer)
     tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
     train_windows, val_windows = split_windows(
@@ -132,23 +97,10 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
         amp_dtype,
         reporter,
         fingerprint,
-        on_best=lambda state: write_metadata(state, "training"),
+        on_best=record.on_best,
     )
-    if not options.resume:
-        write_metadata(trainer.state, "training")
-    try:
-        state = trainer.run(resume=options.resume)
-    except (Interrupted, KeyboardInterrupt):
-        write_metadata(trainer.state, "interrupted")
-        raise
-    except Exception:
-        write_metadata(trainer.state, "failed")
-        raise
-    write_metadata(state, "finished")
-    reporter.info(
-        f"done: {state.step} steps, {state.tokens_seen:,} tokens, best validation loss "
-        f"{state.best_loss:.4f} at step {state.best_step} -> {out.path}"
-    )
+    state = run_training(trainer, record, options.resume, reporter)
     best = load_model(out.path, device)
-    print(closing_sample(best.model, best.tokenizer, settings.seed), flush=True)
+    sample = sample_continuation(best.model, best.tokenizer, SAMPLE_PROMPT, settings.seed)
+    print(SAMPLE_PROMPT + sample, flush=True)
     return state

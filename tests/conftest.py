@@ -74,3 +74,75 @@ def run_noodle(
         timeout=timeout,
         check=False,
     )
+
+
+# One intra-op thread: on a small, busy CI machine PyTorch's thread pool contends with
+# everything else and tiny models run several times slower with it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """ONE_THREAD for work done inside the test process."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_small_tokenizer(path: Path, text: str, vocab_size: int = 400) -> Path:
+    """A byte-level BPE tokenizer trained on `text`, with <|endoftext|> = 0 and
+    <|padding|> = 1 like the bundled one; its small vocabulary makes tiny models fast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([text], trainer)
+    tokenizer.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_base(tmp_path_factory) -> Path:
+    """A tiny model trained on story_corpus through the real CLI, with a small tokenizer.
+    (--no-cache: session fixtures run before `isolated_cache` redirects the cache.)"""
+    work = tmp_path_factory.mktemp("base")
+    corpus = work / "corpus.txt"
+    corpus.write_text(story_corpus(600))
+    config = work / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    tokenizer = write_small_tokenizer(work / "tokenizer.json", story_corpus(300, seed=1))
+    out = work / "model"
+    result = run_noodle(
+        *("train", corpus, out, "--model", config, "--tokenizer", tokenizer),
+        *("--backend", "cpu", "--max-steps", 40, "--batch-size", 8, "--lr", 3e-3),
+        *("--eval-interval", 20, "--eval-batches", 4, "--no-cache"),
+        env=ONE_THREAD,
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture
+def cli_in_process(capsys):
+    """Run the CLI's entry point in this process (no interpreter start-up, for quick error
+    checks); returns (exit code, stdout, stderr)."""
+    from noodle.cli import main
+
+    def run(*args: object) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run

@@ -1,0 +1,151 @@
+"""`noodle eval`: a model's loss, perplexity and bits per byte on a corpus.
+
+The whole corpus is cut into non-overlapping windows of ctx_len inputs, evaluated in
+batches; the tokens evaluated are the windows' targets, i.e. tokens 1 .. windows × ctx_len
+of the stream, and bits per byte divides their total loss in bits by the UTF-8 bytes of
+exactly those tokens' text.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tokenizers import decoders
+
+from noodle.batching import Batch, TokenWindows
+from noodle.checkpoint import load_model
+from noodle.corpus import load_token_stream
+from noodle.device import select_device, select_dtype
+from noodle.errors import NoodleError
+from noodle.progress import Reporter
+from noodle.tokenizer import TextTokenizer
+from noodle.training import evaluate
+
+# Byte counts are summed over the token stream this many tokens at a time (bounded memory).
+COUNT_CHUNK = 1 << 22
+MAX_EXP_ARGUMENT = math.log(sys.float_info.max)  # a diverged model can exceed it
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    tokens_per_second: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        return "\n".join(
+            [
+                f"loss             {self.loss:.4f}",
+                f"perplexity       {self.perplexity:.2f}",
+                f"bits per byte    {self.bits_per_byte:.4f}",
+                f"tokens           {self.tokens:,}",
+                f"tokens/s         {self.tokens_per_second:,.0f}",
+            ]
+        )
+
+
+def token_byte_lengths(tokenizer: TextTokenizer) -> np.ndarray:
+    """UTF-8 bytes of each token id's text.
+
+    A byte-level BPE token's string spells one byte per character, so its length is its
+    byte count, exact even for tokens holding part of a multi-byte character (decoding such
+    a token alone would give U+FFFD). Added tokens (`<|endoftext|>`, runs of spaces) are
+    plain text. Other tokenizers fall back to decoding each token alone.
+    """
+    backend = tokenizer.backend
+    added = {i: token.content for i, token in backend.get_added_tokens_decoder().items()}
+    byte_level = isinstance(backend.decoder, decoders.ByteLevel)
+    lengths = np.zeros(backend.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for token_id in range(len(lengths)):
+        if token_id in added:
+            lengths[token_id] = len(added[token_id].encode("utf-8"))
+        elif byte_level:
+            lengths[token_id] = len(backend.id_to_token(token_id) or "")
+        else:
+            lengths[token_id] = len(tokenizer.decode([token_id]).encode("utf-8"))
+    return lengths
+
+
+def text_bytes(tokens: np.ndarray, byte_lengths: np.ndarray) -> int:
+    """UTF-8 bytes of the text that `tokens` spell."""
+    return sum(
+        int(byte_lengths[np.asarray(tokens[start : start + COUNT_CHUNK])].sum())
+        for start in range(0, len(tokens), COUNT_CHUNK)
+    )
+
+
+def corpus_windows(tokens: np.ndarray, ctx_len: int, batch_size: int, source: str) -> TokenWindows:
+    windows = TokenWindows(tokens, ctx_len, batch_size)
+    if windows.count == 0:
+        raise NoodleError(
+            f"corpus {source} too small to evaluate: it has {len(tokens):,} tokens, one "
+            f"window of {ctx_len} needs {ctx_len + 1:,}"
+        )
+    return windows
+
+
+def evaluate_windows(
+    model: torch.nn.Module,
+    windows: TokenWindows,
+    byte_lengths: np.ndarray,
+    device: torch.device,
+    amp_dtype: torch.dtype,
+    reporter: Reporter,
+) -> EvalResult:
+    """Every window, in order, in batches of the windows' batch size."""
+    n_batches = math.ceil(windows.count / windows.batch_size)
+    task = reporter.start_task("evaluating", total=n_batches, unit="batches")
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, windows.count, windows.batch_size):
+            yield windows.windows(np.arange(start, min(start + windows.batch_size, windows.count)))
+            task.advance(1)
+
+    started = time.perf_counter()
+    loss = evaluate(model, batches(), device, amp_dtype)  # returns after a device sync
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    task.finish()
+    n_tokens = windows.count * windows.ctx_len
+    targets = windows.tokens[1 : n_tokens + 1]
+    bits = loss / math.log(2) * n_tokens
+    return EvalResult(
+        loss=loss,
+        perplexity=math.exp(loss) if loss < MAX_EXP_ARGUMENT else math.inf,
+        bits_per_byte=bits / max(text_bytes(targets, byte_lengths), 1),
+        tokens=n_tokens,
+        tokens_per_second=n_tokens / elapsed,
+    )
+
+
+def evaluate_model(
+    model_spec: str,
+    corpus: str,
+    batch_size: int,
+    reporter: Reporter,
+    backend: str | None = None,
+    dtype: str = "auto",
+    use_cache: bool = True,
+) -> EvalResult:
+    device = select_device(backend)
+    amp_dtype = select_dtype(dtype, device)
+    loaded = load_model(model_spec, device)
+    tokens = load_token_stream(corpus, loaded.tokenizer, reporter, use_cache)
+    windows = corpus_windows(tokens, loaded.config.ctx_len, batch_size, corpus)
+    reporter.info(
+        f"evaluating {loaded.directory} on {corpus}: {windows.count:,} windows of "
+        f"{loaded.config.ctx_len} tokens | device {device} | precision "
+        f"{str(amp_dtype).removeprefix('torch.')}"
+    )
+    byte_lengths = token_byte_lengths(loaded.tokenizer)
+    return evaluate_windows(loaded.model, windows, byte_lengths, device, amp_dtype, reporter)

@@ -1,0 +1,104 @@
+"""`noodle finetune`: a trained model further trained on instruction data, into a new
+model directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from noodle.checkpoint import load_model
+from noodle.device import select_device, select_dtype
+from noodle.errors import NoodleError
+from noodle.instructions import examples_fingerprint, load_examples, split_examples
+from noodle.progress import Reporter
+from noodle.runs import RunRecord, open_output_dir, run_training, sample_continuation
+from noodle.training import Trainer, TrainSettings, TrainState
+
+
+def default_lr(batch_size: int) -> float:
+    """The original's rule: 2e-5 at batch 4, scaled linearly with the batch size."""
+    return 2e-5 * batch_size / 4
+
+
+@dataclass
+class FinetuneOptions:
+    model: str
+    input: str
+    output_dir: Path
+    settings: TrainSettings
+    backend: str | None = None
+    dtype: str = "auto"
+    resume: bool = False
+
+
+def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
+    settings = options.settings
+    device = select_device(options.backend)
+    amp_dtype = select_dtype(options.dtype, device)
+    base = load_model(options.model, device)
+    if Path(options.output_dir).resolve() == base.directory.resolve():
+        raise NoodleError(
+            f"{options.output_dir} is the base model's directory; fine-tune into another one"
+        )
+    tokenizer, config = base.tokenizer, base.config
+
+    examples, skipped = load_examples(options.input, tokenizer, config.ctx_len, reporter)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
+    train_data, val_data = split_examples(
+        examples, settings.batch_size, pad_id, settings.seed, options.input
+    )
+
+    out = open_output_dir(options.output_dir, options.resume)
+    record = RunRecord(
+        out,
+        config,
+        base.metadata.get("preset", "custom"),
+        tokenizer,
+        "finetune",
+        options.input,
+        settings,
+        extra={
+            "base_model": str(base.directory.resolve()),
+            "base_training": base.metadata.get("training"),
+            "examples": len(examples),
+            "skipped_blocks": skipped,
+        },
+    )
+    if not options.resume:
+        out.write_tokenizer(tokenizer)
+    reporter.info(
+        f"fine-tuning {base.directory}: {base.model.parameter_count():,} parameters | device "
+        f"{device} | precision {str(amp_dtype).removeprefix('torch.')} | "
+        f"{len(examples):,} examples ({len(train_data.examples):,} training / "
+        f"{len(val_data.examples):,} validation)"
+    )
+    fingerprint = {
+        "architecture": config.to_dict(),
+        "base_model": str(base.directory.resolve()),
+        "examples": examples_fingerprint(examples),
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+    }
+    torch.manual_seed(settings.seed)
+    trainer = Trainer(
+        base.model,
+        train_data,
+        val_data,
+        settings,
+        out,
+        device,
+        amp_dtype,
+        reporter,
+        fingerprint,
+        on_best=record.on_best,
+    )
+    state = run_training(trainer, record, options.resume, reporter)
+
+    best = load_model(out.path, device)
+    first = val_data.examples[0]
+    prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
+    reporter.info(f"sample reply to the validation prompt {prompt!r}:")
+    print(sample_continuation(best.model, best.tokenizer, prompt, settings.seed), flush=True)
+    return state

@@ -1,0 +1,99 @@
+"""`noodle info`: what a model directory holds, as a table, without reading its JSON."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from noodle.checkpoint import MODEL_JSON, TOKENIZER, WEIGHTS, model_directory
+from noodle.config import config_from_dict, read_json_file
+
+ARCHITECTURE_ROWS = (
+    "n_layers",
+    "emb_dim",
+    "n_heads",
+    "head_dim",
+    "hidden_dim",
+    "ctx_len",
+    "vocab_size",
+    "dropout",
+    "rope_base",
+)
+# A fine-tuned model shows this much of its base model's training summary.
+BASE_ROWS = ("kind", "steps", "tokens seen", "best validation loss", "source")
+MISSING = "-"
+
+
+def show(value: object) -> str:
+    return MISSING if value is None else str(value)
+
+
+def count(value: object) -> str:
+    """Steps, tokens, parameters: with thousands separators."""
+    return f"{value:,}" if isinstance(value, int) else show(value)
+
+
+def validation_loss(training: dict) -> str:
+    loss = training.get("best_val_loss")
+    if not isinstance(loss, (int, float)):
+        return MISSING
+    return f"{loss:.4f} (step {count(training.get('best_step'))})"
+
+
+def training_rows(training: dict) -> list[tuple[str, str]]:
+    return [
+        ("kind", show(training.get("kind"))),
+        ("status", show(training.get("status"))),
+        ("steps", count(training.get("steps"))),
+        ("epochs", count(training.get("epochs"))),
+        ("tokens seen", count(training.get("tokens_seen"))),
+        ("best validation loss", validation_loss(training)),
+        ("source", show(training.get("source"))),
+        ("batch size", show(training.get("batch_size"))),
+        ("learning rate", show(training.get("lr"))),
+        ("seed", show(training.get("seed"))),
+        ("date", show(training.get("date"))),
+        ("noodle version", show(training.get("noodle_version"))),
+    ]
+
+
+def model_table(spec: str) -> Table:
+    """Architecture, parameter count, tokenizer and training summary of the model at `spec`;
+    a fine-tuned model also shows its base model's training."""
+    directory = model_directory(spec)
+    metadata = read_json_file(directory / MODEL_JSON)
+    config, _ = config_from_dict(metadata, str(directory / MODEL_JSON))
+    table = Table(title=f"model {directory}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+
+    table.add_row("preset", show(metadata.get("preset", "custom")))
+    for name in ARCHITECTURE_ROWS:
+        table.add_row(name, count(getattr(config, name)))
+    table.add_row("parameters", count(config.parameter_count()))
+    weights_mb = (directory / WEIGHTS).stat().st_size / 1e6
+    table.add_row("weights", f"{WEIGHTS} ({weights_mb:,.1f} MB)")
+
+    table.add_section()
+    tokenizer = metadata.get("tokenizer")
+    tokenizer = tokenizer if isinstance(tokenizer, dict) else {}
+    has_file = (directory / TOKENIZER).is_file()
+    table.add_row("tokenizer", TOKENIZER if has_file else "the bundled GPT-NeoX-20B tokenizer")
+    table.add_row("tokenizer vocabulary", count(tokenizer.get("vocab_size")))
+    table.add_row("end-of-text id", show(tokenizer.get("end_of_text_id")))
+    table.add_row("padding id", show(tokenizer.get("padding_id")))
+    table.add_row("tokenizer sha256", show(tokenizer.get("sha256")))
+
+    table.add_section()
+    training = metadata.get("training")
+    training = training if isinstance(training, dict) else {}
+    for name, value in training_rows(training):
+        table.add_row(name, value)
+    base = training.get("base_training")
+    if training.get("kind") == "finetune":
+        table.add_row("examples", count(training.get("examples")))
+        table.add_section()
+        table.add_row("base model", show(training.get("base_model")))
+        for name, value in training_rows(base if isinstance(base, dict) else {}):
+            if name in BASE_ROWS:
+                table.add_row(f"base {name}", value)
+    return table

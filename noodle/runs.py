@@ -1,0 +1,111 @@
+"""What `noodle train` and `noodle finetune` share around the training loop: the output
+directory's checks, model.json kept current with the run, and the closing steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from noodle.checkpoint import MODEL_JSON, ModelDir, model_metadata
+from noodle.config import ModelConfig
+from noodle.errors import NoodleError
+from noodle.inference import Session, generate
+from noodle.model import NoodleModel
+from noodle.progress import Reporter
+from noodle.sampling import SamplingSettings
+from noodle.tokenizer import TextTokenizer
+from noodle.training import Interrupted, Trainer, TrainSettings, TrainState
+
+SAMPLE_TOKENS = 60
+
+
+def open_output_dir(path: Path, resume: bool) -> ModelDir:
+    """OUTPUT_DIR for a new run (it must not hold a model yet) or for --resume (it must)."""
+    out = ModelDir(path)
+    existing = out.file(MODEL_JSON)
+    if resume and not existing.exists():
+        raise NoodleError(f"nothing to resume: {existing} does not exist")
+    if not resume and existing.exists():
+        raise NoodleError(
+            f"{path} already holds a model; continue it with --resume or choose another "
+            "output directory"
+        )
+    return out
+
+
+class RunRecord:
+    """Writes OUTPUT_DIR/model.json: the architecture and tokenizer being trained and a
+    training summary of the run so far, so the directory always says what it holds."""
+
+    def __init__(
+        self,
+        out: ModelDir,
+        config: ModelConfig,
+        preset: str,
+        tokenizer: TextTokenizer,
+        kind: str,
+        source: str,
+        settings: TrainSettings,
+        extra: dict | None = None,
+    ) -> None:
+        self.out, self.config, self.preset, self.tokenizer = out, config, preset, tokenizer
+        self.kind, self.source, self.settings = kind, source, settings
+        self.extra = extra or {}
+
+    def summary(self, state: TrainState, status: str) -> dict:
+        return {
+            "kind": self.kind,
+            "status": status,
+            "steps": state.step,
+            "epochs": state.epoch,
+            "tokens_seen": state.tokens_seen,
+            "best_val_loss": None if state.best_step == 0 else state.best_loss,
+            "best_step": state.best_step,
+            "source": self.source,
+            "batch_size": self.settings.batch_size,
+            "lr": self.settings.lr,
+            "seed": self.settings.seed,
+            **self.extra,
+        }
+
+    def write(self, state: TrainState, status: str) -> None:
+        summary = self.summary(state, status)
+        self.out.write_metadata(model_metadata(self.config, self.preset, self.tokenizer, summary))
+
+    def on_best(self, state: TrainState) -> None:
+        """For Trainer's `on_best`: the saved weights are the best so far."""
+        self.write(state, "training")
+
+
+def run_training(
+    trainer: Trainer, record: RunRecord, resume: bool, reporter: Reporter
+) -> TrainState:
+    """Run the loop with model.json saying whether the run is going, finished, interrupted
+    or failed."""
+    if not resume:
+        record.write(trainer.state, "training")
+    try:
+        state = trainer.run(resume=resume)
+    except (Interrupted, KeyboardInterrupt):
+        record.write(trainer.state, "interrupted")
+        raise
+    except Exception:
+        record.write(trainer.state, "failed")
+        raise
+    record.write(state, "finished")
+    reporter.info(
+        f"done: {state.step} steps, {state.tokens_seen:,} tokens, best validation loss "
+        f"{state.best_loss:.4f} at step {state.best_step} -> {record.out.path}"
+    )
+    return state
+
+
+def sample_continuation(
+    model: NoodleModel, tokenizer: TextTokenizer, prompt: str, seed: int
+) -> str:
+    """A short sampled continuation of `prompt` (without the prompt), reproducible by seed."""
+    session = Session(model, tokenizer)
+    generator = torch.Generator(device=session.device).manual_seed(seed)
+    ids = list(generate(session, prompt, SAMPLE_TOKENS, SamplingSettings(), generator))
+    return tokenizer.decode(ids)
