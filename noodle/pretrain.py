@@ -10,20 +10,27 @@ import numpy as np
 import torch
 
 from noodle.batching import split_windows
-from noodle.checkpoint import MODEL_JSON, ModelDir, load_model, model_metadata
-from noodle.config import config_from_dict, read_json_file, resolve_model_config
+from noodle.checkpoint import MODEL_JSON, ModelDir, check_output_dir, load_model, model_metadata
+from noodle.config import resolve_model_config
 from noodle.corpus import load_token_stream
 from noodle.device import select_device, select_dtype
-from noodle.errors import NoodleError
+from noodle.errors import Interrupted, NoodleError
 from noodle.inference import Session, generate
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import load_tokenizer
-from noodle.training import Interrupted, Trainer, TrainSettings, TrainState
+from noodle.training import (
+    Trainer,
+    TrainSettings,
+    TrainState,
+    check_resumable,
+    settings_fingerprint,
+)
 
 SAMPLE_PROMPT = "Once upon a time"
 SAMPLE_TOKENS = 60
+FINGERPRINT_CHUNK = 1 << 24  # tokens hashed at a time
 
 
 def default_lr(batch_size: int) -> float:
@@ -45,11 +52,12 @@ class TrainOptions:
 
 
 def corpus_fingerprint(tokens: np.ndarray) -> str:
-    """Identifies a token stream cheaply: its length and its first and last tokens."""
-    digest = hashlib.sha256(str(len(tokens)).encode())
-    digest.update(np.ascontiguousarray(tokens[:65536]).tobytes())
-    digest.update(np.ascontiguousarray(tokens[-65536:]).tobytes())
-    return digest.hexdigest()[:16]
+    """A hash of the whole token stream, so resuming on a corpus changed anywhere is refused
+    (about a second per GB of tokens)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(tokens), FINGERPRINT_CHUNK):
+        digest.update(np.ascontiguousarray(tokens[start : start + FINGERPRINT_CHUNK]))
+    return digest.hexdigest()[:32]
 
 
 def closing_sample(model: NoodleModel, tokenizer, seed: int) -> str:
@@ -59,27 +67,47 @@ def closing_sample(model: NoodleModel, tokenizer, seed: int) -> str:
     return SAMPLE_PROMPT + tokenizer.decode(ids)
 
 
+def prepare_output_dir(options: TrainOptions, identity: dict) -> None:
+    """Refuse a bad OUTPUT_DIR before the corpus is read; nothing is created or changed yet.
+
+    A new run must not overwrite a model; a resumed run needs the resume state of a run
+    with the same architecture, tokenizer and settings (the corpus is checked once read).
+    """
+    path = check_output_dir(options.output_dir)
+    if options.resume:
+        if not path.is_dir():
+            raise NoodleError(f"nothing to resume: {path} does not exist")
+        out = ModelDir(path)
+        check_resumable(out, {**identity, "settings": settings_fingerprint(options.settings)})
+    elif (path / MODEL_JSON).exists():
+        raise NoodleError(
+            f"{path} already holds a model; continue its run with --resume or choose another "
+            "output directory"
+        )
+
+
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     settings = options.settings
     device = select_device(options.backend)
     amp_dtype = select_dtype(options.dtype, device)
+    tokenizer = load_tokenizer(options.tokenizer)
+    preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
+    identity = {"architecture": config.to_dict(), "tokenizer": tokenizer.sha256}
+    prepare_output_dir(options, identity)
+    tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
+    train_windows, val_windows = split_windows(
+        tokens, config.ctx_len, settings.batch_size, settings.seed
+    )
+    torch.manual_seed(settings.seed)
+    model = NoodleModel(config).to(device)
+    reporter.info(
+        f"model {preset}: {model.parameter_count():,} parameters | device {device} | "
+        f"precision {str(amp_dtype).removeprefix('torch.')} | corpus {len(tokens):,} tokens "
+        f"({train_windows.count:,} training / {val_windows.count:,} validation windows of "
+        f"{config.ctx_len})"
+    )
+    # Only now, with every input checked, is OUTPUT_DIR created or written to.
     out = ModelDir(options.output_dir)
-    existing = out.file(MODEL_JSON)
-    if options.resume:
-        metadata = read_json_file(existing) if existing.exists() else None
-        if metadata is None:
-            raise NoodleError(f"nothing to resume: {existing} does not exist")
-        tokenizer = load_tokenizer(out.file("tokenizer.json"))
-        config, _ = config_from_dict(metadata, str(existing))
-        preset = metadata.get("preset", "custom")
-    else:
-        if existing.exists():
-            raise NoodleError(
-                f"{options.output_dir} already holds a model; continue it with --resume or "
-                "choose another output directory"
-            )
-        tokenizer = load_tokenizer(options.tokenizer)
-        preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
 
     def summary(state: TrainState, status: str) -> dict:
         return {
@@ -99,27 +127,6 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     def write_metadata(state: TrainState, status: str) -> None:
         out.write_metadata(model_metadata(config, preset, tokenizer, summary(state, status)))
 
-    if not options.resume:
-        write_metadata(TrainState(), "tokenizing")
-        out.write_tokenizer(tokenizer)
-    tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
-    train_windows, val_windows = split_windows(
-        tokens, config.ctx_len, settings.batch_size, settings.seed
-    )
-    torch.manual_seed(settings.seed)
-    model = NoodleModel(config).to(device)
-    reporter.info(
-        f"model {preset}: {model.parameter_count():,} parameters | device {device} | "
-        f"precision {str(amp_dtype).removeprefix('torch.')} | corpus {len(tokens):,} tokens "
-        f"({train_windows.count:,} training / {val_windows.count:,} validation windows of "
-        f"{config.ctx_len})"
-    )
-    fingerprint = {
-        "architecture": config.to_dict(),
-        "corpus": corpus_fingerprint(tokens),
-        "batch_size": settings.batch_size,
-        "seed": settings.seed,
-    }
     trainer = Trainer(
         model,
         train_windows,
@@ -129,14 +136,17 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
         device,
         amp_dtype,
         reporter,
-        fingerprint,
+        {**identity, "corpus": corpus_fingerprint(tokens)},
         on_best=lambda state: write_metadata(state, "training"),
     )
-    if not options.resume:
+    if options.resume:
+        trainer.resume()
+    else:
         write_metadata(trainer.state, "training")
+        out.write_tokenizer(tokenizer)
     try:
-        state = trainer.run(resume=options.resume)
-    except (Interrupted, KeyboardInterrupt):
+        state = trainer.run()
+    except Interrupted:
         write_metadata(trainer.state, "interrupted")
         raise
     except Exception:
