@@ -37,8 +37,8 @@ class InterruptedRun:
     message: str  # the last line on stderr
     summary: dict  # model.json's training summary right after the interruption
     resume_command: list[str]  # the command the message says continues the run
-    resumed_exit_code: int
-    resumed_stderr: str
+    resumed_exit_code: int | None = None  # that command's
+    resumed_stderr: str = ""
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> int:
@@ -85,25 +85,20 @@ def runs(tiny_run: TinyRun, tmp_path_factory) -> tuple[Path, dict[int, Interrupt
         {signum: (process, root / signum.name) for signum, process in started.items()},
         INTERRUPT_AFTER_STEP,
     )
-    interrupted, resumed = {}, {}
+    interrupted, resuming = {}, {}
     for signum, process in started.items():
-        out, exit_code = root / signum.name, finish(process)
-        message = (root / f"{signum.name}.log").read_text().splitlines()[-1]
+        out, log = root / signum.name, root / f"{signum.name}.log"
+        exit_code = finish(process)
+        message = log.read_text().splitlines()[-1]
         command = shlex.split(message.partition("Continue with: ")[2])
         summary = json.loads((out / "model.json").read_text())["training"]
-        interrupted[signum] = (out, exit_code, message, summary, command)
-        resumed[signum] = start_noodle(
-            *command[1:], stderr=root / f"{signum.name}-resumed.log", env=tiny_run.env
-        )
+        interrupted[signum] = InterruptedRun(out, exit_code, message, summary, command)
+        resuming[signum] = start_noodle(*command[1:], stderr=log, env=tiny_run.env)
+    for signum, process in resuming.items():
+        interrupted[signum].resumed_exit_code = finish(process)
+        interrupted[signum].resumed_stderr = (root / f"{signum.name}.log").read_text()
     assert finish(uninterrupted) == 0, (root / "uninterrupted.log").read_text()
-    return reference, {
-        signum: InterruptedRun(
-            *interrupted[signum],
-            resumed_exit_code=finish(resumed[signum]),
-            resumed_stderr=(root / f"{signum.name}-resumed.log").read_text(),
-        )
-        for signum in SIGNALS
-    }
+    return reference, interrupted
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
