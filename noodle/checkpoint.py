@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -33,23 +33,30 @@ os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write through a temporary file in the same directory, fsync, then rename over `path`.
+
+    Whatever stops it (a full disk, a signal, a crash) leaves `path` as it was or complete.
+    """
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # The rename itself is durable only once the directory entry reaches the disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise NoodleError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def atomic_write_json(path: Path, data: object) -> None:
@@ -88,13 +95,19 @@ def model_metadata(
     }
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """OUTPUT_DIR as a Path, refused if it names an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NoodleError(f"output directory {path} is a file")
+    return path
+
+
 class ModelDir:
     """Writes one model directory. Creating it fails cleanly if the path is a file."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise NoodleError(f"output directory {self.path} is a file")
+        self.path = check_output_dir(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -133,22 +146,39 @@ class ModelDir:
         ]
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
+    def remove_temporary_files(self) -> None:
+        """Delete what writes killed mid-way (SIGKILL, power cut) left behind; call only when
+        no other process writes this directory, e.g. when resuming its run."""
+        for name in (MODEL_JSON, WEIGHTS, TOKENIZER, METRICS, RESUME):
+            for leftover in self.path.glob(f".{name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+
     def save_resume_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         """Tensors and JSON state in one safetensors file, so they can never disagree."""
         data = save_safetensors(tensors, metadata={"state": json.dumps(state)})
         atomic_write_bytes(self.file(RESUME), data)
 
+    def has_resume_state(self) -> bool:
+        return self.file(RESUME).is_file()
+
+    def read_resume_metadata(self) -> dict:
+        """The JSON part of the resume state alone, without reading its tensors."""
+        return self._read_resume_state(with_tensors=False)[1]
+
     def load_resume_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return self._read_resume_state(with_tensors=True)
+
+    def _read_resume_state(self, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
         path = self.file(RESUME)
-        if not path.exists():
-            raise NoodleError(f"nothing to resume: {path} does not exist")
-        data = path.read_bytes()
+        if not path.is_file():
+            raise NoodleError(f"nothing to resume: {path} does not exist (start without --resume)")
         try:
-            tensors = load_safetensors(data)
-            header_len = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + header_len])
-            state = json.loads(header["__metadata__"]["state"])
-        except (SafetensorError, KeyError, ValueError) as exc:
+            # safetensors holds only raw tensor data and a JSON header: nothing is unpickled.
+            with safe_open(path, framework="pt") as reader:
+                state = json.loads(reader.metadata()["state"])
+                names = reader.keys() if with_tensors else []
+                tensors = {name: reader.get_tensor(name) for name in names}
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
             raise NoodleError(f"{path}: corrupt resume state ({exc})") from None
         return tensors, state
 

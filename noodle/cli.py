@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from noodle import __version__
-from noodle.errors import NoodleError
+from noodle.errors import Interrupted, NoodleError, UsageError
 from noodle.progress import Reporter
-from noodle.training import Interrupted, TrainSettings
+from noodle.training import TrainSettings
 
 app = typer.Typer(
     name="noodle",
@@ -73,13 +77,18 @@ MinImprovement = Annotated[
 ]
 Seed = Annotated[int, typer.Option(help="Seed for weights, data order and dropout.")]
 Resume = Annotated[
-    bool, typer.Option("--resume", help="Continue the interrupted run in OUTPUT_DIR.")
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the interrupted run in OUTPUT_DIR exactly where it stopped (give the "
+        "same inputs and options; only --max-epochs/--max-steps may change).",
+    ),
 ]
 
 
 def positive(name: str, value: int | float | None) -> None:
     if value is not None and value <= 0:
-        raise click.UsageError(f"--{name} must be positive, got {value}")
+        raise UsageError(f"--{name} must be positive, got {value}")
 
 
 def training_settings(
@@ -90,7 +99,7 @@ def training_settings(
     for name, value in positive_options.items():
         positive(name.replace("_", "-"), value)
     if min_improvement < 0:
-        raise click.UsageError(f"--min-improvement must not be negative, got {min_improvement}")
+        raise UsageError(f"--min-improvement must not be negative, got {min_improvement}")
     return TrainSettings(seed=seed, min_improvement=min_improvement, **positive_options)
 
 
@@ -326,22 +335,49 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def interruption_message(exc: Interrupted, args: list[str]) -> str:
+    """What stopped the command and, if the run was saved, the exact command to resume it."""
+    if exc.resume_step is None:
+        return f"interrupted by {exc}"
+    resume = [] if "--resume" in args else ["--resume"]
+    command = shlex.join(["noodle", *args, *resume])
+    return (
+        f"interrupted by {exc} at step {exc.resume_step}; the resume state is saved. "
+        f"Continue with: {command}"
+    )
+
+
+def raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def sigterm_raises_interrupted() -> Iterator[None]:
+    """SIGTERM becomes an exception, as SIGINT is a KeyboardInterrupt, so cleanup (of
+    temporary files) runs wherever it lands; training catches both to save its state."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: one `error: ...` line and a non-zero exit for every failure."""
+    args = sys.argv[1:] if argv is None else argv
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="noodle", standalone_mode=False)
-    except click.UsageError as exc:
-        fail(exc.format_message(), 2)
-    except click.exceptions.Abort:
-        fail("interrupted", 130)
+        with sigterm_raises_interrupted():
+            code = command.main(args=args, prog_name="noodle", standalone_mode=False)
+    except TyperException as exc:  # typer's (vendored click's) usage errors carry exit code 2
+        fail(exc.format_message(), exc.exit_code)
     except NoodleError as exc:
         fail(str(exc), exc.exit_code)
     except Interrupted as exc:
-        fail(
-            f"interrupted by {exc}; the resume state is saved: rerun with --resume",
-            128 + exc.signum,
-        )
+        fail(interruption_message(exc, args), exc.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", 128 + signal.SIGINT)
     except BrokenPipeError:

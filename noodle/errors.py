@@ -1,4 +1,8 @@
-"""The errors a user can cause, and the exit codes they map to."""
+"""The errors a user can cause, the interruptions they can send, and their exit codes."""
+
+from __future__ import annotations
+
+import signal
 
 
 class NoodleError(Exception):
@@ -11,3 +15,20 @@ class UsageError(NoodleError):
     """A wrong option or argument value: exit code 2."""
 
     exit_code = 2
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the command: exit code 128 + the signal number.
+
+    `resume_step` is the step whose resume state was saved before this was raised, or None
+    when the command stopped without saving one (e.g. a second signal, or before training).
+    """
+
+    def __init__(self, signum: int, resume_step: int | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.resume_step = resume_step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

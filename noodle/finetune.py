@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import load_model
+from noodle.checkpoint import ModelDir, load_model
 from noodle.device import select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.instructions import examples_fingerprint, load_examples, split_examples
 from noodle.progress import Reporter
-from noodle.runs import RunRecord, open_output_dir, run_training, sample_continuation
+from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_continuation
 from noodle.training import Trainer, TrainSettings, TrainState
 
 
@@ -43,6 +43,8 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
             f"{options.output_dir} is the base model's directory; fine-tune into another one"
         )
     tokenizer, config = base.tokenizer, base.config
+    identity = {"architecture": config.to_dict(), "base_model": str(base.directory.resolve())}
+    prepare_output_dir(options.output_dir, options.resume, identity, settings)
 
     examples, skipped = load_examples(options.input, tokenizer, config.ctx_len, reporter)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
@@ -50,7 +52,8 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         examples, settings.batch_size, pad_id, settings.seed, options.input
     )
 
-    out = open_output_dir(options.output_dir, options.resume)
+    # Only now, with every input checked, is OUTPUT_DIR created or written to.
+    out = ModelDir(options.output_dir)
     record = RunRecord(
         out,
         config,
@@ -74,13 +77,7 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         f"{len(examples):,} examples ({len(train_data.examples):,} training / "
         f"{len(val_data.examples):,} validation)"
     )
-    fingerprint = {
-        "architecture": config.to_dict(),
-        "base_model": str(base.directory.resolve()),
-        "examples": examples_fingerprint(examples),
-        "batch_size": settings.batch_size,
-        "seed": settings.seed,
-    }
+    fingerprint = {**identity, "examples": examples_fingerprint(examples)}
     torch.manual_seed(settings.seed)
     trainer = Trainer(
         base.model,

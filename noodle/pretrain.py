@@ -10,17 +10,18 @@ import numpy as np
 import torch
 
 from noodle.batching import split_windows
-from noodle.checkpoint import MODEL_JSON, TOKENIZER, load_model
-from noodle.config import config_from_dict, read_json_file, resolve_model_config
+from noodle.checkpoint import ModelDir, load_model
+from noodle.config import resolve_model_config
 from noodle.corpus import load_token_stream
 from noodle.device import select_device, select_dtype
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
-from noodle.runs import RunRecord, open_output_dir, run_training, sample_continuation
+from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_continuation
 from noodle.tokenizer import load_tokenizer
 from noodle.training import Trainer, TrainSettings, TrainState
 
 SAMPLE_PROMPT = "Once upon a time"
+FINGERPRINT_CHUNK = 1 << 24  # tokens hashed at a time
 
 
 def default_lr(batch_size: int) -> float:
@@ -43,11 +44,12 @@ class TrainOptions:
 
 
 def corpus_fingerprint(tokens: np.ndarray) -> str:
-    """Identifies a token stream cheaply: its length and its first and last tokens."""
-    digest = hashlib.sha256(str(len(tokens)).encode())
-    digest.update(np.ascontiguousarray(tokens[:65536]).tobytes())
-    digest.update(np.ascontiguousarray(tokens[-65536:]).tobytes())
-    return digest.hexdigest()[:16]
+    """A hash of the whole token stream, so resuming on a corpus changed anywhere is refused
+    (about a second per GB of tokens)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(tokens), FINGERPRINT_CHUNK):
+        digest.update(np.ascontiguousarray(tokens[start : start + FINGERPRINT_CHUNK]))
+    return digest.hexdigest()[:32]
 
 
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
@@ -55,20 +57,10 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     amp_dtype = select_dtype(options.dtype, device)
     compile_model = device.type == "cuda" if options.compile is None else options.compile
     settings = replace(options.settings, compile=compile_model)
-    out = open_output_dir(options.output_dir, options.resume)
-    if options.resume:
-        existing = out.file(MODEL_JSON)
-        metadata = read_json_file(existing)
-        tokenizer = load_tokenizer(out.file(TOKENIZER))
-        config, _ = config_from_dict(metadata, str(existing))
-        preset = metadata.get("preset", "custom")
-    else:
-        tokenizer = load_tokenizer(options.tokenizer)
-        preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
-    record = RunRecord(out, config, preset, tokenizer, "train", options.corpus, settings)
-    if not options.resume:
-        record.write(TrainState(), "tokenizing")
-        out.write_tokenizer(tokenizer)
+    tokenizer = load_tokenizer(options.tokenizer)
+    preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
+    identity = {"architecture": config.to_dict(), "tokenizer": tokenizer.sha256}
+    prepare_output_dir(options.output_dir, options.resume, identity, settings)
     tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
     train_windows, val_windows = split_windows(
         tokens, config.ctx_len, settings.batch_size, settings.seed
@@ -81,12 +73,9 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
         f"({train_windows.count:,} training / {val_windows.count:,} validation windows of "
         f"{config.ctx_len})"
     )
-    fingerprint = {
-        "architecture": config.to_dict(),
-        "corpus": corpus_fingerprint(tokens),
-        "batch_size": settings.batch_size,
-        "seed": settings.seed,
-    }
+    # Only now, with every input checked, is OUTPUT_DIR created or written to.
+    out = ModelDir(options.output_dir)
+    record = RunRecord(out, config, preset, tokenizer, "train", options.corpus, settings)
     trainer = Trainer(
         model,
         train_windows,
@@ -96,9 +85,11 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
         device,
         amp_dtype,
         reporter,
-        fingerprint,
+        {**identity, "corpus": corpus_fingerprint(tokens)},
         on_best=record.on_best,
     )
+    if not options.resume:
+        out.write_tokenizer(tokenizer)
     state = run_training(trainer, record, options.resume, reporter)
     best = load_model(out.path, device)
     sample = sample_continuation(best.model, best.tokenizer, SAMPLE_PROMPT, settings.seed)

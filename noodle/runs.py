@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import MODEL_JSON, ModelDir, model_metadata
+from noodle.checkpoint import MODEL_JSON, ModelDir, check_output_dir, model_metadata
 from noodle.config import ModelConfig
 from noodle.errors import NoodleError
 from noodle.inference import Session, generate
@@ -15,23 +15,35 @@ from noodle.model import NoodleModel
 from noodle.progress import Reporter
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
-from noodle.training import Interrupted, Trainer, TrainSettings, TrainState
+from noodle.training import (
+    Interrupted,
+    Trainer,
+    TrainSettings,
+    TrainState,
+    check_resumable,
+    settings_fingerprint,
+)
 
 SAMPLE_TOKENS = 60
 
 
-def open_output_dir(path: Path, resume: bool) -> ModelDir:
-    """OUTPUT_DIR for a new run (it must not hold a model yet) or for --resume (it must)."""
-    out = ModelDir(path)
-    existing = out.file(MODEL_JSON)
-    if resume and not existing.exists():
-        raise NoodleError(f"nothing to resume: {existing} does not exist")
-    if not resume and existing.exists():
+def prepare_output_dir(path: Path, resume: bool, identity: dict, settings: TrainSettings) -> None:
+    """Refuse a bad OUTPUT_DIR before any input is read; nothing is created or changed yet.
+
+    A new run must not overwrite a model; a resumed run needs the resume state of a run
+    with the same `identity` (architecture, tokenizer, ...) and settings; what it trains on
+    is checked once read.
+    """
+    path = check_output_dir(path)
+    if resume:
+        if not path.is_dir():
+            raise NoodleError(f"nothing to resume: {path} does not exist")
+        check_resumable(ModelDir(path), {**identity, "settings": settings_fingerprint(settings)})
+    elif (path / MODEL_JSON).exists():
         raise NoodleError(
-            f"{path} already holds a model; continue it with --resume or choose another "
+            f"{path} already holds a model; continue its run with --resume or choose another "
             "output directory"
         )
-    return out
 
 
 class RunRecord:
@@ -83,10 +95,12 @@ def run_training(
 ) -> TrainState:
     """Run the loop with model.json saying whether the run is going, finished, interrupted
     or failed."""
-    if not resume:
+    if resume:
+        trainer.resume()
+    else:
         record.write(trainer.state, "training")
     try:
-        state = trainer.run(resume=resume)
+        state = trainer.run()
     except (Interrupted, KeyboardInterrupt):
         record.write(trainer.state, "interrupted")
         raise

@@ -13,7 +13,8 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import Protocol
+from types import FrameType
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -21,8 +22,8 @@ from torch import nn
 from noodle.batching import Batch
 from noodle.checkpoint import ModelDir, unwrap
 from noodle.device import autocast
-from noodle.errors import NoodleError
-from noodle.progress import Reporter, format_duration
+from noodle.errors import Interrupted, NoodleError
+from noodle.progress import Reporter, Task, format_duration
 
 MIN_LR_FRACTION = 0.1
 
@@ -73,17 +74,58 @@ class TrainState:
     best_step: int = 0
     patience_reference: float = math.inf
     evals_without_improvement: int = 0
-    last_eval_step: int = -1
     nonfinite_steps: int = 0
+    nonfinite_in_row: int = 0
     stopped_early: bool = False
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the resume state was saved before this was raised."""
+# The settings that decide which weights a run ends with: resuming with any of them changed
+# would silently give another run, so it is refused. The run's length (max epochs/steps)
+# may change, to continue a finished run further; logging settings may change too.
+RESUME_SETTINGS = (
+    "batch_size",
+    "lr",
+    "eval_interval",
+    "eval_batches",
+    "patience",
+    "min_improvement",
+    "seed",
+    "weight_decay",
+    "grad_clip",
+    "warmup_steps",
+)
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+# Rewriting metrics.jsonl costs more as it grows; at log intervals it is flushed only while
+# that keeps the time spent writing it under 1/METRICS_FLUSH_COST_RATIO of the run.
+METRICS_FLUSH_COST_RATIO = 50
+
+
+def settings_fingerprint(settings: TrainSettings) -> dict:
+    return {name: getattr(settings, name) for name in RESUME_SETTINGS}
+
+
+def first_difference(saved: dict, current: dict, prefix: str = "") -> str | None:
+    """The first entry of `current` that `saved` disagrees with, described, or None."""
+    for key, value in current.items():
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            found = first_difference(old, value, f"{prefix}{key}.")
+            if found:
+                return found
+        elif old != value:
+            return f"{prefix}{key} was {old!r}, now {value!r}"
+    return None
+
+
+def check_resumable(out: ModelDir, fingerprint: dict) -> None:
+    """Refuse to resume the run saved in `out` unless it matches `fingerprint` (the
+    architecture, tokenizer, corpus and settings, or whichever of them are given)."""
+    difference = first_difference(out.read_resume_metadata()["fingerprint"], fingerprint)
+    if difference:
+        raise NoodleError(
+            f"cannot resume {out.path}: the run differs from the interrupted one "
+            f"({difference}); resume with the same corpus, model and options"
+        )
 
 
 def planned_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
@@ -133,18 +175,19 @@ def evaluate(
 
 
 class SignalCatcher:
-    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one
-    interrupts at once (the files on disk stay consistent either way)."""
+    """Turns the first SIGINT/SIGTERM into a flag the training loop checks between steps, so
+    the step in progress finishes and the resume state can be saved; a second one
+    interrupts at once (every file on disk stays consistent either way)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self.previous = {}
+        self.previous: dict[int, Any] = {}
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.received = signum
 
     def __enter__(self) -> SignalCatcher:
@@ -153,16 +196,66 @@ class SignalCatcher:
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class StepStats:
+    """Per-step loss and non-finite counts kept as device tensors, so a step never waits
+    for the host; they are read only at log intervals and when the resume state is saved."""
+
+    def __init__(self, device: torch.device, state: TrainState) -> None:
+        def scalar(value: float) -> torch.Tensor:
+            return torch.full((), float(value), device=device)
+
+        self.loss_sum, self.finite_steps = scalar(0), scalar(0)
+        self.nonfinite_total = scalar(state.nonfinite_steps)
+        self.nonfinite_in_row = scalar(state.nonfinite_in_row)
+        self.longest_nonfinite_in_row = scalar(state.nonfinite_in_row)
+        self.window_steps, self.window_tokens = 0, 0
+        self.window_started = time.monotonic()
+
+    def add(self, loss: torch.Tensor, nonfinite: torch.Tensor, tokens: int) -> None:
+        self.loss_sum += torch.where(nonfinite, 0.0, loss)
+        self.finite_steps += (~nonfinite).float()
+        self.nonfinite_total += nonfinite.float()
+        self.nonfinite_in_row.add_(1).mul_(nonfinite)
+        torch.maximum(
+            self.longest_nonfinite_in_row, self.nonfinite_in_row, out=self.longest_nonfinite_in_row
+        )
+        self.window_steps += 1
+        self.window_tokens += tokens
+
+    def store(self, state: TrainState) -> int:
+        """Copy the non-finite counts into `state`; returns the longest run of them so far."""
+        state.nonfinite_steps = int(self.nonfinite_total)
+        state.nonfinite_in_row = int(self.nonfinite_in_row)
+        return int(self.longest_nonfinite_in_row)
+
+    def take_window(self) -> tuple[float, float, float]:
+        """(mean finite loss, seconds per step, tokens/s) since the last call; starts anew."""
+        finite = int(self.finite_steps)
+        mean_loss = float(self.loss_sum) / finite if finite else math.nan
+        elapsed = max(time.monotonic() - self.window_started, 1e-9)
+        seconds_per_step = elapsed / max(self.window_steps, 1)
+        tokens_per_second = self.window_tokens / elapsed
+        self.loss_sum.zero_(), self.finite_steps.zero_()
+        self.window_steps, self.window_tokens = 0, 0
+        self.restart_clock()
+        return mean_loss, seconds_per_step, tokens_per_second
+
+    def restart_clock(self) -> None:
+        self.window_started = time.monotonic()
 
 
 class Trainer:
     """Runs one training job over `train_data`, evaluating on `eval_data`.
 
-    `on_best(state)` is called after the weights of a new best validation loss were
-    saved, so the caller can write its metadata.
+    `fingerprint` identifies what the run trains (architecture, tokenizer, data); with the
+    settings that decide its outcome it is saved in the resume state, and `resume()`
+    refuses a saved run that does not match. `on_best(state)` is called after the weights
+    of a new best validation loss were saved, so the caller can write its metadata.
     """
 
     def __init__(
@@ -180,7 +273,8 @@ class Trainer:
     ) -> None:
         self.model, self.train_data, self.eval_data = model, train_data, eval_data
         self.settings, self.out, self.device, self.amp_dtype = settings, out, device, amp_dtype
-        self.reporter, self.fingerprint, self.on_best = reporter, fingerprint, on_best
+        self.reporter, self.on_best = reporter, on_best
+        self.fingerprint = {**fingerprint, "settings": settings_fingerprint(settings)}
         self.optimizer = make_optimizer(model, settings)
         # The compiled module shares the model's parameters; saving goes through unwrap().
         self.step_model = (
@@ -188,53 +282,62 @@ class Trainer:
         )
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.state = TrainState()
+        self.stats = StepStats(device, self.state)
         self.batches_per_epoch = train_data.batches_per_epoch()
         self.total_steps = planned_steps(settings, self.batches_per_epoch)
         self.pending_metrics: list[dict] = []
+        self.last_flush_end, self.last_flush_seconds = time.monotonic(), 0.0
 
     # -- resume state -----------------------------------------------------------------
 
     def save_resume_state(self) -> None:
+        self.raise_if_diverged(self.stats.store(self.state))
         tensors = {f"model.{k}": v for k, v in unwrap(self.model).state_dict().items()}
-        optim = self.optimizer.state_dict()
-        for index, values in optim["state"].items():
-            for key, value in values.items():
-                tensors[f"optim.{index}.{key}"] = value
+        optimizer = self.optimizer.state_dict()
+        for index, values in optimizer["state"].items():
+            for name, value in values.items():
+                tensors[f"optimizer.{index}.{name}"] = value
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        elif self.device.type == "mps":
+            tensors["rng.mps"] = torch.mps.get_rng_state()
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         state = {
             "train_state": asdict(self.state),
-            "param_groups": optim["param_groups"],
+            "param_groups": optimizer["param_groups"],
             "fingerprint": self.fingerprint,
         }
+        # Metrics first: a crash between the two leaves records past the saved step, which
+        # resuming truncates, never a resume point with missing records.
         self.flush_metrics()
         self.out.save_resume_state(tensors, state)
 
-    def load_resume_state(self) -> None:
+    def resume(self) -> None:
+        """Continue the run saved in the output directory exactly where it stopped."""
+        check_resumable(self.out, self.fingerprint)
+        self.out.remove_temporary_files()
         tensors, saved = self.out.load_resume_state()
-        for key, value in self.fingerprint.items():
-            if saved["fingerprint"].get(key) != value:
-                raise NoodleError(
-                    f"cannot resume {self.out.path}: {key} differs from the interrupted run "
-                    f"(was {saved['fingerprint'].get(key)!r}, now {value!r})"
-                )
-        model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        model_state = {
+            k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
+        }
         unwrap(self.model).load_state_dict(model_state)
-        optim_state: dict[int, dict] = {}
+        optimizer_state: dict[int, dict] = {}
         for key, value in tensors.items():
-            if key.startswith("optim."):
+            if key.startswith("optimizer."):
                 _, index, name = key.split(".", 2)
-                optim_state.setdefault(int(index), {})[name] = value
+                optimizer_state.setdefault(int(index), {})[name] = value
         self.optimizer.load_state_dict(
-            {"state": optim_state, "param_groups": saved["param_groups"]}
+            {"state": optimizer_state, "param_groups": saved["param_groups"]}
         )
         torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        elif self.device.type == "mps" and "rng.mps" in tensors:
+            torch.mps.set_rng_state(tensors["rng.mps"])
         known = {f.name for f in fields(TrainState)}
         self.state = TrainState(**{k: v for k, v in saved["train_state"].items() if k in known})
+        self.stats = StepStats(self.device, self.state)
         self.out.truncate_metrics(self.state.step)
         self.reporter.info(
             f"resuming at step {self.state.step} (epoch {self.state.epoch + 1}, "
@@ -243,12 +346,68 @@ class Trainer:
 
     # -- logging --------------------------------------------------------------------------
 
-    def record(self, **values) -> None:
+    def record(self, **values: object) -> None:
+        # NaN and infinity are not JSON; a diverged loss or no best loss yet is null.
+        values = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in values.items()
+        }
         self.pending_metrics.append({"time": round(time.time(), 3), **values})
 
     def flush_metrics(self) -> None:
+        started = time.monotonic()
         self.out.append_metrics(self.pending_metrics)
         self.pending_metrics = []
+        self.last_flush_end = time.monotonic()
+        self.last_flush_seconds = self.last_flush_end - started
+
+    def flush_metrics_if_cheap(self) -> None:
+        since_last = time.monotonic() - self.last_flush_end
+        if since_last >= METRICS_FLUSH_COST_RATIO * self.last_flush_seconds:
+            self.flush_metrics()
+
+    def raise_if_diverged(self, longest_nonfinite_in_row: int) -> None:
+        """Stop the run once too many steps in a row had a non-finite loss or gradient."""
+        limit = self.settings.max_nonfinite_in_row
+        if longest_nonfinite_in_row < limit:
+            return
+        self.flush_metrics()
+        state = self.state
+        if state.best_step:
+            kept = (
+                f"the best weights (step {state.best_step}, validation loss "
+                f"{state.best_loss:.4f}) are kept in {self.out.path}"
+            )
+        else:
+            kept = "no weights had been saved yet"
+        raise NoodleError(
+            f"training diverged: the loss was not finite for {limit} steps in a row (by step "
+            f"{state.step}); {kept}; train again with a lower --lr into a new output directory"
+        )
+
+    def log(self, lr: float, task: Task) -> None:
+        state = self.state
+        longest_nonfinite_in_row = self.stats.store(state)
+        mean_loss, seconds_per_step, tokens_per_second = self.stats.take_window()
+        self.record(
+            kind="train",
+            step=state.step,
+            epoch=state.epoch,
+            loss=mean_loss,
+            lr=lr,
+            tokens_per_second=round(tokens_per_second, 1),
+            tokens_seen=state.tokens_seen,
+            nonfinite_steps=state.nonfinite_steps,
+        )
+        self.raise_if_diverged(longest_nonfinite_in_row)
+        self.flush_metrics_if_cheap()
+        task.update(
+            completed=state.step,
+            loss=f"{mean_loss:.4f}",
+            lr=f"{lr:.2e}",
+            tok_s=f"{tokens_per_second:,.0f}",
+            eta=format_duration((self.total_steps - state.step) * seconds_per_step),
+        )
 
     # -- evaluation -------------------------------------------------------------------
 
@@ -260,7 +419,6 @@ class Trainer:
             self.device,
             self.amp_dtype,
         )
-        state.last_eval_step = state.step
         improved = loss < state.best_loss
         if improved:
             state.best_loss, state.best_step = loss, state.step
@@ -285,6 +443,7 @@ class Trainer:
             f"eval step {state.step} | val loss {loss:.4f} | best {state.best_loss:.4f}{mark}"
         )
         self.save_resume_state()
+        self.stats.restart_clock()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -298,14 +457,18 @@ class Trainer:
             targets.to(self.device, non_blocking=True),
         )
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float):
+    def train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the loss and whether the step was skipped because
+        the loss or the gradient was not finite (both stay on the device)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast(self.device, self.amp_dtype):
             loss = self.step_model(inputs, targets)
         loss.backward()
         grad_norm = nn.utils.get_total_norm([p.grad for p in self.parameters])
-        nonfinite = ~torch.isfinite(grad_norm)
+        nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         # The fused AdamW kernel divides the gradients by grad_scale and skips its whole
         # update (and step count) where found_inf is set: the mechanism GradScaler uses.
         # So clipping costs no extra pass over the gradients and the NaN guard no host sync.
@@ -315,82 +478,36 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), nonfinite
 
-    def run(self, resume: bool = False) -> TrainState:
+    def run(self) -> TrainState:
+        """Train to the planned last step or an early stop (after `resume()`, from where
+        the saved run stopped). SIGINT/SIGTERM save the resume state and raise Interrupted."""
         settings, state = self.settings, self.state
-        if resume:
-            self.load_resume_state()
-            state = self.state
         self.model.train()
         task = self.reporter.start_task("training", total=self.total_steps)
         task.update(completed=state.step)
-        window_loss = torch.zeros((), device=self.device)
-        window_finite = torch.zeros((), device=self.device)
-        nonfinite_run = torch.zeros((), device=self.device)
-        longest_nonfinite_run = torch.zeros((), device=self.device)
-        window_start, window_tokens, window_step = time.monotonic(), 0, state.step
+        self.stats.restart_clock()
         with SignalCatcher() as signals:
             while not state.stopped_early and state.step < self.total_steps:
                 if state.batch_index >= self.batches_per_epoch:
                     state.epoch, state.batch_index = state.epoch + 1, 0
-                    continue
                 inputs, targets = self.device_batch(state.epoch, state.batch_index)
                 lr = learning_rate(state.step, settings, self.total_steps)
                 loss, nonfinite = self.train_step(inputs, targets, lr)
-                window_loss += torch.where(nonfinite, 0.0, loss)
-                window_finite += (~nonfinite).float()
-                nonfinite_run = (nonfinite_run + 1) * nonfinite
-                longest_nonfinite_run = torch.maximum(longest_nonfinite_run, nonfinite_run)
+                self.stats.add(loss, nonfinite, inputs.numel())
                 state.step += 1
                 state.batch_index += 1
                 state.tokens_seen += inputs.numel()
-                window_tokens += inputs.numel()
                 epoch_done = state.batch_index >= self.batches_per_epoch
                 last = state.step >= self.total_steps
                 if state.step % settings.log_interval == 0 or epoch_done or last:
-                    finite_steps = int(window_finite)
-                    skipped = state.step - window_step - finite_steps
-                    state.nonfinite_steps += skipped
-                    elapsed = max(time.monotonic() - window_start, 1e-9)
-                    mean_loss = float(window_loss) / finite_steps if finite_steps else math.nan
-                    tokens_per_s = window_tokens / elapsed
-                    seconds_per_step = elapsed / (state.step - window_step)
-                    eta = format_duration((self.total_steps - state.step) * seconds_per_step)
-                    self.record(
-                        kind="train",
-                        step=state.step,
-                        epoch=state.epoch,
-                        loss=mean_loss,
-                        lr=lr,
-                        tokens_per_second=round(tokens_per_s, 1),
-                        tokens_seen=state.tokens_seen,
-                        nonfinite_steps=state.nonfinite_steps,
-                    )
-                    task.update(
-                        completed=state.step,
-                        loss=f"{mean_loss:.4f}",
-                        lr=f"{lr:.2e}",
-                        tok_s=f"{tokens_per_s:,.0f}",
-                        eta=eta,
-                    )
-                    if int(longest_nonfinite_run) >= settings.max_nonfinite_in_row:
-                        self.flush_metrics()
-                        raise NoodleError(
-                            f"training diverged: {settings.max_nonfinite_in_row} non-finite "
-                            f"losses in a row at step {state.step}; the best checkpoint in "
-                            f"{self.out.path} is kept (try a lower --lr)"
-                        )
-                    window_loss.zero_(), window_finite.zero_()
-                    window_start, window_tokens, window_step = time.monotonic(), 0, state.step
+                    self.log(lr, task)
                 if state.step % settings.eval_interval == 0 or epoch_done or last:
                     self.run_evaluation()
-                    window_start = time.monotonic()
                 elif signals.received is not None:
                     self.save_resume_state()
                 if signals.received is not None:
                     task.finish()
-                    raise Interrupted(signals.received)
-        if state.last_eval_step != state.step:
-            self.run_evaluation()
+                    raise Interrupted(signals.received, resume_step=state.step)
         self.flush_metrics()
         task.finish()
         if state.stopped_early:

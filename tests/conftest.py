@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tests.tiny_runs import TinyRun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,12 +42,25 @@ def story_corpus(lines: int, seed: int = 0) -> str:
     return "\n".join(out) + "\n"
 
 
+def tests_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "xdg-cache"
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Keep the token cache of every test out of the user's ~/.cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tests_cache_dir(tmp_path_factory)))
     monkeypatch.delenv("NOODLE_BACKEND", raising=False)
     monkeypatch.delenv("NOODLE_DEBUG", raising=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One thread for tiny models trained in-process (see TinyRun.env for why)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -60,17 +77,24 @@ def corpus_file(tmp_path) -> Path:
     return path
 
 
+def noodle_command(args: tuple[str | Path | int | float, ...]) -> list[str]:
+    return [sys.executable, "-m", "noodle", *map(str, args)]
+
+
+def noodle_env(env: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+
+
 def run_noodle(
     *args: str, input: str | None = None, env: dict | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """Run the real `noodle` CLI in a subprocess (as `python -m noodle`)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "noodle", *map(str, args)],
+        noodle_command(args),
         input=input,
         capture_output=True,
         text=True,
-        env=full_env,
+        env=noodle_env(env),
         timeout=timeout,
         check=False,
     )
@@ -81,22 +105,22 @@ def run_noodle(
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_torch_thread():
-    """ONE_THREAD for work done inside the test process."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def start_noodle(*args: str, stderr: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start the real `noodle` CLI without waiting; its stderr goes to the file `stderr`
+    (a pipe nobody reads could fill up and stall it)."""
+    with stderr.open("w") as log:
+        return subprocess.Popen(
+            noodle_command(args),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=noodle_env(env),
+        )
 
 
 def write_small_tokenizer(path: Path, text: str, vocab_size: int = 400) -> Path:
     """A byte-level BPE tokenizer trained on `text`, with <|endoftext|> = 0 and
-    <|padding|> = 1 like the bundled one; its small vocabulary makes tiny models fast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+    <|padding|> = 1 like the bundled one. With a vocabulary this small a tiny model's step
+    takes milliseconds instead of being dominated by the 50,304-way output layer."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -109,6 +133,13 @@ def write_small_tokenizer(path: Path, text: str, vocab_size: int = 400) -> Path:
     tokenizer.train_from_iterator([text], trainer)
     tokenizer.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A small BPE trained on story_corpus, for tests that train hundreds of steps."""
+    path = tmp_path_factory.mktemp("tokenizer") / "tiny-tokenizer.json"
+    return write_small_tokenizer(path, story_corpus(600))
 
 
 @pytest.fixture(scope="session")
@@ -146,3 +177,16 @@ def cli_in_process(capsys):
         return exit_info.value.code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_tokenizer) -> TinyRun:
+    """A story corpus, a tiny model with dropout and the tiny tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny-run")
+    corpus = directory / "stories.txt"
+    corpus.write_text(story_corpus(600))
+    config = directory / "tiny-dropout.json"
+    # Dropout > 0: a resumed run can only match an uninterrupted one if the RNG is restored.
+    config.write_text(json.dumps({**TINY_CONFIG, "dropout": 0.1}))
+    env = {"XDG_CACHE_HOME": str(tests_cache_dir(tmp_path_factory)), "OMP_NUM_THREADS": "1"}
+    return TinyRun(corpus, config, tiny_tokenizer, env)

@@ -1,0 +1,158 @@
+"""SIGINT and SIGTERM during `noodle train`: resume state saved, exit 128 + signal, and a
+resumed run that ends with exactly the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from noodle.cli import sigterm_raises_interrupted
+from noodle.errors import Interrupted
+from noodle.training import SignalCatcher
+from tests.conftest import start_noodle
+from tests.tiny_runs import TinyRun, read_metrics, saved_tensors
+
+STEPS = 100
+INTERRUPT_AFTER_STEP = 60
+OPTIONS = (
+    *("--max-steps", STEPS, "--batch-size", 8, "--lr", 3e-3),
+    *("--eval-interval", 25, "--eval-batches", 4, "--patience", 100, "--seed", 7),
+)
+SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass
+class InterruptedRun:
+    out: Path
+    exit_code: int
+    message: str  # the last line on stderr
+    summary: dict  # model.json's training summary right after the interruption
+    resume_command: list[str]  # the command the message says continues the run
+    resumed_exit_code: int | None = None  # that command's
+    resumed_stderr: str = ""
+
+
+def finish(process: subprocess.Popen, timeout: float = 120) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def interrupt_at_step(runs: dict[int, tuple[subprocess.Popen, Path]], step: int) -> None:
+    """Send each run its signal as soon as its metrics.jsonl shows `step`."""
+    pending, deadline = dict(runs), time.monotonic() + 120
+    while pending and time.monotonic() < deadline:
+        for signum, (process, out) in list(pending.items()):
+            if process.poll() is not None:  # ended early: its exit code tells the test
+                del pending[signum]
+            elif any(record["step"] >= step for record in read_metrics(out)):
+                process.send_signal(signum)
+                del pending[signum]
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_run: TinyRun, tmp_path_factory) -> tuple[Path, dict[int, InterruptedRun]]:
+    """An uninterrupted run, and per signal a run interrupted past step 60 then resumed with
+    the command its message gives. Each process uses one thread, so they run side by side."""
+    root = tmp_path_factory.mktemp("interrupts")
+    reference = root / "uninterrupted"
+    uninterrupted = start_noodle(
+        *tiny_run.train_args(reference, *OPTIONS),
+        stderr=root / "uninterrupted.log",
+        env=tiny_run.env,
+    )
+    started = {
+        signum: start_noodle(
+            *tiny_run.train_args(root / signum.name, *OPTIONS),
+            stderr=root / f"{signum.name}.log",
+            env=tiny_run.env,
+        )
+        for signum in SIGNALS
+    }
+    interrupt_at_step(
+        {signum: (process, root / signum.name) for signum, process in started.items()},
+        INTERRUPT_AFTER_STEP,
+    )
+    interrupted, resuming = {}, {}
+    for signum, process in started.items():
+        out, log = root / signum.name, root / f"{signum.name}.log"
+        exit_code = finish(process)
+        message = log.read_text().splitlines()[-1]
+        command = shlex.split(message.partition("Continue with: ")[2])
+        summary = json.loads((out / "model.json").read_text())["training"]
+        interrupted[signum] = InterruptedRun(out, exit_code, message, summary, command)
+        resuming[signum] = start_noodle(*command[1:], stderr=log, env=tiny_run.env)
+    for signum, process in resuming.items():
+        interrupted[signum].resumed_exit_code = finish(process)
+        interrupted[signum].resumed_stderr = (root / f"{signum.name}.log").read_text()
+    assert finish(uninterrupted) == 0, (root / "uninterrupted.log").read_text()
+    return reference, interrupted
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
+def test_interrupted_run_resumes_to_the_uninterrupted_weights(signum, runs, tiny_run):
+    reference, interrupted = runs
+    run = interrupted[signum]
+    assert run.exit_code == SIGNALS[signum]
+    assert run.message.startswith(f"error: interrupted by {signum.name} at step "), run.message
+    assert run.summary["status"] == "interrupted"
+    assert INTERRUPT_AFTER_STEP <= run.summary["steps"] < STEPS
+
+    # The message gives the exact command to continue, which the fixture ran.
+    assert run.resume_command == ["noodle", *tiny_run.train_args(run.out, *OPTIONS), "--resume"]
+    assert run.resumed_exit_code == 0, run.resumed_stderr
+    assert f"resuming at step {run.summary['steps']} " in run.resumed_stderr
+
+    # Final weights, optimizer moments and RNG (the last resume state) and the best weights
+    # are bit-identical to the uninterrupted run's.
+    for name in ("resume.safetensors", "model.safetensors"):
+        expected, actual = saved_tensors(reference / name), saved_tensors(run.out / name)
+        assert expected.keys() == actual.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(tensor, actual[key]), f"{name}: {key} differs"
+    evals = [
+        [(m["step"], m["val_loss"]) for m in read_metrics(out) if m["kind"] == "eval"]
+        for out in (reference, run.out)
+    ]
+    assert evals[0] == evals[1]
+    train_steps = [m["step"] for m in read_metrics(run.out) if m["kind"] == "train"]
+    assert train_steps == sorted(set(train_steps))
+    summaries = [
+        json.loads((out / "model.json").read_text())["training"] for out in (reference, run.out)
+    ]
+    for key in ("status", "steps", "tokens_seen", "best_val_loss", "best_step"):
+        assert summaries[0][key] == summaries[1][key], key
+
+
+def test_first_signal_is_a_flag_and_a_second_interrupts_at_once():
+    with SignalCatcher() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == signal.SIGTERM
+        with pytest.raises(Interrupted) as second:
+            os.kill(os.getpid(), signal.SIGINT)
+    assert second.value.exit_code == 130 and second.value.resume_step is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_outside_training_is_an_exception_so_cleanup_runs():
+    previous = signal.getsignal(signal.SIGTERM)
+    cleaned_up = False
+    with pytest.raises(Interrupted) as stopped, sigterm_raises_interrupted():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            cleaned_up = True
+    assert cleaned_up and stopped.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is previous

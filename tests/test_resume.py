@@ -1,0 +1,120 @@
+"""Resume state: what it holds, how it is stored, and that a resumed run continues exactly
+(learning-rate schedule, data order, dropout RNG, early stopping, evaluation schedule)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from noodle import training
+from noodle.training import TrainSettings
+from tests.tiny_runs import read_metrics, saved_tensors
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# With these, the run evaluates every 5 steps and at each epoch end (18 batches), and
+# stops early at step 65, after three evaluations without a 0.05 improvement.
+SETTINGS = TrainSettings(
+    max_steps=150,
+    batch_size=8,
+    lr=3e-3,
+    eval_interval=5,
+    eval_batches=4,
+    patience=3,
+    min_improvement=0.05,
+    seed=3,
+    log_interval=2,
+)
+EARLY_STOP_STEP = 65
+CRASH_AT_STEP = 63  # mid-epoch, after the evaluation at step 60 and a log at step 62
+
+
+class SimulatedCrash(Exception):
+    """Stands for a kill or a power cut: the run stops with no chance to save anything."""
+
+
+def test_run_resumed_after_a_crash_matches_the_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+    # Flush metrics at every log, so the crash leaves records past the saved step.
+    monkeypatch.setattr(training, "METRICS_FLUSH_COST_RATIO", 0)
+    reference = tiny_run.trainer(tmp_path / "reference", SETTINGS)
+    expected = reference.run()
+    assert expected.stopped_early and expected.step == EARLY_STOP_STEP
+
+    out = tmp_path / "crashed"
+    crashing = tiny_run.trainer(out, SETTINGS)
+    get_batch = crashing.train_data.get
+
+    def get_batch_or_crash(epoch: int, index: int):
+        if crashing.state.step == CRASH_AT_STEP:
+            raise SimulatedCrash
+        return get_batch(epoch, index)
+
+    crashing.train_data.get = get_batch_or_crash
+    with pytest.raises(SimulatedCrash):
+        crashing.run()
+    assert max(m["step"] for m in read_metrics(out)) == CRASH_AT_STEP - 1
+
+    # A write the crash cut short left its temporary file; resuming removes it.
+    (out / ".resume.safetensors.k1ll3d.tmp").write_bytes(b"half a resume state")
+    resumed = tiny_run.trainer(out, SETTINGS)
+    resumed.resume()
+    assert not list(out.glob(".*.tmp"))
+    saved = resumed.state
+    assert (saved.step, saved.epoch, saved.batch_index) == (60, 3, 6)
+    assert saved.evals_without_improvement == 2 and not saved.stopped_early
+    final = resumed.run()
+
+    assert asdict(final) == asdict(expected)
+    for name, tensor in reference.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    expected_state = saved_tensors(tmp_path / "reference" / "resume.safetensors")
+    resumed_state = saved_tensors(out / "resume.safetensors")
+    assert expected_state.keys() == resumed_state.keys()
+    for name, tensor in expected_state.items():
+        assert torch.equal(tensor, resumed_state[name]), name
+    # metrics.jsonl: the records logged after the saved step before the crash were dropped,
+    # so every step appears once and the evaluations are the uninterrupted run's.
+    metrics = read_metrics(out)
+    for kind in ("train", "eval"):
+        steps = [m["step"] for m in metrics if m["kind"] == kind]
+        assert steps == sorted(set(steps)), kind
+    evals = [
+        [(m["step"], m["val_loss"]) for m in read_metrics(run) if m["kind"] == "eval"]
+        for run in (tmp_path / "reference", out)
+    ]
+    assert evals[0] == evals[1]
+
+
+def test_resume_state_is_one_safetensors_file_of_tensors_and_json(tiny_run, tmp_path):
+    out = tmp_path / "model"
+    trainer = tiny_run.trainer(out, replace(SETTINGS, max_steps=10))
+    trainer.run()
+
+    # safetensors: an 8-byte header length, a JSON header, raw tensor data; no pickle.
+    data = (out / "resume.safetensors").read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    state = json.loads(header["__metadata__"]["state"])
+    assert state["train_state"] == asdict(trainer.state)
+    assert {"step": 10, "epoch": 0, "batch_index": 10}.items() <= state["train_state"].items()
+    assert state["fingerprint"]["settings"]["lr"] == SETTINGS.lr
+    assert state["fingerprint"]["architecture"]["dropout"] == 0.1
+    assert state["param_groups"][0]["weight_decay"] == SETTINGS.weight_decay
+
+    with safe_open(out / "resume.safetensors", framework="pt") as reader:
+        names = set(reader.keys())
+    model_names = {f"model.{name}" for name in trainer.model.state_dict()}
+    optimizer_names = {
+        f"optimizer.{index}.{moment}"
+        for index in range(len(model_names))
+        for moment in ("step", "exp_avg", "exp_avg_sq")
+    }
+    assert names == model_names | optimizer_names | {"rng.cpu"}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.jsonl",
+        "model.safetensors",
+        "resume.safetensors",
+    ]
