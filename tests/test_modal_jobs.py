@@ -471,7 +471,12 @@ def readme_commands(prefix: str) -> list[list[str]]:
     ]
 
 
-def entrypoint_options(job: ModuleType) -> dict[str, inspect.Parameter]:
+class EntrypointOption(typing.NamedTuple):
+    parameter: inspect.Parameter
+    takes_value: bool
+
+
+def entrypoint_options(job: ModuleType) -> dict[str, EntrypointOption]:
     """`modal run`'s options for the job's local entrypoint: one per parameter, with dashes,
     and --no-NAME for booleans (as modal builds them)."""
     function = job.main.info.raw_f
@@ -479,9 +484,10 @@ def entrypoint_options(job: ModuleType) -> dict[str, inspect.Parameter]:
     options = {}
     for parameter in inspect.signature(function).parameters.values():
         name = parameter.name.replace("_", "-")
-        options[f"--{name}"] = parameter
-        if hints[parameter.name] is bool:
-            options[f"--no-{name}"] = parameter
+        is_flag = hints[parameter.name] is bool
+        options[f"--{name}"] = EntrypointOption(parameter, takes_value=not is_flag)
+        if is_flag:
+            options[f"--no-{name}"] = EntrypointOption(parameter, takes_value=False)
     return options
 
 
@@ -505,10 +511,12 @@ def test_readme_modal_run_commands_match_the_entrypoints(jobs):
         while arguments:
             option = arguments.pop(0)
             assert option in options, f"{shlex.join(command)}: no option {option}"
-            given.add(options[option].name)
-            if typing.get_type_hints(job.main.info.raw_f)[options[option].name] is not bool:
+            given.add(options[option].parameter.name)
+            if options[option].takes_value:
                 arguments.pop(0)
-        required = {p.name for p in options.values() if p.default is inspect.Parameter.empty}
+        required = {
+            o.parameter.name for o in options.values() if o.parameter.default is o.parameter.empty
+        }
         assert required <= given, f"{shlex.join(command)}: missing {required - given}"
 
 
@@ -520,8 +528,8 @@ def test_readme_option_tables_list_every_entrypoint_option_with_its_default(jobs
         )
         documented = dict(re.findall(r"`(--[a-z-]+)`(?: \(`([^`]*)`\))?", row))
         parameters = {
-            option: parameter
-            for option, parameter in entrypoint_options(job).items()
+            option: entry.parameter
+            for option, entry in entrypoint_options(job).items()
             if not option.startswith("--no-")
         }
         assert set(documented) == set(parameters), row
