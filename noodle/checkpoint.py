@@ -4,8 +4,6 @@ resume state, each written atomically so a crash leaves the old file or the new 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +16,7 @@ from safetensors.torch import save as save_safetensors
 from noodle import __version__
 from noodle.config import ModelConfig, config_from_dict, read_json_file
 from noodle.errors import NoodleError
+from noodle.files import atomic_write_bytes, atomic_write_json
 from noodle.model import NoodleModel
 from noodle.tokenizer import TextTokenizer, load_tokenizer
 
@@ -27,40 +26,6 @@ WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 RESUME = "resume.safetensors"
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over `path`.
-
-    Whatever stops it (a full disk, a signal, a crash) leaves `path` as it was or complete.
-    """
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        # The rename itself is durable only once the directory entry reaches the disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise NoodleError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def atomic_write_json(path: Path, data: object) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def unwrap(model: torch.nn.Module) -> NoodleModel:

@@ -46,7 +46,15 @@ Dtype = Annotated[
         "float32, bfloat16 or float16."
     ),
 ]
-Corpus = Annotated[str, typer.Argument(help="Text corpus: a local file path.", show_default=False)]
+Corpus = Annotated[
+    str,
+    typer.Argument(
+        help="Text corpus: a local file, - for standard input, an http(s):// URL or "
+        "hf://owner/repo/path/to/file (a file of a Hugging Face dataset; HF_TOKEN is sent "
+        "when set). Streamed, never read whole.",
+        show_default=False,
+    ),
+]
 ModelArg = Annotated[
     str,
     typer.Argument(
@@ -138,7 +146,12 @@ def train(
         typer.Option(help="A tokenizer.json to use instead of the bundled GPT-NeoX-20B one."),
     ] = None,
     cache: Annotated[
-        bool, typer.Option("--cache/--no-cache", help="Keep the tokenized corpus in the cache.")
+        bool,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Keep the tokenized corpus in $XDG_CACHE_HOME/noodle (default ~/.cache/noodle) "
+            "so the next run on the same corpus starts at once.",
+        ),
     ] = True,
     compile: Annotated[
         bool | None,

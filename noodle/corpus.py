@@ -1,56 +1,247 @@
 """Corpus sources and their token stream.
 
-Text is read in blocks cut at line boundaries and tokenized line by line (each line keeps
-its newline) with the tokenizer's parallel batch API. The ids go straight to a flat
-uint16/uint32 file in the token cache, which training memory-maps, so memory is bounded by
-one block, never by the corpus.
+A corpus is a local path, `-` (standard input), an http(s):// URL or hf://owner/repo/path
+(a file of a Hugging Face dataset). Every source is streamed in blocks cut at line
+boundaries; each line (newline kept) is tokenized on its own with the tokenizer's parallel
+batch API, and the ids go straight to a flat uint16/uint32 file that training memory-maps.
+Memory is bounded by a few blocks in flight, never by the corpus.
+
+Reading, encoding and writing overlap: a thread reads and decodes the next blocks (for a
+URL, the download keeps going while we tokenize), a second one runs the Rust encoder with
+the GIL released, and the caller's thread turns encodings into ids and writes them.
+
+Token files are cached in `$XDG_CACHE_HOME/noodle` under a key made of the source's
+identity (resolved path + size + mtime; URL + ETag/Last-Modified + length) and the
+tokenizer's hash. Sources without an identity (standard input, a URL whose server sends
+no validator) and `--no-cache` runs tokenize into an unnamed temporary file in the same
+directory, gone when the run ends.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import itertools
 import json
 import os
+import queue
+import sys
 import tempfile
-from dataclasses import dataclass
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple, NoReturn, TypeVar
 
 import numpy as np
 
-from noodle.errors import NoodleError
+from noodle import __version__
+from noodle.errors import NoodleError, UsageError
+from noodle.files import atomic_write
 from noodle.progress import Reporter
 from noodle.tokenizer import TextTokenizer
 
-BLOCK_BYTES = 4 << 20
+# Encodings take about 25 times the memory of their text, and three blocks are in flight, so
+# 1 MiB blocks cost ~80 MB. Smaller blocks were slower (TinyStories sample, 2 busy cores:
+# 256 KiB 86%, 512 KiB 99%, 1 MiB 108% of encode_batch over all lines at once).
+BLOCK_BYTES = 1 << 20
+# A line longer than this is cut between two words (see `cut_point`) so memory stays bounded
+# even for text without newlines.
+MAX_LINE_BYTES = 1 << 20
+HTTP_TIMEOUT_S = 30.0
+HF_FORM = "hf://owner/repo/path/to/file"
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+# Part of every cache key: bump it when the token stream of the same text changes.
+CACHE_FORMAT = 1
 REPLACEMENT = "\ufffd"
+ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
+
+Item = TypeVar("Item")
+
+
+@dataclass
+class OpenedSource:
+    """A source being read: its byte stream and what is known about it up front."""
+
+    name: str
+    stream: BinaryIO
+    size: int | None
+    # What the cache key is made of; None when the content cannot be identified.
+    identity: dict | None
+    uncached_reason: str | None = None
 
 
 @dataclass(frozen=True)
 class LocalFile:
     path: Path
 
+    @contextmanager
+    def open(self) -> Iterator[OpenedSource]:
+        with self.path.open("rb") as stream:
+            stat = os.fstat(stream.fileno())
+            identity = {
+                "path": str(self.path.resolve()),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+            }
+            yield OpenedSource(str(self.path), stream, stat.st_size, identity)
+
+
+class StandardInput:
+    @contextmanager
+    def open(self) -> Iterator[OpenedSource]:
+        yield OpenedSource(
+            "- (standard input)",
+            sys.stdin.buffer,
+            size=None,
+            identity=None,
+            uncached_reason="standard input is never cached",
+        )
+
+
+class SameHostAuthRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, sending the Authorization header to the same host only.
+
+    Hugging Face answers a download with a redirect to a signed CDN URL: the token must not
+    leak there, and signed URLs reject requests that carry a second credential.
+    """
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
+        old_host = urllib.parse.urlsplit(req.full_url).netloc
+        if redirected is not None and urllib.parse.urlsplit(newurl).netloc != old_host:
+            redirected.remove_header("Authorization")
+        return redirected
+
+
+class ResponseReader:
+    """A response body whose read failures name the URL.
+
+    `read(n)` of http.client returns what it got when the connection ends early, so a body
+    shorter than its Content-Length is caught here.
+    """
+
+    def __init__(
+        self, response: http.client.HTTPResponse, description: str, size: int | None
+    ) -> None:
+        self.response, self.description, self.size = response, description, size
+        self.received = 0
+
+    def read(self, size: int) -> bytes:
+        try:
+            data = self.response.read(size)
+        except (OSError, http.client.HTTPException) as exc:
+            self.fail(failure_reason(exc))
+        if not data and self.size is not None and self.received < self.size:
+            self.fail(f"the connection closed before the end of the file ({self.size:,} bytes)")
+        self.received += len(data)
+        return data
+
+    def fail(self, reason: str) -> NoReturn:
+        raise NoodleError(
+            f"download of {self.description} failed after {self.received:,} bytes: {reason}"
+        ) from None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a request failed, in a few words: "Connection refused", "timed out", ..."""
+    if isinstance(exc, urllib.error.URLError):
+        if not isinstance(exc.reason, BaseException):
+            return str(exc.reason)
+        exc = exc.reason
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+@dataclass(frozen=True)
+class WebFile:
+    """An http(s) URL; `name` is what the user typed (the URL itself, or an hf:// spec)."""
+
+    url: str
+    name: str
+    token: str | None = field(default=None, repr=False)
+
     @property
-    def name(self) -> str:
-        return str(self.path)
+    def description(self) -> str:
+        return self.url if self.name == self.url else f"{self.name} ({self.url})"
 
-    def identity(self) -> dict:
-        stat = self.path.stat()
-        return {
-            "path": str(self.path.resolve()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-        }
+    @contextmanager
+    def open(self) -> Iterator[OpenedSource]:
+        request = urllib.request.Request(self.url, headers={"User-Agent": f"noodle/{__version__}"})
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        opener = urllib.request.build_opener(SameHostAuthRedirects)
+        try:
+            response = opener.open(request, timeout=HTTP_TIMEOUT_S)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            raise NoodleError(
+                f"cannot download {self.description}: HTTP {exc.code} {exc.reason}"
+                f"{self.status_hint(exc.code)}"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise NoodleError(f"cannot reach {self.description}: {failure_reason(exc)}") from None
+        with response:
+            headers = response.headers
+            length = headers.get("Content-Length", "")
+            # A compressed body's length says nothing about the text it holds.
+            size = int(length) if length.isdigit() and not headers.get("Content-Encoding") else None
+            validators = {
+                "etag": headers.get("ETag"),
+                "last_modified": headers.get("Last-Modified"),
+            }
+            identity = None
+            if any(validators.values()):
+                identity = {"url": self.url, **validators, "length": size}
+            yield OpenedSource(
+                self.name,
+                ResponseReader(response, self.description, size),
+                size,
+                identity,
+                uncached_reason="the server sends no ETag or Last-Modified to identify it",
+            )
 
-    def size(self) -> int | None:
-        return self.path.stat().st_size
+    def status_hint(self, status: int) -> str:
+        if not self.name.startswith("hf://"):
+            return ""
+        if status in (401, 403):
+            return " (a private or gated dataset: set HF_TOKEN to a token with access)"
+        if status == 404:
+            return f" (check the owner, repository and file path: {HF_FORM})"
+        return ""
 
-    def open(self) -> BinaryIO:
-        return self.path.open("rb")
+
+Source = LocalFile | StandardInput | WebFile
 
 
-def open_source(spec: str) -> LocalFile:
+def hf_url(spec: str) -> str:
+    """The download URL of hf://owner/repo/path/to/file, a file of a Hugging Face dataset."""
+    parts = spec.removeprefix("hf://").split("/")
+    # `datasets` is a reserved name on the Hub (no owner has it), so the
+    # hf://datasets/owner/repo/path form of huggingface_hub's file system is unambiguous.
+    if parts[0] == "datasets":
+        parts = parts[1:]
+    if len(parts) < 3 or not all(parts):
+        raise UsageError(
+            f"invalid Hugging Face corpus {spec!r}: expected {HF_FORM} "
+            "(a file of a dataset repository)"
+        )
+    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_HF_ENDPOINT).rstrip("/")
+    owner, repo, *path = (urllib.parse.quote(part, safe="") for part in parts)
+    return f"{endpoint}/datasets/{owner}/{repo}/resolve/main/{'/'.join(path)}"
+
+
+def parse_source(spec: str) -> Source:
     """Check a CORPUS argument and return the source it names."""
+    if spec == "-":
+        return StandardInput()
+    if spec.startswith(("http://", "https://")):
+        return WebFile(spec, spec)
+    if spec.startswith("hf://"):
+        return WebFile(hf_url(spec), spec, token=os.environ.get("HF_TOKEN") or None)
     path = Path(spec)
     if not path.exists():
         raise NoodleError(f"corpus {spec}: no such file")
@@ -63,31 +254,128 @@ def open_source(spec: str) -> LocalFile:
     return LocalFile(path)
 
 
-def decode_lines(data: bytes, counter: list[int]) -> list[str]:
-    """Lines of `data`, each with its newline; invalid UTF-8 is replaced and counted."""
+class TextBlock(NamedTuple):
+    nbytes: int  # bytes read from the source for this block (for progress)
+    lines: list[str]  # each with its newline, except a last line that has none
+    replaced: int  # invalid UTF-8 sequences replaced with U+FFFD
+
+
+def decode_lines(data: bytes) -> tuple[list[str], int]:
+    """Lines of `data`, each with its newline, and the count of invalid UTF-8 sequences."""
     try:
-        text = data.decode("utf-8")
+        text, replaced = data.decode("utf-8"), 0
     except UnicodeDecodeError:
         text = data.decode("utf-8", errors="replace")
-        counter[0] += text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8"))
-    lines = [line + "\n" for line in text.split("\n")]
-    lines[-1] = lines[-1][:-1]
-    return lines if lines[-1] else lines[:-1]
+        replaced = text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8"))
+    lines = text.split("\n")
+    last = lines.pop()
+    lines = [line + "\n" for line in lines]
+    if last:
+        lines.append(last)
+    return lines, replaced
 
 
-def line_blocks(stream: BinaryIO, counter: list[int], block_bytes: int = BLOCK_BYTES):
-    """Yield (bytes read, lines) for blocks of about `block_bytes` cut after a newline."""
+def cut_point(data: bytes, max_line_bytes: int) -> int:
+    """How much of `data` forms whole lines: up to its last newline, or 0 to wait for more.
+
+    A line longer than `max_line_bytes` is cut before a space that sits between two
+    non-space bytes. The tokenizer's pre-tokenizer starts a new piece at such a space anyway
+    (" word"), so the ids stay the same; runs of spaces are never split because the
+    tokenizer has tokens for them. Without such a space, the cut falls between two
+    characters and only the tokens around it may differ.
+    """
+    cut = data.rfind(b"\n") + 1
+    if cut or len(data) < max_line_bytes:
+        return cut
+    space = len(data) - 1
+    while (space := data.rfind(b" ", 1, space)) > 0:
+        if data[space - 1] not in ASCII_WHITESPACE and data[space + 1] not in ASCII_WHITESPACE:
+            return space
+    cut = len(data) - 1
+    while cut > 0 and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: not a start
+        cut -= 1
+    return cut or len(data)  # no character start at all: invalid bytes, cut anywhere
+
+
+def text_blocks(
+    stream: BinaryIO, block_bytes: int = BLOCK_BYTES, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[TextBlock]:
+    """The stream's text in blocks of about `block_bytes`, cut at line boundaries."""
     pending = b""
-    while block := stream.read(block_bytes):
-        data = pending + block
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:
-            pending = data
-            continue
+    while chunk := stream.read(block_bytes):
+        data = pending + chunk
+        cut = cut_point(data, max_line_bytes)
         pending = data[cut:]
-        yield len(block), decode_lines(data[:cut], counter)
+        yield TextBlock(len(chunk), *decode_lines(data[:cut]))
     if pending:
-        yield 0, decode_lines(pending, counter)
+        yield TextBlock(0, *decode_lines(pending))
+
+
+def prefetch(items: Iterable[Item], depth: int = 2) -> Iterator[Item]:
+    """Yield `items` produced ahead by a background thread, at most `depth` waiting.
+
+    Producing the next item overlaps with consuming this one; an error in the producer is
+    raised here. When the consumer stops early the producer stops too.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+    done = object()
+
+    def offer(entry: tuple[bool, object]) -> bool:
+        while not stopped.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((True, item)):
+                    return
+            offer((True, done))
+        except BaseException as exc:
+            offer((False, exc))
+
+    threading.Thread(target=produce, daemon=True, name="noodle-prefetch").start()
+    try:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stopped.set()
+
+
+def encode_blocks(
+    blocks: Iterable[TextBlock], tokenizer: TextTokenizer
+) -> Iterator[tuple[TextBlock, list]]:
+    # The offset-free batch encoder: Noodle needs only the ids, and offsets cost ~10%.
+    encode = tokenizer.backend.encode_batch_fast
+    for block in blocks:
+        yield block, encode(block.lines, add_special_tokens=False)
+
+
+def flatten_ids(encodings: list, dtype: np.dtype) -> np.ndarray:
+    """All ids of `encodings` as one array, built in one pass instead of one array per line."""
+    ids = [encoding.ids for encoding in encodings]
+    count = sum(map(len, ids))
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=count)
+
+
+def tokenize_blocks(
+    stream: BinaryIO, tokenizer: TextTokenizer, block_bytes: int = BLOCK_BYTES
+) -> Iterator[tuple[TextBlock, np.ndarray]]:
+    """Each block of the stream with its token ids, read and encoded ahead in threads."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    blocks = prefetch(text_blocks(stream, block_bytes))
+    for block, encodings in prefetch(encode_blocks(blocks, tokenizer), depth=1):
+        yield block, flatten_ids(encodings, dtype)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -99,64 +387,80 @@ def cache_dir() -> Path:
     return Path(base) / "noodle"
 
 
+def token_dir() -> Path:
+    """The cache directory, created; it also holds the unnamed files of uncached runs."""
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NoodleError(f"cannot create the token cache {directory}: {exc.strerror}") from None
+    return directory
+
+
+def warn_replaced(reporter: Reporter, name: str, replaced: int) -> None:
+    if replaced:
+        reporter.warn(
+            f"corpus {name}: {replaced} invalid UTF-8 byte sequence(s) replaced with U+FFFD"
+        )
+
+
 def tokenize_to_file(
-    source: LocalFile, tokenizer: TextTokenizer, out: BinaryIO, reporter: Reporter
+    source: OpenedSource,
+    tokenizer: TextTokenizer,
+    out: BinaryIO,
+    reporter: Reporter,
+    block_bytes: int = BLOCK_BYTES,
 ) -> int:
     """Stream `source` through the tokenizer into `out`; returns the number of tokens."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    invalid = [0]
-    count = 0
-    task = reporter.start_task("tokenizing", total=source.size(), unit="bytes")
-    with source.open() as stream:
-        for nbytes, lines in line_blocks(stream, invalid):
-            for ids in tokenizer.encode_batch(lines):
-                np.asarray(ids, dtype=dtype).tofile(out)
-                count += len(ids)
-            task.advance(nbytes, tokens=count)
+    count = replaced = 0
+    task = reporter.start_task("tokenizing", total=source.size, unit="bytes")
+    for block, ids in tokenize_blocks(source.stream, tokenizer, block_bytes):
+        ids.tofile(out)
+        count += len(ids)
+        replaced += block.replaced
+        task.advance(block.nbytes, tokens=count)
     task.finish(tokens=count)
-    if invalid[0]:
-        reporter.warn(
-            f"corpus {source.name}: {invalid[0]} invalid UTF-8 byte sequence(s) replaced "
-            "with U+FFFD"
-        )
+    warn_replaced(reporter, source.name, replaced)
+    if count == 0:
+        raise NoodleError(f"corpus {source.name} is empty")
+    out.flush()
     return count
+
+
+def cache_key(identity: dict, tokenizer: TextTokenizer) -> str:
+    material = {"format": CACHE_FORMAT, "source": identity, "tokenizer": tokenizer.sha256}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def load_token_stream(
     spec: str, tokenizer: TextTokenizer, reporter: Reporter, use_cache: bool = True
 ) -> np.ndarray:
     """The corpus as a read-only memory-mapped token array, tokenizing it on first use."""
-    source = open_source(spec)
-    key = hashlib.sha256(
-        json.dumps({"source": source.identity(), "tokenizer": tokenizer.sha256}).encode()
-    ).hexdigest()[:32]
+    source = parse_source(spec)
     dtype = token_dtype(tokenizer.vocab_size)
-    if not use_cache:
-        with tempfile.TemporaryFile() as out:
-            tokenize_to_file(source, tokenizer, out, reporter)
-            return memmap_tokens(out, dtype, spec)
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{key}.{dtype.name}"
-    if path.exists():
-        reporter.info(f"token cache hit: {path}")
-    else:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                tokenize_to_file(source, tokenizer, out, reporter)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    with path.open("rb") as handle:
-        return memmap_tokens(handle, dtype, spec)
+    directory = token_dir()
+    with source.open() as opened:
+        if use_cache and opened.identity is not None:
+            path = directory / f"{cache_key(opened.identity, tokenizer)}.{dtype.name}"
+            if path.exists():
+                reporter.info(f"token cache hit: {path}")
+            else:
+                atomic_write(path, lambda out: tokenize_to_file(opened, tokenizer, out, reporter))
+                reporter.info(f"token cache: {path}")
+            return np.memmap(path, dtype=dtype, mode="r")
+        if use_cache:
+            reporter.info(f"not caching the tokens of {opened.name}: {opened.uncached_reason}")
+        # O_TMPFILE where supported: the file has no name and vanishes with the process.
+        with tempfile.TemporaryFile(dir=directory) as out:
+            tokenize_to_file(opened, tokenizer, out, reporter)
+            return np.memmap(out, dtype=dtype, mode="r")
 
 
-def memmap_tokens(handle: BinaryIO, dtype: np.dtype, spec: str) -> np.ndarray:
-    handle.flush()
-    if os.fstat(handle.fileno()).st_size == 0:
-        raise NoodleError(f"corpus {spec} holds no tokens")
-    return np.memmap(handle, dtype=dtype, mode="r")
+def read_lines(spec: str, reporter: Reporter) -> Iterator[str]:
+    """The lines of any corpus source (newlines kept), streamed; invalid UTF-8 is replaced."""
+    replaced = 0
+    with parse_source(spec).open() as opened:
+        for block in prefetch(text_blocks(opened.stream)):
+            replaced += block.replaced
+            yield from block.lines
+        warn_replaced(reporter, opened.name, replaced)

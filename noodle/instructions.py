@@ -31,7 +31,7 @@ import torch
 
 from noodle.batching import TRAIN_FRACTION, Batch
 from noodle.checkpoint import atomic_write_bytes
-from noodle.corpus import line_blocks, open_source
+from noodle.corpus import read_lines
 from noodle.errors import NoodleError
 from noodle.progress import Reporter
 from noodle.tokenizer import END_OF_TEXT, TextTokenizer
@@ -126,15 +126,9 @@ def parse_instruction_lines(lines: Iterable[str]) -> ParsedFile:
 
 
 def read_instruction_file(spec: str, reporter: Reporter) -> ParsedFile:
-    """Parse an instruction file as it streams in; invalid UTF-8 is replaced with a warning."""
-    source = open_source(spec)
-    invalid = [0]
-    with source.open() as stream:
-        lines = (line for _, block in line_blocks(stream, invalid) for line in block)
-        parsed = parse_instruction_lines(lines)
-    if invalid[0]:
-        reporter.warn(f"{spec}: {invalid[0]} invalid UTF-8 byte sequence(s) replaced with U+FFFD")
-    return parsed
+    """Parse an instruction file (any corpus source) as it streams in; invalid UTF-8 is
+    replaced with a warning."""
+    return parse_instruction_lines(read_lines(spec, reporter))
 
 
 def reasons(skipped: Counter[str]) -> str:

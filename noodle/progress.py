@@ -8,12 +8,14 @@ import time
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.progress import Task as ProgressTask
+from rich.text import Text
 
 PLAIN_INTERVAL_S = 5.0
 
@@ -22,6 +24,16 @@ def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class CountColumn(ProgressColumn):
+    """`done/total` for counted work; byte counts are left to the task's info (MB, MB/s)."""
+
+    def render(self, task: ProgressTask) -> Text:
+        if task.fields.get("unit") == "bytes":
+            return Text("")
+        total = f"/{task.total:,.0f}" if task.total is not None else ""
+        return Text(f"{task.completed:,.0f}{total}")
 
 
 class Task:
@@ -33,13 +45,15 @@ class Task:
         self.started = self.last_line = time.monotonic()
         self.id = None
         if reporter.progress is not None:
-            self.id = reporter.progress.add_task(description, total=total, info="")
+            self.id = reporter.progress.add_task(description, total=total, info="", unit=unit)
 
     def _info(self, fields: dict) -> str:
         parts = []
         if self.unit == "bytes":
             elapsed = max(time.monotonic() - self.started, 1e-9)
-            parts.append(f"{self.done / 1e6:,.1f} MB ({self.done / 1e6 / elapsed:,.1f} MB/s)")
+            total = f"/{self.total / 1e6:,.1f}" if self.total else ""
+            rate = self.done / 1e6 / elapsed
+            parts.append(f"{self.done / 1e6:,.1f}{total} MB ({rate:,.1f} MB/s)")
         parts += [f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in fields.items()]
         return " | ".join(parts)
 
@@ -82,7 +96,7 @@ class Reporter:
             self.progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                CountColumn(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}"),

@@ -1,0 +1,365 @@
+"""Corpus sources (local file, stdin, http(s)://, hf://), parallel tokenization and the cache.
+
+HTTP sources are served by a real server on 127.0.0.1 started by the tests.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from noodle import corpus
+from noodle.corpus import (
+    WebFile,
+    hf_url,
+    load_token_stream,
+    read_lines,
+    text_blocks,
+    tokenize_blocks,
+)
+from noodle.errors import NoodleError, UsageError
+from noodle.progress import Reporter
+from noodle.tokenizer import load_tokenizer
+from tests.conftest import run_noodle, story_corpus
+
+# Multi-byte characters, CRLF line ends, blank lines, the end-of-text marker, a line of
+# only spaces, and a last line without a newline.
+TRICKY_TEXT = (
+    "Once upon a time, café déjà vu.\r\n"
+    "日本語のテキスト、そして絵文字 🍜🍥!\n"
+    "\n"
+    "\r\n"
+    "<|endoftext|>\n"
+    "    indented    with   runs of spaces\n"
+    "ß ẞ ﬁ Ω ≠ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 e\u0301 (a combining accent)\r\n"
+    "the end"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch) -> Path:
+    """A token cache of this test's own, so its files can be counted."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "noodle"
+
+
+def cached_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.uint*")) if directory.exists() else []
+
+
+def reference_ids(tokenizer, text: str) -> list[int]:
+    """The sequential reference: every line (with its newline) encoded on its own."""
+    *lines, last = text.split("\n")
+    ids = [i for line in lines for i in tokenizer.encode(line + "\n")]
+    return ids + (tokenizer.encode(last) if last else [])
+
+
+def stream_ids(tokenizer, data: bytes, **block_sizes) -> np.ndarray:
+    blocks = tokenize_blocks(io.BytesIO(data), tokenizer, **block_sizes)
+    return np.concatenate([ids for _, ids in blocks])
+
+
+def test_parallel_tokenization_matches_the_sequential_reference(tokenizer):
+    text = TRICKY_TEXT * 40
+    expected = reference_ids(tokenizer, text)
+    # Small blocks put block boundaries everywhere, including inside multi-byte runs' lines.
+    for block_bytes in (7, 100, 1 << 20):
+        ids = stream_ids(tokenizer, text.encode(), block_bytes=block_bytes)
+        assert ids.dtype == np.uint16
+        assert ids.tolist() == expected, block_bytes
+
+
+def test_an_overlong_line_is_cut_between_words_without_changing_its_ids(tokenizer):
+    line = " ".join(f"word{i}, and  two  spaces" for i in range(200))
+    pieces = [
+        block.lines for block in text_blocks(io.BytesIO(line.encode()), 64, max_line_bytes=128)
+    ]
+    assert len(pieces) > 10
+    assert all(len(text.encode()) < 64 + 128 for lines in pieces for text in lines)
+    assert "".join(text for lines in pieces for text in lines) == line
+    piece_ids = [i for lines in pieces for text in lines for i in tokenizer.encode(text)]
+    assert piece_ids == tokenizer.encode(line)
+
+    # Without spaces the cut still falls between characters, never inside one.
+    unspaced = "日本語" * 200
+    blocks = list(text_blocks(io.BytesIO(unspaced.encode()), 50, max_line_bytes=100))
+    assert len(blocks) > 10 and sum(block.replaced for block in blocks) == 0
+    assert "".join(line for block in blocks for line in block.lines) == unspaced
+    # Nor does a run of bytes that are no text at all grow without bound.
+    garbage = list(text_blocks(io.BytesIO(b"\x80" * 300), 50, max_line_bytes=100))
+    assert len(garbage) > 1 and sum(block.replaced for block in garbage) == 300
+
+
+def test_invalid_utf8_is_replaced_and_warned(tmp_path, tokenizer, capsys, cache_home):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"good line\nbad \xff\xfe bytes\nend\n")
+    tokens = load_token_stream(str(path), tokenizer, Reporter(interactive=False))
+    assert tokens.tolist() == reference_ids(tokenizer, "good line\nbad \ufffd\ufffd bytes\nend\n")
+    assert "2 invalid UTF-8 byte sequence(s) replaced" in capsys.readouterr().err
+
+
+def test_local_tokens_are_cached_until_the_file_changes(tmp_path, tokenizer, capsys, cache_home):
+    path = tmp_path / "corpus.txt"
+    path.write_text(story_corpus(50))
+    reporter = Reporter(interactive=False)
+    first = load_token_stream(str(path), tokenizer, reporter)
+    assert isinstance(first, np.memmap)
+    assert first.tolist() == reference_ids(tokenizer, path.read_text())
+    assert len(cached_files(cache_home)) == 1
+    assert "cache hit" not in capsys.readouterr().err
+
+    second = load_token_stream(str(path), tokenizer, reporter)
+    assert "token cache hit" in capsys.readouterr().err
+    assert second.tolist() == first.tolist()
+
+    path.write_text(story_corpus(50, seed=1))
+    changed = load_token_stream(str(path), tokenizer, reporter)
+    assert changed.tolist() == reference_ids(tokenizer, path.read_text())
+    assert len(cached_files(cache_home)) == 2
+
+    uncached = load_token_stream(str(path), tokenizer, reporter, use_cache=False)
+    assert uncached.tolist() == changed.tolist()
+    assert len(cached_files(cache_home)) == 2
+    assert not list(cache_home.glob(".*"))  # no temporary file left behind
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    headers: dict = field(default_factory=dict)
+    redirect: str | None = None
+    # Announce more bytes than are sent, then hang up: a download that breaks off.
+    truncate: bool = False
+    # Send this many bytes, then wait for the event before sending the rest.
+    pause_after: int | None = None
+    resume: threading.Event = field(default_factory=threading.Event)
+    # Wait this long before answering at all.
+    delay_s: float = 0.0
+
+
+class CorpusServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), CorpusHandler)
+        self.routes: dict[str, Route] = {}
+        self.requests: list[tuple[str, dict]] = []
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.server_address[1]}{path}"
+
+
+class CorpusHandler(BaseHTTPRequestHandler):
+    server: CorpusServer
+
+    def do_GET(self) -> None:
+        self.server.requests.append((self.path, dict(self.headers)))
+        route = self.server.routes.get(self.path)
+        if route is None:
+            self.send_error(404)
+            return
+        time.sleep(route.delay_s)
+        if route.redirect:
+            self.send_response(302)
+            self.send_header("Location", route.redirect)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        for name, value in route.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(route.body) + 1000 * route.truncate))
+        self.end_headers()
+        if route.pause_after is not None:
+            self.wfile.write(route.body[: route.pause_after])
+            self.wfile.flush()
+            route.resume.wait(10)
+            self.wfile.write(route.body[route.pause_after :])
+        else:
+            self.wfile.write(route.body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[CorpusServer]:
+    httpd = CorpusServer()
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield httpd
+    for route in httpd.routes.values():
+        route.resume.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_train_streams_a_corpus_from_a_url(tmp_path, tiny_config, server):
+    server.routes["/stories.txt"] = Route(story_corpus(150).encode())
+    out = tmp_path / "model"
+    result = run_noodle(
+        *("train", server.url("/stories.txt"), out, "--model", tiny_config),
+        *("--backend", "cpu", "--max-steps", 1, "--batch-size", 2, "--eval-batches", 1),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tokenizing" in result.stderr
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["source"] == server.url("/stories.txt")
+    assert meta["training"]["steps"] == 1
+    # No ETag or Last-Modified: nothing identifies the content, so nothing is cached.
+    assert "not caching the tokens" in result.stderr
+
+
+def test_a_missing_url_is_one_clear_error(tmp_path, server):
+    url = server.url("/missing.txt")
+    result = run_noodle("train", url, tmp_path / "model")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot download {url}: HTTP 404 Not Found"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_url_names_it(tokenizer):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/corpus.txt"
+    with pytest.raises(NoodleError, match=f"cannot reach {url}: Connection refused"):
+        load_token_stream(url, tokenizer, Reporter(quiet=True))
+
+
+def test_an_unknown_host_names_the_url(tokenizer):
+    url = "http://noodle-test.invalid/corpus.txt"  # .invalid never resolves (RFC 2606)
+    with pytest.raises(NoodleError, match=f"cannot reach {url}: "):
+        load_token_stream(url, tokenizer, Reporter(quiet=True))
+
+
+def test_a_silent_server_times_out_with_the_url(tokenizer, server, monkeypatch):
+    monkeypatch.setattr(corpus, "HTTP_TIMEOUT_S", 0.2)
+    server.routes["/slow.txt"] = Route(b"late\n", delay_s=2)
+    url = server.url("/slow.txt")
+    with pytest.raises(NoodleError, match=f"cannot reach {url}: timed out"):
+        load_token_stream(url, tokenizer, Reporter(quiet=True))
+
+
+def test_a_broken_download_fails_and_caches_nothing(tokenizer, server, cache_home):
+    server.routes["/cut.txt"] = Route(story_corpus(20).encode(), {"ETag": '"v1"'}, truncate=True)
+    url = server.url("/cut.txt")
+    with pytest.raises(NoodleError, match=f"download of {url} failed after .* bytes"):
+        load_token_stream(url, tokenizer, Reporter(quiet=True))
+    assert not any(cache_home.iterdir())
+
+
+def test_a_url_with_a_validator_is_cached(tokenizer, server, cache_home, capsys):
+    text = story_corpus(40)
+    server.routes["/tagged.txt"] = Route(text.encode(), {"ETag": '"v1"'})
+    reporter = Reporter(interactive=False)
+    first = load_token_stream(server.url("/tagged.txt"), tokenizer, reporter)
+    assert first.tolist() == reference_ids(tokenizer, text)
+    assert len(cached_files(cache_home)) == 1
+    again = load_token_stream(server.url("/tagged.txt"), tokenizer, reporter)
+    assert again.tolist() == first.tolist()
+    assert "token cache hit" in capsys.readouterr().err
+
+    # A new version of the file (new ETag) is tokenized again.
+    server.routes["/tagged.txt"] = Route(text.upper().encode(), {"ETag": '"v2"'})
+    changed = load_token_stream(server.url("/tagged.txt"), tokenizer, reporter)
+    assert changed.tolist() == reference_ids(tokenizer, text.upper())
+    assert len(cached_files(cache_home)) == 2
+
+
+def test_a_url_is_read_as_a_stream(server):
+    body = story_corpus(200).encode()
+    route = server.routes["/big.txt"] = Route(body, pause_after=5000)
+    blocks = []
+    with WebFile(server.url("/big.txt"), "big").open() as opened:
+        assert opened.size == len(body)
+        for block in text_blocks(opened.stream, block_bytes=1000):
+            # The first blocks arrive while the server still holds back the rest.
+            blocks.append((block, route.resume.is_set()))
+            route.resume.set()
+    assert blocks[0][1] is False and len(blocks) > 5
+    assert b"".join("".join(block.lines).encode() for block, _ in blocks) == body
+
+
+@pytest.mark.parametrize(
+    ("spec", "path"),
+    [
+        (
+            "hf://roneneldan/TinyStories/TinyStoriesV2-GPT4-valid.txt",
+            "TinyStoriesV2-GPT4-valid.txt",
+        ),
+        ("hf://owner/repo/data/train/part 1.txt", "data/train/part%201.txt"),
+        ("hf://datasets/owner/repo/data/part.txt", "data/part.txt"),
+    ],
+)
+def test_hf_specs_name_dataset_files(spec, path, monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    owner_repo = "roneneldan/TinyStories" if "TinyStories" in spec else "owner/repo"
+    assert hf_url(spec) == f"https://huggingface.co/datasets/{owner_repo}/resolve/main/{path}"
+
+
+@pytest.mark.parametrize(
+    "spec", ["hf://", "hf://owner", "hf://owner/repo", "hf://owner//file.txt", "hf://o/r/dir/"]
+)
+def test_an_invalid_hf_spec_says_the_expected_form(spec):
+    with pytest.raises(UsageError, match="expected hf://owner/repo/path/to/file"):
+        hf_url(spec)
+
+
+def test_hf_sends_the_token_to_the_hub_only(tokenizer, server, monkeypatch):
+    text = story_corpus(30)
+    server.routes["/cdn/file.txt"] = Route(text.encode())
+    server.routes["/datasets/me/stories/resolve/main/dir/file.txt"] = Route(
+        redirect=server.url("/cdn/file.txt", host="localhost")  # another host, like a CDN
+    )
+    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    tokens = load_token_stream("hf://me/stories/dir/file.txt", tokenizer, Reporter(quiet=True))
+    assert tokens.tolist() == reference_ids(tokenizer, text)
+    (hub_path, hub_headers), (cdn_path, cdn_headers) = server.requests
+    assert hub_path == "/datasets/me/stories/resolve/main/dir/file.txt"
+    assert hub_headers["Authorization"] == "Bearer hf_secret"
+    assert cdn_path == "/cdn/file.txt" and "Authorization" not in cdn_headers
+
+
+def test_hf_errors_name_the_spec_and_the_url(tokenizer, server, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", server.url(""))
+    url = server.url("/datasets/me/stories/resolve/main/nope.txt")
+    with pytest.raises(NoodleError, match=f"hf://me/stories/nope.txt \\({url}\\): HTTP 404"):
+        load_token_stream("hf://me/stories/nope.txt", tokenizer, Reporter(quiet=True))
+
+
+def test_train_reads_standard_input_and_never_caches_it(tmp_path, tiny_config, cache_home):
+    out = tmp_path / "model"
+    result = run_noodle(
+        *("train", "-", out, "--model", tiny_config, "--backend", "cpu"),
+        *("--max-steps", 1, "--batch-size", 2, "--eval-batches", 1),
+        input=story_corpus(150),
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.safetensors").is_file()
+    assert cached_files(cache_home) == []
+
+
+def test_read_lines_streams_any_source(server, capsys):
+    server.routes["/lines.txt"] = Route(b"one\ntwo \xff\nthree")
+    lines = list(read_lines(server.url("/lines.txt"), Reporter(interactive=False)))
+    assert lines == ["one\n", "two \ufffd\n", "three"]
+    assert "1 invalid UTF-8 byte sequence(s)" in capsys.readouterr().err
