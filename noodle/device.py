@@ -17,6 +17,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def select_device(backend: str | None) -> torch.device:
     """`--backend`, else $NOODLE_BACKEND, else auto (cuda, then mps, then cpu)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        # Without DistributedDataParallel every process would train the same model alone
+        # and all of them would write the same files: refuse rather than corrupt.
+        raise NoodleError(
+            f"{world_size} processes (torchrun) are not supported yet: run one process per "
+            "machine; distributed training is planned"
+        )
     name = (backend or os.environ.get("NOODLE_BACKEND") or "auto").lower()
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r} (choose {', '.join(BACKENDS)})")
