@@ -100,15 +100,22 @@ def positive(name: str, value: int | float | None) -> None:
 
 
 def training_settings(
-    seed: int, min_improvement: float, **positive_options: int | float | None
+    lr_at_batch_4: float,
+    lr: float | None,
+    seed: int,
+    min_improvement: float,
+    **positive_options: int | float | None,
 ) -> TrainSettings:
     """TrainSettings from the options train and finetune share; a minimum improvement of 0
-    (any drop counts) is allowed, the other numbers must be positive."""
-    for name, value in positive_options.items():
+    (any drop counts) is allowed, the other numbers must be positive. Without --lr, the
+    original's rule: `lr_at_batch_4` scaled linearly with the batch size."""
+    for name, value in {"lr": lr, **positive_options}.items():
         positive(name.replace("_", "-"), value)
     if min_improvement < 0:
         raise UsageError(f"--min-improvement must not be negative, got {min_improvement}")
-    return TrainSettings(seed=seed, min_improvement=min_improvement, **positive_options)
+    if lr is None:
+        lr = lr_at_batch_4 * positive_options["batch_size"] / 4
+    return TrainSettings(lr=lr, seed=seed, min_improvement=min_improvement, **positive_options)
 
 
 def run_with_reporter(work: Callable[[Reporter], object]) -> None:
@@ -165,14 +172,15 @@ def train(
     dtype: Dtype = "auto",
 ) -> None:
     """Train a model from scratch on CORPUS into OUTPUT_DIR."""
-    from noodle.pretrain import TrainOptions, default_lr
+    from noodle.pretrain import LR_AT_BATCH_4, TrainOptions
     from noodle.pretrain import train as run_train
 
     settings = training_settings(
+        LR_AT_BATCH_4,
+        lr,
         max_epochs=max_epochs,
         max_steps=max_steps,
         batch_size=batch_size,
-        lr=lr if lr is not None else default_lr(batch_size),
         eval_interval=eval_interval,
         eval_batches=eval_batches,
         patience=patience,
@@ -231,14 +239,15 @@ def finetune(
     dtype: Dtype = "auto",
 ) -> None:
     """Fine-tune MODEL on the instruction file INPUT into OUTPUT_DIR."""
-    from noodle.finetune import FinetuneOptions, default_lr
+    from noodle.finetune import LR_AT_BATCH_4, FinetuneOptions
     from noodle.finetune import finetune as run_finetune
 
     settings = training_settings(
+        LR_AT_BATCH_4,
+        lr,
         max_epochs=max_epochs,
         max_steps=max_steps,
         batch_size=batch_size,
-        lr=lr if lr is not None else default_lr(batch_size),
         eval_interval=eval_interval,
         eval_batches=eval_batches,
         patience=patience,

@@ -16,10 +16,8 @@ from noodle.progress import Reporter
 from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_continuation
 from noodle.training import Trainer, TrainSettings, TrainState
 
-
-def default_lr(batch_size: int) -> float:
-    """The original's rule: 2e-5 at batch 4, scaled linearly with the batch size."""
-    return 2e-5 * batch_size / 4
+# The original's default fine-tuning learning rate at batch 4, scaled like train's.
+LR_AT_BATCH_4 = 2e-5
 
 
 @dataclass
