@@ -157,6 +157,17 @@ class LoadedModel:
     directory: Path
 
 
+@dataclass
+class ModelFiles:
+    """A model directory checked without reading its weights' data: model.json holds a valid
+    architecture, the weights file's header matches it, and the tokenizer loads and fits it."""
+
+    directory: Path
+    metadata: dict
+    config: ModelConfig
+    tokenizer: TextTokenizer
+
+
 def model_directory(spec: str | Path) -> Path:
     """A model directory from MODEL: the directory itself or a file inside it."""
     path = Path(spec)
@@ -172,37 +183,67 @@ def model_directory(spec: str | Path) -> Path:
     return path
 
 
-def load_model(spec: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a model directory; never executes pickled code."""
+def model_tokenizer(directory: Path, metadata: dict, spec: str | Path) -> TextTokenizer:
+    """The directory's tokenizer.json. Only a model.json that names no tokenizer file (one
+    written by hand) falls back to the bundled tokenizer: for any other, that fallback would
+    be the wrong tokenizer."""
+    path = directory / TOKENIZER
+    if path.is_file():
+        return load_tokenizer(path)
+    recorded = metadata.get("tokenizer")
+    if isinstance(recorded, dict) and recorded.get("file"):
+        raise NoodleError(f"model {spec}: {TOKENIZER} is missing from {directory}")
+    return load_tokenizer()
+
+
+def check_weights_match(path: Path, config: ModelConfig, spec: str | Path) -> None:
+    """Refuse a weights file that is unreadable or whose tensors are not those of `config`.
+    Reads the file's header only (safetensors checks that the data covers the file)."""
+    try:
+        with safe_open(path, framework="pt") as reader:
+            names = list(reader.keys())
+            shapes = {name: tuple(reader.get_slice(name).get_shape()) for name in names}
+    except (SafetensorError, OSError) as exc:
+        raise NoodleError(f"model {spec}: unreadable weights ({exc})") from None
+    with torch.device("meta"):  # shapes without memory, whatever the model's size
+        expected = {name: tuple(t.shape) for name, t in NoodleModel(config).state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [name for name in expected if name in shapes and shapes[name] != expected[name]]
+    if missing:
+        detail = f"missing {missing[0]}"
+    elif unexpected:
+        detail = f"unexpected {unexpected[0]}"
+    elif wrong:
+        detail = f"{wrong[0]} is {shapes[wrong[0]]}, expected {expected[wrong[0]]}"
+    else:
+        return
+    raise NoodleError(f"model {spec}: weights do not match model.json ({detail})")
+
+
+def open_model_dir(spec: str | Path) -> ModelFiles:
+    """Check a model directory (MODEL) as far as possible without reading its weights."""
     directory = model_directory(spec)
     metadata = read_json_file(directory / MODEL_JSON)
     config, _ = config_from_dict(metadata, str(directory / MODEL_JSON))
-    tokenizer_file = directory / TOKENIZER
-    tokenizer = load_tokenizer(tokenizer_file if tokenizer_file.exists() else None)
+    tokenizer = model_tokenizer(directory, metadata, spec)
     if tokenizer.vocab_size > config.vocab_size:
         raise NoodleError(
             f"model {spec}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
             f"{config.vocab_size}"
         )
+    check_weights_match(directory / WEIGHTS, config, spec)
+    return ModelFiles(directory, metadata, config, tokenizer)
+
+
+def load_model(spec: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model directory; never executes pickled code."""
+    files = open_model_dir(spec)
     try:
-        weights = load_safetensors((directory / WEIGHTS).read_bytes())
+        weights = load_safetensors((files.directory / WEIGHTS).read_bytes())
     except (SafetensorError, OSError) as exc:
         raise NoodleError(f"model {spec}: unreadable weights ({exc})") from None
-    model = NoodleModel(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        detail = (missing and f"missing {missing[0]}") or (
-            unexpected and f"unexpected {unexpected[0]}"
-        )
-        if not detail:
-            name = wrong[0]
-            detail = (
-                f"{name} is {tuple(weights[name].shape)}, expected {tuple(expected[name].shape)}"
-            )
-        raise NoodleError(f"model {spec}: weights do not match model.json ({detail})")
+    model = NoodleModel(files.config)
     model.load_state_dict(weights)
     model.to(device).eval()
-    return LoadedModel(model, config, tokenizer, metadata, directory)
+    return LoadedModel(model, files.config, files.tokenizer, files.metadata, files.directory)

@@ -234,8 +234,9 @@ def hf_url(spec: str) -> str:
     return f"{endpoint}/datasets/{owner}/{repo}/resolve/main/{'/'.join(path)}"
 
 
-def parse_source(spec: str) -> Source:
-    """Check a CORPUS argument and return the source it names."""
+def parse_source(spec: str, what: str = "corpus") -> Source:
+    """Check a CORPUS argument and return the source it names; `what` names the argument
+    in error messages (e.g. "instruction file")."""
     if spec == "-":
         return StandardInput()
     if spec.startswith(("http://", "https://")):
@@ -244,13 +245,13 @@ def parse_source(spec: str) -> Source:
         return WebFile(hf_url(spec), spec, token=os.environ.get("HF_TOKEN") or None)
     path = Path(spec)
     if not path.exists():
-        raise NoodleError(f"corpus {spec}: no such file")
+        raise NoodleError(f"{what} {spec}: no such file")
     if path.is_dir():
-        raise NoodleError(f"corpus {spec} is a directory, expected a text file")
+        raise NoodleError(f"{what} {spec} is a directory, expected a text file")
     if not os.access(path, os.R_OK):
-        raise NoodleError(f"corpus {spec}: permission denied")
+        raise NoodleError(f"{what} {spec}: permission denied")
     if path.stat().st_size == 0:
-        raise NoodleError(f"corpus {spec} is empty")
+        raise NoodleError(f"{what} {spec} is empty")
     return LocalFile(path)
 
 
@@ -397,10 +398,10 @@ def token_dir() -> Path:
     return directory
 
 
-def warn_replaced(reporter: Reporter, name: str, replaced: int) -> None:
+def warn_replaced(reporter: Reporter, name: str, replaced: int, what: str = "corpus") -> None:
     if replaced:
         reporter.warn(
-            f"corpus {name}: {replaced} invalid UTF-8 byte sequence(s) replaced with U+FFFD"
+            f"{what} {name}: {replaced} invalid UTF-8 byte sequence(s) replaced with U+FFFD"
         )
 
 
@@ -456,11 +457,12 @@ def load_token_stream(
             return np.memmap(out, dtype=dtype, mode="r")
 
 
-def read_lines(spec: str, reporter: Reporter) -> Iterator[str]:
-    """The lines of any corpus source (newlines kept), streamed; invalid UTF-8 is replaced."""
+def read_lines(spec: str, reporter: Reporter, what: str = "corpus") -> Iterator[str]:
+    """The lines of any corpus source (newlines kept), streamed; invalid UTF-8 is replaced.
+    `what` names the source in messages."""
     replaced = 0
-    with parse_source(spec).open() as opened:
+    with parse_source(spec, what).open() as opened:
         for block in prefetch(text_blocks(opened.stream)):
             replaced += block.replaced
             yield from block.lines
-        warn_replaced(reporter, opened.name, replaced)
+        warn_replaced(reporter, opened.name, replaced, what)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from noodle.checkpoint import MODEL_JSON, TOKENIZER, WEIGHTS, model_directory
-from noodle.config import config_from_dict, read_json_file
+from noodle.checkpoint import TOKENIZER, WEIGHTS, open_model_dir
 
 ARCHITECTURE_ROWS = (
     "n_layers",
@@ -58,10 +57,10 @@ def training_rows(training: dict) -> list[tuple[str, str]]:
 
 def model_table(spec: str) -> Table:
     """Architecture, parameter count, tokenizer and training summary of the model at `spec`;
-    a fine-tuned model also shows its base model's training."""
-    directory = model_directory(spec)
-    metadata = read_json_file(directory / MODEL_JSON)
-    config, _ = config_from_dict(metadata, str(directory / MODEL_JSON))
+    a fine-tuned model also shows its base model's training. A directory that eval or chat
+    would refuse is refused here too, but the weights' data is never read."""
+    files = open_model_dir(spec)
+    directory, metadata, config = files.directory, files.metadata, files.config
     table = Table(title=f"model {directory}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")

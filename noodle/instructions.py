@@ -128,7 +128,7 @@ def parse_instruction_lines(lines: Iterable[str]) -> ParsedFile:
 def read_instruction_file(spec: str, reporter: Reporter) -> ParsedFile:
     """Parse an instruction file (any corpus source) as it streams in; invalid UTF-8 is
     replaced with a warning."""
-    return parse_instruction_lines(read_lines(spec, reporter))
+    return parse_instruction_lines(read_lines(spec, reporter, "instruction file"))
 
 
 def reasons(skipped: Counter[str]) -> str:
@@ -352,8 +352,18 @@ def record_instruction(record: object) -> Instruction | str:
     return item
 
 
+def check_destination(source: Path, destination: Path) -> None:
+    """Refuse a destination that is a directory, or the input itself (the records would be
+    lost), before anything is read."""
+    if destination.is_dir():
+        raise NoodleError(f"{destination} is a directory, expected a file path")
+    if destination.exists() and source.exists() and destination.samefile(source):
+        raise NoodleError(f"{destination} is the input file; write the instruction file elsewhere")
+
+
 def prepare_instructions(source: Path, destination: Path, reporter: Reporter) -> int:
     """Write the instruction file for a JSON/JSONL list of records; returns how many it holds."""
+    check_destination(source, destination)
     records = read_records(source)
     if not isinstance(records, list):
         raise NoodleError(f"{source}: expected a JSON array of records or JSON Lines")
@@ -368,9 +378,12 @@ def prepare_instructions(source: Path, destination: Path, reporter: Reporter) ->
         reporter.warn(f"{source}: {sum(skipped.values())} record(s) skipped ({reasons(skipped)})")
     if not blocks:
         raise NoodleError(f"{source}: no record has both an instruction and a response")
-    if destination.is_dir():
-        raise NoodleError(f"{destination} is a directory, expected a file path")
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NoodleError(
+            f"cannot create directory {destination.parent}: {exc.strerror or exc}"
+        ) from None
     atomic_write_bytes(destination, "\n".join(blocks).encode("utf-8"))
     reporter.info(f"wrote {len(blocks):,} example(s) to {destination}")
     return len(blocks)

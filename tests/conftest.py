@@ -13,6 +13,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from noodle.instructions import Instruction, format_block
 from tests.tiny_runs import TinyRun
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +41,22 @@ def story_corpus(lines: int, seed: int = 0) -> str:
         name, thing, place = rng.choice(NAMES), rng.choice(THINGS), rng.choice(PLACES)
         out.append(f"once upon a time {name} found a {thing} in the {place}. {name} was happy.")
     return "\n".join(out) + "\n"
+
+
+# Question/answer pairs a tiny model can learn in a few dozen fine-tuning steps.
+PAIRS = [
+    ("what color is the sky?", "the sky is blue."),
+    ("what does the dog say?", "the dog says woof."),
+    ("where does lily play?", "lily plays in the park."),
+    ("what is tom holding?", "tom has a red ball."),
+    ("who found the frog?", "mia found the frog."),
+]
+
+
+def write_instructions(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    """An instruction file for `noodle finetune` with one example per pair."""
+    path.write_text("\n".join(format_block(Instruction(q, "", a)) for q, a in pairs))
+    return path
 
 
 def tests_cache_dir(tmp_path_factory) -> Path:

@@ -2,8 +2,9 @@
 usage, 1 otherwise), no traceback unless NOODLE_DEBUG=1, and nothing on disk changed.
 
 The cases run the CLI's entry point, `noodle.cli.main`, in-process (a subprocess per case
-would spend seconds importing torch); one case also runs as a real subprocess. Add a
-command's cases to CASES as it lands.
+would spend seconds importing torch); one case also runs as a real subprocess. A command's
+own cases go in COMMAND_CASES; a command that takes MODEL joins MODEL_COMMANDS and gets every
+bad-model case.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from noodle.cli import main
-from tests.conftest import run_noodle, story_corpus
+from tests.conftest import PAIRS, run_noodle, story_corpus, write_instructions
 from tests.tiny_runs import TinyRun, directory_snapshot
 
 # The options the resumable model below was trained with; resuming repeats them.
@@ -74,9 +75,33 @@ class Inputs:
         path.mkdir()
         return path
 
+    @property
+    def other_model(self) -> Path:
+        """A second copy of the trained model, e.g. a model some OUTPUT_DIR already holds."""
+        return Path(shutil.copytree(self.model, self.root / "other-model"))
+
+    def instructions(self, pairs: list[tuple[str, str]] = PAIRS) -> Path:
+        """An instruction file; the default's 5 examples just fill a batch of 4 and a
+        validation example."""
+        return write_instructions(self.root / f"qa-{len(pairs)}.txt", pairs)
+
     def damage(self, name: str, content: bytes) -> Inputs:
         """Overwrite the file `name` of the trained model with `content`."""
         (self.model / name).write_bytes(content)
+        return self
+
+    def cut(self, name: str, bytes_lost: int) -> Inputs:
+        """Cut the end off the file `name` of the trained model, as an interrupted copy does."""
+        return self.damage(name, (self.model / name).read_bytes()[:-bytes_lost])
+
+    def damage_metadata(self, **changes: object) -> Inputs:
+        """The trained model's model.json with `changes`."""
+        metadata = json.loads((self.model / "model.json").read_text())
+        return self.damage("model.json", json.dumps({**metadata, **changes}).encode())
+
+    def remove(self, name: str) -> Inputs:
+        """Delete the file `name` of the trained model."""
+        (self.model / name).unlink()
         return self
 
     def config(self, **changes: object) -> Path:
@@ -93,6 +118,28 @@ class Inputs:
 
     def resume(self, *options: object, corpus: Path | None = None) -> list[str]:
         return self.train(*TRAINED_OPTIONS, *options, "--resume", corpus=corpus, out=self.model)
+
+    def finetune(
+        self,
+        *options: object,
+        model: Path | None = None,
+        instructions: Path | None = None,
+        out: Path | None = None,
+    ) -> list[str]:
+        """`noodle finetune` of the trained model on the CPU; options override the defaults."""
+        paths = (model or self.model, instructions or self.instructions(), out or self.new_dir)
+        return ["finetune", *paths, "--backend", "cpu", *options]
+
+    def eval(
+        self, *options: object, model: Path | None = None, corpus: Path | None = None
+    ) -> list[str]:
+        """`noodle eval` of the trained model on the CPU; options override the defaults."""
+        paths = (model or self.model, corpus or self.run.corpus)
+        return ["eval", *paths, "--backend", "cpu", *options]
+
+    def prepare(self, source: Path, destination: Path | None = None) -> list[str]:
+        """`noodle prepare-instructions` of `source`, by default into a new file."""
+        return ["prepare-instructions", source, destination or self.root / "instructions.txt"]
 
 
 @pytest.fixture
@@ -221,18 +268,264 @@ TRAIN_CASES = {
     ),
 }
 
-# finetune, eval and chat are stubs in this branch: their argument errors are checked now;
-# their input errors are to be added here as the commands land.
-STUB_COMMAND_CASES = {
+FINETUNE_CASES = {
+    # The instruction file.
+    "missing-instructions": BadInput(
+        lambda i: i.finetune(instructions=i.root / "none.txt"),
+        1,
+        r"instruction file \S+none\.txt: no such file$",
+    ),
+    "directory-instructions": BadInput(
+        lambda i: i.finetune(instructions=i.directory("data")),
+        1,
+        r"instruction file \S+data is a directory, expected a text file$",
+    ),
+    "empty-instructions": BadInput(
+        lambda i: i.finetune(instructions=i.file("empty.txt", "")),
+        1,
+        r"instruction file \S+empty\.txt is empty$",
+    ),
+    "no-valid-example": BadInput(
+        lambda i: i.finetune(instructions=i.file("prose.txt", story_corpus(5))),
+        1,
+        r"prose\.txt: no valid example \(each needs a ### Instruction: and a ### Response: "
+        r"section, examples separated by <\|endoftext\|>\)$",
+    ),
+    "too-few-examples": BadInput(
+        lambda i: i.finetune(instructions=i.instructions(PAIRS[:3])),
+        1,
+        r"too few examples: it has 3 valid example\(s\), but one training batch of 4 and one "
+        r"validation example need at least 5 \(lower --batch-size or add examples\)$",
+    ),
+    # OUTPUT_DIR.
+    "output-dir-is-a-file": BadInput(
+        lambda i: i.finetune(out=i.file("out.txt", "mine")), 1, r"output directory \S+ is a file$"
+    ),
+    "output-dir-holds-a-model": BadInput(
+        lambda i: i.finetune(out=i.other_model),
+        1,
+        r"already holds a model; continue its run with --resume",
+    ),
+    "output-dir-is-the-base-model": BadInput(
+        lambda i: i.finetune(model=i.model / "model.json", out=i.model),
+        1,
+        r"\S+ is the base model's directory; fine-tune into another one$",
+    ),
+    # --resume.
+    "resume-missing-dir": BadInput(
+        lambda i: i.finetune("--resume"), 1, r"nothing to resume: \S+new-model does not exist$"
+    ),
+    "resume-without-resume-state": BadInput(
+        lambda i: i.finetune("--resume", out=i.directory("empty")),
+        1,
+        r"nothing to resume: \S+empty/resume\.safetensors does not exist",
+    ),
+    "resume-a-train-run": BadInput(
+        lambda i: i.finetune("--resume", out=i.other_model),
+        1,
+        r"cannot resume \S+: the run differs from the interrupted one \(base_model was None, now",
+    ),
+}
+
+EVAL_CASES = {
+    "missing-corpus": BadInput(
+        lambda i: i.eval(corpus=i.root / "none.txt"), 1, r"corpus \S+none\.txt: no such file$"
+    ),
+    "directory-corpus": BadInput(
+        lambda i: i.eval(corpus=i.root), 1, r"corpus \S+ is a directory, expected a text file$"
+    ),
+    "empty-corpus": BadInput(
+        lambda i: i.eval(corpus=i.file("empty.txt", "")), 1, r"corpus \S+empty\.txt is empty$"
+    ),
+    "corpus-shorter-than-a-window": BadInput(
+        lambda i: i.eval(corpus=i.file("tiny.txt", story_corpus(1))),
+        1,
+        r"corpus \S+tiny\.txt too small to evaluate: it has \d+ tokens, one window of 64 "
+        r"needs 65$",
+    ),
+    "zero-batch-size": BadInput(
+        lambda i: i.eval("--batch-size", 0), 2, r"--batch-size must be positive, got 0$"
+    ),
+}
+
+RECORD = '{"instruction": "name a colour", "output": "blue"}'
+PREPARE_CASES = {
+    "missing-input": BadInput(
+        lambda i: i.prepare(i.root / "none.jsonl"), 1, r"\S+none\.jsonl: no such file$"
+    ),
+    "directory-input": BadInput(
+        lambda i: i.prepare(i.directory("data")),
+        1,
+        r"\S+data is a directory, expected a JSON or JSONL file$",
+    ),
+    "input-not-utf8": BadInput(
+        lambda i: i.prepare(
+            i.file("latin1.jsonl", RECORD.replace("colour", "c\xf6lour").encode("latin-1"))
+        ),
+        1,
+        r"latin1\.jsonl: cannot read \('utf-8' codec can't decode",
+    ),
+    "malformed-json": BadInput(
+        lambda i: i.prepare(i.file("records.json", f"[{RECORD},")),
+        1,
+        r"records\.json: malformed JSON at line 1 \(Expecting value\)$",
+    ),
+    "malformed-jsonl": BadInput(
+        lambda i: i.prepare(i.file("records.jsonl", f'{RECORD}\n{{"instruction": \n')),
+        1,
+        r"records\.jsonl: malformed JSON at line 2 \(Expecting value\)$",
+    ),
+    "no-usable-record": BadInput(
+        lambda i: i.prepare(
+            i.file("records.jsonl", '{"question": "a", "answer": "b"}\n[1]\n{"instruction": ""}\n')
+        ),
+        1,
+        r"records\.jsonl: no record has both an instruction and a response$",
+    ),
+    "output-is-a-directory": BadInput(
+        lambda i: i.prepare(i.file("records.jsonl", RECORD), i.directory("out")),
+        1,
+        r"\S+out is a directory, expected a file path$",
+    ),
+    "output-inside-a-file": BadInput(
+        lambda i: i.prepare(i.file("records.jsonl", RECORD), i.file("out", "mine") / "qa.txt"),
+        1,
+        r"cannot create directory \S+out: File exists$",
+    ),
+    "output-is-the-input": BadInput(
+        lambda i: i.prepare(i.file("records.jsonl", RECORD), i.root / "records.jsonl"),
+        1,
+        r"\S+records\.jsonl is the input file; write the instruction file elsewhere$",
+    ),
+}
+
+# Each command's own cases; a case named NAME here runs as COMMAND-NAME.
+COMMAND_CASES = {
+    "train": TRAIN_CASES,
+    "finetune": FINETUNE_CASES,
+    "eval": EVAL_CASES,
+    "prepare-instructions": PREPARE_CASES,
+}
+
+# The commands that take MODEL, each run on the model directory or file given.
+MODEL_COMMANDS: dict[str, Callable[[Inputs, Path], list[str]]] = {
+    "finetune": lambda i, model: i.finetune(model=model),
+    "eval": lambda i, model: i.eval(model=model),
+    "info": lambda i, model: ["info", model],
+}
+
+
+@dataclass(frozen=True)
+class BadModel:
+    make: Callable[[Inputs], Path]  # the MODEL argument, made from the trained model
+    message: str  # as in BadInput, the same for every command
+
+
+BAD_MODELS = {
+    "missing-model-dir": BadModel(lambda i: i.root / "none", r"model \S+none: no such directory$"),
+    "model-is-another-file": BadModel(
+        lambda i: i.model / "metrics.jsonl",
+        r"metrics\.jsonl: expected a model directory, model\.json or model\.safetensors$",
+    ),
+    "model-json-missing": BadModel(
+        lambda i: i.remove("model.json").model, r"model\.json is missing from \S+model$"
+    ),
+    "weights-missing": BadModel(
+        lambda i: i.remove("model.safetensors").model,
+        r"model\.safetensors is missing from \S+model$",
+    ),
+    "tokenizer-missing": BadModel(
+        lambda i: i.remove("tokenizer.json").model, r"tokenizer\.json is missing from \S+model$"
+    ),
+    "malformed-model-json": BadModel(
+        lambda i: i.damage("model.json", b'{"n_layers": 2,').model,
+        r"model\.json: malformed JSON \(Expecting property name",
+    ),
+    "model-json-not-an-object": BadModel(
+        lambda i: i.damage("model.json", b"[]").model,
+        r"model\.json: expected a JSON object with architecture keys$",
+    ),
+    "model-json-invalid-architecture": BadModel(
+        lambda i: i.damage_metadata(head_dim=33).model,
+        r"model\.json: model config: head_dim must be even for rotary embeddings, got 33$",
+    ),
+    "corrupt-tokenizer": BadModel(
+        lambda i: i.damage("tokenizer.json", b"{}").model,
+        r"tokenizer\.json: not a valid tokenizer\.json",
+    ),
+    "corrupt-weights": BadModel(
+        lambda i: i.damage("model.safetensors", b"\0" * 9).model, r"unreadable weights \("
+    ),
+    "truncated-weights": BadModel(
+        lambda i: i.cut("model.safetensors", 8).model,
+        r"unreadable weights \(.*not fully covered",
+    ),
+    "weights-of-another-width": BadModel(
+        lambda i: i.damage_metadata(emb_dim=32).model,
+        r"weights do not match model\.json \(tok_emb\.weight is \(\d+, 64\), expected "
+        r"\(\d+, 32\)\)$",
+    ),
+    "weights-with-fewer-layers": BadModel(
+        lambda i: i.damage_metadata(n_layers=3).model,
+        r"weights do not match model\.json \(missing blocks\.2\.",
+    ),
+    "weights-with-more-layers": BadModel(
+        lambda i: i.damage_metadata(n_layers=1).model,
+        r"weights do not match model\.json \(unexpected blocks\.1\.",
+    ),
+    "vocabulary-smaller-than-the-tokenizer": BadModel(
+        lambda i: i.damage_metadata(vocab_size=100).model,
+        r"tokenizer has \d+ tokens but the model only 100$",
+    ),
+}
+
+MODEL_CASES = {
+    f"{command}-{problem}": BadInput(
+        lambda i, run=run, bad=bad: run(i, bad.make(i)), 1, bad.message
+    )
+    for command, run in MODEL_COMMANDS.items()
+    for problem, bad in BAD_MODELS.items()
+}
+
+# Every command that computes (info only reads files) refuses an unknown device or precision.
+DEVICE_CASES = {
+    f"{command}-unknown-{option}": BadInput(
+        lambda i, run=run, option=option, value=value: [*run(i, i.model), f"--{option}", value],
+        2,
+        rf"unknown {option} '{value}'",
+    )
+    for command, run in MODEL_COMMANDS.items()
+    if command != "info"
+    for option, value in (("backend", "tpu"), ("dtype", "float8"))
+}
+
+# Argument errors of every command but train (whose own cases have them); chat is a stub in
+# this branch.
+ARGUMENT_CASES = {
     f"{command}-{problem}": BadInput(lambda i, args=args: args, 2, message)
-    for command, arity in (("finetune", 3), ("eval", 2), ("chat", 1))
+    for command, arity in (
+        ("finetune", 3),
+        ("eval", 2),
+        ("chat", 1),
+        ("info", 1),
+        ("prepare-instructions", 2),
+    )
     for problem, args, message in (
         ("missing-argument", [command], r"Missing argument"),
         ("unknown-option", [command, *["x"] * arity, "--bogus"], r"No such option: --bogus"),
     )
 }
 
-CASES = {f"train-{name}": case for name, case in TRAIN_CASES.items()} | STUB_COMMAND_CASES
+CASES = (
+    {
+        f"{command}-{name}": case
+        for command, cases in COMMAND_CASES.items()
+        for name, case in cases.items()
+    }
+    | MODEL_CASES
+    | DEVICE_CASES
+    | ARGUMENT_CASES
+)
 MARKS = {"train-unreadable-corpus": needs_non_root}
 
 
@@ -261,25 +554,47 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
     assert result.stdout == "" and not (tmp_path / "model").exists()
 
 
-def test_noodle_debug_shows_the_traceback_too(inputs, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["train-missing-corpus", "eval-weights-of-another-width"])
+def test_noodle_debug_shows_the_traceback_too(name, inputs, capsys, monkeypatch):
     monkeypatch.setenv("NOODLE_DEBUG", "1")
-    code, _, stderr = run_main(inputs.train(corpus=inputs.root / "none.txt"), capsys)
+    case = CASES[name]
+    code, _, stderr = run_main(case.args(inputs), capsys)
 
-    assert code == 1
+    assert code == case.exit_code
     assert stderr.startswith("Traceback (most recent call last):")
-    assert "noodle.errors.NoodleError: corpus" in stderr
-    assert stderr.splitlines()[-1].startswith("error: corpus ")
+    assert "noodle.errors.NoodleError: " in stderr
+    assert re.search(case.message, stderr.splitlines()[-1].removeprefix("error: "))
+
+
+def with_invalid_utf8(inputs: Inputs) -> Path:
+    """The story corpus with three invalid UTF-8 sequences in it."""
+    text = story_corpus(600).encode()
+    return inputs.file("latin1.txt", text[:500] + b"caf\xe9 \xff\xfe" + text[500:])
+
+
+def invalid_utf8_warning(corpus: Path) -> str:
+    return f"warning: corpus {corpus}: 3 invalid UTF-8 byte sequence(s) replaced"
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_invalid_utf8_in_the_corpus_is_replaced_with_a_warning(inputs, capsys):
-    text = story_corpus(600).encode()
-    corpus = inputs.file("latin1.txt", text[:500] + b"caf\xe9 \xff\xfe" + text[500:])
+    corpus = with_invalid_utf8(inputs)
     args = inputs.train("--max-steps", 4, "--eval-interval", 4, "--eval-batches", 1, corpus=corpus)
 
     code, stdout, stderr = run_main(args, capsys)
 
     assert code == 0, stderr
-    assert f"warning: corpus {corpus}: 3 invalid UTF-8 byte sequence(s) replaced" in stderr
+    assert invalid_utf8_warning(corpus) in stderr
     assert stdout.startswith("Once upon a time")
     assert json.loads((inputs.new_dir / "model.json").read_text())["training"]["steps"] == 4
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_eval_replaces_invalid_utf8_with_a_warning_and_evaluates(inputs, capsys):
+    corpus = with_invalid_utf8(inputs)
+
+    code, stdout, stderr = run_main(inputs.eval("--json", corpus=corpus), capsys)
+
+    assert code == 0, stderr
+    assert invalid_utf8_warning(corpus) in stderr
+    assert json.loads(stdout)["tokens"] > 0

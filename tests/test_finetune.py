@@ -10,22 +10,9 @@ import pytest
 
 from noodle.checkpoint import load_model
 from noodle.inference import Session, generate
-from noodle.instructions import Instruction, format_block, format_prompt
+from noodle.instructions import format_prompt
 from noodle.sampling import SamplingSettings
-from tests.conftest import ONE_THREAD, run_noodle
-
-PAIRS = [
-    ("what color is the sky?", "the sky is blue."),
-    ("what does the dog say?", "the dog says woof."),
-    ("where does lily play?", "lily plays in the park."),
-    ("what is tom holding?", "tom has a red ball."),
-    ("who found the frog?", "mia found the frog."),
-]
-
-
-def write_instructions(path: Path, pairs: list[tuple[str, str]]) -> Path:
-    path.write_text("\n".join(format_block(Instruction(q, "", a)) for q, a in pairs))
-    return path
+from tests.conftest import ONE_THREAD, PAIRS, run_noodle, write_instructions
 
 
 @pytest.fixture(scope="module")

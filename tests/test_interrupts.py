@@ -1,5 +1,6 @@
 """SIGINT and SIGTERM during `noodle train`: resume state saved, exit 128 + signal, and a
-resumed run that ends with exactly the weights of an uninterrupted one."""
+resumed run that ends with exactly the weights of an uninterrupted one; SIGINT during
+`noodle finetune`, which runs the same training loop, and its resumption."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from noodle.cli import sigterm_raises_interrupted
 from noodle.errors import Interrupted
 from noodle.training import SignalCatcher
-from tests.conftest import start_noodle
+from tests.conftest import ONE_THREAD, PAIRS, run_noodle, start_noodle, write_instructions
 from tests.tiny_runs import TinyRun, read_metrics, saved_tensors
 
 STEPS = 100
@@ -28,6 +29,10 @@ OPTIONS = (
     *("--eval-interval", 25, "--eval-batches", 4, "--patience", 100, "--seed", 7),
 )
 SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+FINETUNE_EPOCHS = 25
+# PAIRS * 4 leaves 18 training examples: 4 batches of 4 an epoch.
+FINETUNE_STEPS = FINETUNE_EPOCHS * 4
+FINETUNE_INTERRUPT_AFTER_STEP = 30
 
 
 @dataclass
@@ -156,3 +161,30 @@ def test_sigterm_outside_training_is_an_exception_so_cleanup_runs():
             cleaned_up = True
     assert cleaned_up and stopped.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_interrupted_finetune_saves_its_state_and_its_resume_command_finishes(
+    trained_base, tmp_path
+):
+    out, log = tmp_path / "tuned", tmp_path / "finetune.log"
+    instructions = write_instructions(tmp_path / "qa.txt", PAIRS * 4)
+    options = ("--backend", "cpu", "--max-epochs", FINETUNE_EPOCHS)
+    args = [*map(str, ("finetune", trained_base, instructions, out, *options))]
+    process = start_noodle(*args, stderr=log, env=ONE_THREAD)
+    interrupt_at_step({signal.SIGINT: (process, out)}, FINETUNE_INTERRUPT_AFTER_STEP)
+
+    assert finish(process) == 130, log.read_text()
+    message = log.read_text().splitlines()[-1]
+    assert message.startswith("error: interrupted by SIGINT at step "), message
+    summary = json.loads((out / "model.json").read_text())["training"]
+    assert summary["kind"] == "finetune" and summary["status"] == "interrupted"
+    assert FINETUNE_INTERRUPT_AFTER_STEP <= summary["steps"] < FINETUNE_STEPS
+    assert (out / "resume.safetensors").is_file()
+
+    command = shlex.split(message.partition("Continue with: ")[2])
+    assert command == ["noodle", *args, "--resume"]
+    resumed = run_noodle(*command[1:], env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {summary['steps']} " in resumed.stderr
+    summary = json.loads((out / "model.json").read_text())["training"]
+    assert summary["status"] == "finished" and summary["steps"] == FINETUNE_STEPS
