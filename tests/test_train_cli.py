@@ -8,7 +8,7 @@ import math
 import torch
 
 from noodle.checkpoint import load_model
-from tests.conftest import run_noodle
+from tests.conftest import ONE_THREAD, run_noodle
 
 
 def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
@@ -17,6 +17,7 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
         *("train", corpus_file, out, "--model", tiny_config, "--backend", "cpu"),
         *("--max-steps", 100, "--batch-size", 8, "--lr", 3e-3),
         *("--eval-interval", 50, "--eval-batches", 4),
+        env=ONE_THREAD,
     )
     assert result.returncode == 0, result.stderr
     for name in ("model.json", "model.safetensors", "tokenizer.json", "metrics.jsonl"):
