@@ -177,13 +177,25 @@ def model_directory(spec: str | Path) -> Path:
     return path
 
 
+def model_tokenizer(directory: Path, metadata: dict, spec: str | Path) -> TextTokenizer:
+    """The directory's tokenizer.json. Without one, the packaged tokenizer stands in only
+    if it is the one model.json says the model was trained with."""
+    path = directory / TOKENIZER
+    if path.exists():
+        return load_tokenizer(path)
+    packaged = load_tokenizer()
+    recorded = metadata.get("tokenizer")
+    if isinstance(recorded, dict) and recorded.get("sha256") not in (None, packaged.sha256):
+        raise NoodleError(f"model {spec}: {TOKENIZER} is missing from {directory}")
+    return packaged
+
+
 def load_model(spec: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Load a model directory; never executes pickled code."""
     directory = model_directory(spec)
     metadata = read_json_file(directory / MODEL_JSON)
     config, _ = config_from_dict(metadata, str(directory / MODEL_JSON))
-    tokenizer_file = directory / TOKENIZER
-    tokenizer = load_tokenizer(tokenizer_file if tokenizer_file.exists() else None)
+    tokenizer = model_tokenizer(directory, metadata, spec)
     if tokenizer.vocab_size > config.vocab_size:
         raise NoodleError(
             f"model {spec}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
