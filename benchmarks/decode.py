@@ -1,6 +1,6 @@
 """Decode speed: tokens/s of batch-1 generation after a short prompt, random weights.
 
-    PYTHONPATH=. python benchmarks/decode.py                 # CPU here: float32 and bfloat16
+    PYTHONPATH=. python benchmarks/decode.py                 # on CPU
     PYTHONPATH=. python benchmarks/decode.py --device cuda   # compiled decode step on CUDA
 
 Each row generates --new-tokens tokens after a --prompt-tokens prompt through the same
@@ -20,7 +20,7 @@ import torch
 
 from noodle.config import PRESETS
 from noodle.device import DTYPES, select_device, synchronize
-from noodle.inference import Session
+from noodle.inference import Session, prepare_for_inference
 from noodle.model import NoodleModel
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import load_tokenizer
@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument(
-        "--dtypes", default="float32,bfloat16", help="comma-separated: float32,bfloat16,float16"
+        "--dtypes", default="float32,bfloat16,float16", help="comma-separated precisions"
     )
     parser.add_argument(
         "--compile",
@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads (default: PyTorch's, one per core)"
+    )
     return parser.parse_args()
 
 
@@ -62,6 +65,8 @@ def time_generation(
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device(args.device)
     tokenizer = load_tokenizer()
     config = PRESETS[args.preset]
@@ -84,7 +89,7 @@ def main() -> None:
     for name in args.dtypes.split(","):
         model = NoodleModel(config)
         model.load_state_dict(base.state_dict())
-        model.to(device=device, dtype=DTYPES[name])
+        prepare_for_inference(model.to(device), DTYPES[name])
         for compiled in compile_modes:
             session = Session(model, tokenizer, compile_decode=compiled)
             generator = torch.Generator(device).manual_seed(args.seed)

@@ -15,8 +15,8 @@ import torch
 from rich.console import Console
 
 from noodle.checkpoint import load_model
-from noodle.device import select_device, select_inference_dtype
-from noodle.inference import Session
+from noodle.device import select_device, select_dtype
+from noodle.inference import Session, prepare_for_inference
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
 
@@ -75,10 +75,9 @@ class TextStream:
 def open_session(options: ChatOptions) -> tuple[Session, str]:
     """Load the model in its inference precision; returns the session and a description."""
     device = select_device(options.backend)
-    dtype = select_inference_dtype(options.dtype, device)
+    dtype = select_dtype(options.dtype, device)
     loaded = load_model(options.model, device)
-    # Cast once, so every operation runs in the inference precision without autocast.
-    loaded.model.to(dtype=dtype)
+    prepare_for_inference(loaded.model, dtype)
     compile_decode = device.type == "cuda" if options.compile is None else options.compile
     session = Session(loaded.model, loaded.tokenizer, compile_decode)
     if compile_decode:

@@ -198,13 +198,7 @@ def chat(
         ),
     ] = None,
     backend: Backend = None,
-    dtype: Annotated[
-        str,
-        typer.Option(
-            help="Precision the weights are cast to: auto (bfloat16; float16 on MPS and on "
-            "GPUs without bfloat16), float32, bfloat16 or float16."
-        ),
-    ] = "auto",
+    dtype: Dtype = "auto",
 ) -> None:
     """Talk with MODEL: on a terminal, one turn per line through a pipe, or once (--prompt)."""
     from noodle.chat import ChatOptions

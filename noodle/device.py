@@ -72,20 +72,6 @@ def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def select_inference_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`--dtype` for generation, where the weights are cast once instead of autocast.
-
-    auto is float16 on MPS and on CUDA GPUs without bfloat16, bfloat16 everywhere else, CPUs
-    included: decoding a token reads every weight once, so half the bytes per weight is
-    most of the speed (see benchmarks/RESULTS.md for the measurements).
-    """
-    if dtype != "auto":
-        return select_dtype(dtype, device)
-    if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass; weights and optimizer stay float32."""
     if dtype == torch.float32:

@@ -6,10 +6,35 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 from noodle.model import NoodleModel
 from noodle.sampling import SamplingSettings, sample_next
 from noodle.tokenizer import TextTokenizer
+
+
+def prepare_for_inference(model: NoodleModel, dtype: torch.dtype) -> NoodleModel:
+    """Cast the weights once to the inference precision (no per-operation autocast) and,
+    for float32 on CPU, store every Linear weight input-major.
+
+    Generating a token multiplies each weight matrix by one vector. MKL does that 2.5x
+    faster for the 256 x 50,304 output layer when the matrix is stored input-major (the
+    transpose of nn.Linear's layout), since it then streams whole contiguous columns:
+    measured 1.9 ms against 5.2 ms on the benchmark machine's cores. The shapes stay the
+    same; only the strides change. bfloat16 is the other way round, so it keeps nn.Linear's
+    layout.
+    """
+    # The rotary tables stay float32, as in the autocast training the model learnt with;
+    # rounding them to bfloat16 as well made greedy decoding part from float32 a little
+    # sooner (9 rather than 10 of 16 prompts agreeing for 50 tokens, RESULTS.md).
+    rotary_tables = model.rope_cos, model.rope_sin
+    model.to(dtype=dtype)
+    model.rope_cos, model.rope_sin = rotary_tables
+    if dtype == torch.float32 and model.head.weight.device.type == "cpu":
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
 
 
 class Session:
@@ -62,6 +87,7 @@ class Session:
         self.history.extend(ids)
 
     def push_text(self, text: str) -> None:
+        """Add the tokens of `text` to the conversation."""
         ids = self.tokenizer.encode(text)
         if not ids and not self.history:
             ids = [self.tokenizer.eot_id]  # an empty conversation starts at a document boundary

@@ -189,3 +189,11 @@ def test_generate_stops_after_max_tokens(tokenizer):
     reply = list(generate(session, "hello", 7, GREEDY))
     assert len(reply) == 7
     assert session.history == tokenizer.encode("hello") + reply
+
+
+def test_logits_without_new_tokens_are_those_of_the_last_position(tokenizer):
+    model = tiny_model()
+    session = Session(model, tokenizer)
+    session.push(random_ids(5))
+    first = session.logits()
+    torch.testing.assert_close(session.logits(), first, atol=TOLERANCE, rtol=0)
