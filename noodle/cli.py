@@ -327,9 +327,68 @@ def not_implemented() -> None:
 
 
 @app.command()
-def chat(model: Annotated[str, typer.Argument(help="Model directory.")]) -> None:
-    """Talk with MODEL."""
-    not_implemented()
+def chat(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model directory, or the model.json / model.safetensors in it.",
+            show_default=False,
+        ),
+    ],
+    prompt: Annotated[
+        str | None, typer.Option(help="Answer this once and exit.", show_default=False)
+    ] = None,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature; 0 or less always takes the likeliest.")
+    ] = 0.7,
+    top_k: Annotated[
+        int, typer.Option(help="Sample from the k likeliest tokens only (0: no limit).")
+    ] = 40,
+    top_p: Annotated[
+        float,
+        typer.Option(help="Sample from the fewest tokens whose probability reaches p (1: all)."),
+    ] = 0.95,
+    repetition_penalty: Annotated[
+        float,
+        typer.Option(help="Make tokens already in the context less likely (1: off)."),
+    ] = 1.1,
+    max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 100,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed for reproducible sampling. Default: a fresh one every run.",
+            show_default=False,
+        ),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="Compile the decode step with torch.compile. Default: on CUDA only.",
+            show_default=False,
+        ),
+    ] = None,
+    backend: Backend = None,
+    dtype: Dtype = "auto",
+) -> None:
+    """Talk with MODEL: on a terminal, one turn per line through a pipe, or once (--prompt)."""
+    from noodle.chat import ChatOptions
+    from noodle.chat import chat as run_chat
+    from noodle.sampling import SamplingSettings
+
+    positive("max-tokens", max_tokens)
+    settings = SamplingSettings(temperature, top_k, top_p, repetition_penalty)
+    options = ChatOptions(
+        model=model,
+        prompt=prompt,
+        settings=settings,
+        max_tokens=max_tokens,
+        seed=seed,
+        backend=backend,
+        dtype=dtype,
+        compile=compile,
+    )
+    run_chat(options)
 
 
 def version_callback(value: bool) -> None:

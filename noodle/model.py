@@ -8,6 +8,7 @@ costs one position of work instead of a pass over the whole context.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position seen so far, preallocated to the window length."""
+    """Keys and values of every position seen so far, preallocated to the window length.
+
+    Its shape never changes, so a compiled decode step can be captured once (CUDA graphs).
+    """
 
     def __init__(
-        self, batch: int, n_heads: int, length: int, head_dim: int, dtype: torch.dtype, device
+        self,
+        batch: int,
+        n_heads: int,
+        length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         super().__init__()
         shape = (batch, n_heads, length, head_dim)
@@ -54,12 +64,19 @@ class KVCache(nn.Module):
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), False)
 
     def update(
-        self, start: int, keys: torch.Tensor, values: torch.Tensor
+        self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + keys.shape[2]
-        self.keys[:, :, start:end] = keys
-        self.values[:, :, start:end] = values
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        """Store keys/values at `positions`; returns the whole cache (mask what is unused)."""
+        self.keys.index_copy_(2, positions, keys)
+        self.values.index_copy_(2, positions, values)
+        return self.keys, self.values
+
+
+class CachePositions(NamedTuple):
+    """Where a cached forward pass writes, and which cache slots each query may read."""
+
+    positions: torch.Tensor  # (length,) cache slot of each input token
+    visible: torch.Tensor  # (length, ctx_len) bool: query i sees slots 0 ..= positions[i]
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,24 +89,22 @@ class CausalSelfAttention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cached: CachePositions | None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         q = apply_rotary(qk_norm(q), cos, sin)
         k = apply_rotary(qk_norm(k), cos, sin)
-        mask, causal = None, True
-        if start is not None:
-            k, v = self.cache.update(start, k, v)
-            if length == 1:
-                causal = False
-            elif start > 0:
-                # Query i sits at position start + i and may see keys 0 ..= start + i.
-                mask = torch.ones(length, start + length, dtype=torch.bool, device=x.device)
-                mask = mask.tril(diagonal=start)
-                causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if cached is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = self.cache.update(cached.positions, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cached.visible)
         return self.proj(y.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -104,9 +119,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cached: CachePositions | None,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln1(x), cos, sin, start))
+        x = x + self.dropout(self.attn(self.ln1(x), cos, sin, cached))
         return x + self.dropout(self.down(F.gelu(self.up(self.ln2(x)))))
 
 
@@ -147,27 +166,43 @@ class NoodleModel(nn.Module):
                 batch, self.config.n_heads, self.config.ctx_len, self.config.head_dim, dtype, device
             )
 
-    def hidden_states(self, idx: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        """Final-norm hidden states; `start` is the position of idx[:, 0] in the cache."""
+    def hidden_states(
+        self, idx: torch.Tensor, start: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states. With `start` (the position of idx[:, 0]), reads and
+        extends the key/value cache; a one-element tensor start lets a compiled decode
+        step run at every position without recompiling."""
         length = idx.shape[1]
-        offset = start or 0
-        if offset + length > self.config.ctx_len:
-            raise ValueError(
-                f"sequence end {offset + length} exceeds the context window {self.config.ctx_len}"
-            )
-        cos = self.rope_cos[offset : offset + length]
-        sin = self.rope_sin[offset : offset + length]
+        if start is None:
+            if length > self.config.ctx_len:
+                raise ValueError(
+                    f"sequence length {length} exceeds the context window {self.config.ctx_len}"
+                )
+            cos, sin, cached = self.rope_cos[:length], self.rope_sin[:length], None
+        else:
+            if isinstance(start, int) and start + length > self.config.ctx_len:
+                raise ValueError(
+                    f"sequence end {start + length} exceeds the context window "
+                    f"{self.config.ctx_len}"
+                )
+            positions = start + torch.arange(length, device=idx.device)
+            slots = torch.arange(self.config.ctx_len, device=idx.device)
+            cached = CachePositions(positions, slots <= positions[:, None])
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.tok_emb(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, start)
+            x = block(x, cos, sin, cached)
         return self.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, start: int | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        start: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (batch, length, vocab_size), or with `targets` the mean next-token
         cross-entropy (targets of -100 are ignored). With `start`, reads and extends the
-        key/value cache."""
+        key/value cache (see `hidden_states`)."""
         logits = self.head(self.hidden_states(idx, start))
         if targets is None:
             return logits

@@ -1,0 +1,189 @@
+"""`noodle chat`: talk with a model on a terminal, line by line through a pipe, or once.
+
+Replies are streamed to stdout as they are generated; the banner and the `> ` prompt go to
+stderr, so redirecting stdout captures the replies and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+
+from noodle.checkpoint import load_model
+from noodle.device import select_device, select_dtype
+from noodle.inference import Session, prepare_for_inference
+from noodle.sampling import SamplingSettings
+from noodle.tokenizer import TextTokenizer
+
+BANNER = " ~(°◡°)~  Noodle"
+REPLACEMENT_CHARACTER = "\ufffd"
+# In a pipe every reply must stay on one line, so line breaks inside it become spaces.
+ONE_LINE = str.maketrans({"\n": " ", "\r": " "})
+
+
+@dataclass
+class ChatOptions:
+    model: str
+    prompt: str | None = None
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    max_tokens: int = 100
+    seed: int | None = None
+    backend: str | None = None
+    dtype: str = "auto"
+    compile: bool | None = None  # None: compile the decode step on CUDA only
+
+
+class TextStream:
+    """Turns token ids into text as they arrive, emitting only complete characters.
+
+    A byte-level token can end in the middle of a multi-byte character; decoding it alone
+    gives a U+FFFD. The pending tokens are decoded together and a trailing U+FFFD is held
+    back until the next token completes the character (or the reply ends).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+        self.emitted = 0  # characters of decode(pending) already returned
+
+    def push(self, token: int) -> str:
+        """The new text that `token` completes (possibly empty)."""
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        complete = not text.endswith(REPLACEMENT_CHARACTER)
+        stable = text if complete else text[:-1]
+        new = stable[self.emitted :]
+        if complete:
+            # Everything so far is out: start afresh so decoding stays O(1) per token.
+            self.pending, self.emitted = [], 0
+        else:
+            self.emitted = len(stable)
+        return new
+
+    def flush(self) -> str:
+        """Whatever was held back, at the end of a reply."""
+        text = self.tokenizer.decode(self.pending)[self.emitted :]
+        self.pending, self.emitted = [], 0
+        return text
+
+
+def open_session(options: ChatOptions) -> tuple[Session, str]:
+    """Load the model in its inference precision; returns the session and a description."""
+    device = select_device(options.backend)
+    dtype = select_dtype(options.dtype, device)
+    loaded = load_model(options.model, device)
+    prepare_for_inference(loaded.model, dtype)
+    compile_decode = device.type == "cuda" if options.compile is None else options.compile
+    session = Session(loaded.model, loaded.tokenizer, compile_decode)
+    if compile_decode:
+        session.warm_up()
+    description = (
+        f"{loaded.metadata.get('preset', 'custom')} · "
+        f"{loaded.model.parameter_count():,} parameters · {device} · "
+        f"{str(dtype).removeprefix('torch.')}"
+    )
+    return session, description
+
+
+def reply(
+    session: Session,
+    text: str,
+    options: ChatOptions,
+    generator: torch.Generator,
+    write: Callable[[str], None],
+) -> None:
+    """Generate the answer to `text`, handing it to `write` piece by piece as it comes.
+
+    On Ctrl-C the history is cut back to the text already shown: the token being shown
+    when it came, and those of a character still incomplete, are discarded.
+    """
+    session.push_text(text)
+    shown = len(session.history)
+    stream = TextStream(session.tokenizer)
+    try:
+        for token in session.sample(options.max_tokens, options.settings, generator):
+            piece = stream.push(token)
+            if piece:
+                write(piece)
+            if not stream.pending:
+                shown = len(session.history)
+    except KeyboardInterrupt:
+        while len(session.history) > shown:
+            session.discard_last()
+        raise
+    write(stream.flush())
+
+
+def turn_text(session: Session, line: str) -> str:
+    """What a user's line adds to the conversation: later turns start on a new line."""
+    return f"\n{line}" if session.history else line
+
+
+def write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def answer_once(session: Session, options: ChatOptions, generator: torch.Generator) -> None:
+    reply(session, options.prompt or "", options, generator, write_stdout)
+    write_stdout("\n")
+
+
+def answer_lines(session: Session, options: ChatOptions, generator: torch.Generator) -> None:
+    """Piped mode: every input line is a turn; every reply is one line of output."""
+    for line in sys.stdin:
+        text = turn_text(session, line.strip())
+        reply(
+            session, text, options, generator, lambda piece: write_stdout(piece.translate(ONE_LINE))
+        )
+        write_stdout("\n")
+
+
+def read_line(console: Console) -> str | None:
+    """The next line typed at the `> ` prompt; None at end of input (Ctrl-D)."""
+    while True:
+        try:
+            return console.input("[bold]> [/]")
+        except KeyboardInterrupt:
+            console.print()  # Ctrl-C at the prompt only clears the line
+        except EOFError:
+            console.print()
+            return None
+
+
+def converse(
+    session: Session, options: ChatOptions, generator: torch.Generator, about: str
+) -> None:
+    """Terminal mode: banner, `> ` prompt, streamed replies; Ctrl-C stops a reply."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    console = Console(stderr=True, highlight=False)
+    console.print(f"\n[bold]{BANNER}[/]\n")
+    console.print(f"[dim]{about}\nCtrl-C stops a reply, Ctrl-D exits.[/]\n")
+    while (line := read_line(console)) is not None:
+        if not line.strip():
+            continue
+        # Ctrl-C ends the reply; the next turn goes on from what was shown.
+        with contextlib.suppress(KeyboardInterrupt):
+            reply(session, turn_text(session, line.strip()), options, generator, write_stdout)
+        write_stdout("\n")
+
+
+def chat(options: ChatOptions) -> None:
+    session, about = open_session(options)
+    generator = torch.Generator(device=session.device)
+    if options.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(options.seed)
+    if options.prompt is not None:
+        answer_once(session, options, generator)
+    elif sys.stdin.isatty():
+        converse(session, options, generator, about)
+    else:
+        answer_lines(session, options, generator)

@@ -1,0 +1,240 @@
+"""`noodle chat`: streaming text, the three modes, model loading errors, and end to end on a
+model trained on a generated corpus."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from noodle import chat
+from noodle.chat import BANNER, ChatOptions, TextStream, open_session
+from noodle.checkpoint import load_model
+from noodle.errors import NoodleError
+from noodle.inference import generate
+from noodle.sampling import SamplingSettings
+from noodle.tokenizer import END_OF_TEXT, PADDING, load_tokenizer
+from tests.conftest import NAMES, PLACES, THINGS, TINY_CONFIG, run_noodle, story_corpus
+
+# Tiny models gain nothing from a second thread, and on a busy machine an idle-spinning
+# OpenMP thread makes every run several times slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0)
+# A corpus line: "once upon a time {name} found a {thing} in the {place}. {name} was happy."
+TAUGHT_CONTINUATION = re.compile(
+    rf" ({'|'.join(THINGS)}) in the ({'|'.join(PLACES)})\. ({'|'.join(NAMES)}) was happy\."
+)
+
+
+def write_tiny_tokenizer(text: str, path: Path) -> None:
+    """A byte-level BPE of a few hundred tokens learnt from `text`: a model over so small a
+    vocabulary trains in seconds, and it still splits rare characters into bytes."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[END_OF_TEXT, PADDING],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer)
+    tokenizer.save(str(path))
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("chat")
+    text = story_corpus(600)
+    (root / "corpus.txt").write_text(text)
+    write_tiny_tokenizer(text, root / "tokenizer.json")
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    result = run_noodle(
+        *("train", root / "corpus.txt", root / "model", "--model", root / "tiny.json"),
+        *("--tokenizer", root / "tokenizer.json", "--no-cache", "--backend", "cpu"),
+        *("--max-steps", 80, "--batch-size", 8, "--lr", 3e-3, "--eval-interval", 40),
+        *("--eval-batches", 2),
+        env=ONE_THREAD,
+    )
+    assert result.returncode == 0, result.stderr
+    return root / "model"
+
+
+def chat_cli(model: Path, *args: object, input: str | None = None):
+    return run_noodle("chat", model, "--backend", "cpu", *args, input=input, env=ONE_THREAD)
+
+
+# Streaming text
+
+
+def stream_pieces(tokenizer, ids: list[int]) -> list[str]:
+    stream = TextStream(tokenizer)
+    return [stream.push(token) for token in ids] + [stream.flush()]
+
+
+def test_a_token_that_ends_mid_character_streams_correctly():
+    tokenizer = load_tokenizer()
+    text = "日本語 and 🙂!"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode([token]) for token in ids)  # split characters
+    pieces = stream_pieces(tokenizer, ids)
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    # 🙂 is two tokens: the first shows nothing, the second the whole character.
+    smile = tokenizer.encode("🙂")
+    assert stream_pieces(tokenizer, smile) == ["", "🙂", ""]
+
+
+def test_a_reply_that_stops_mid_character_ends_with_a_replacement_character():
+    tokenizer = load_tokenizer()
+    first_half_of_smile = tokenizer.encode("🙂")[:1]
+    assert stream_pieces(tokenizer, tokenizer.encode("ok") + first_half_of_smile) == [
+        "ok",
+        "",
+        "\ufffd",
+    ]
+
+
+# End to end, through the real CLI
+
+
+def test_greedy_chat_continues_a_training_prompt_with_what_the_corpus_taught(trained_model):
+    prompt = ("--prompt", "once upon a time tom found a", "--temperature", 0)
+    runs = [
+        chat_cli(trained_model, *prompt, "--repetition-penalty", 1, "--max-tokens", 16)
+        for _ in range(2)
+    ]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr
+    reply = runs[0].stdout
+    assert TAUGHT_CONTINUATION.match(reply), reply
+    assert runs[1].stdout == reply  # temperature 0 is deterministic
+    assert BANNER not in runs[0].stderr
+
+
+def test_piped_mode_prints_one_reply_per_input_line(trained_model):
+    lines = "once upon a time mia\n\nonce upon a time\n"
+    runs = [chat_cli(trained_model, "--seed", 7, "--max-tokens", 40, input=lines) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr
+    replies = runs[0].stdout
+    # 40 tokens run past a corpus line, yet each reply stays on one line.
+    assert len(replies.splitlines()) == 3 and replies.endswith("\n")
+    assert "happy. once upon" in replies
+    assert "Noodle" not in replies + runs[0].stderr
+    assert runs[1].stdout == replies  # same seed, same sample
+
+
+def test_a_broken_model_is_one_error_line(tmp_path):
+    result = chat_cli(tmp_path / "missing", "--prompt", "hi")
+    assert result.returncode == 1
+    assert result.stderr == f"error: model {tmp_path / 'missing'}: no such directory\n"
+    assert result.stdout == ""
+
+
+# In-process: precision, the terminal and loading
+
+
+def next_token_probabilities(model: Path, dtype: str, ids: list[int]) -> torch.Tensor:
+    """The cached session's next-token distribution after every prefix of `ids`."""
+    session, _ = open_session(ChatOptions(model=str(model), backend="cpu", dtype=dtype))
+    rows = []
+    for token in ids:
+        session.push([token])
+        rows.append(session.logits().float().softmax(-1))
+    return torch.stack(rows)
+
+
+def test_bfloat16_predicts_what_float32_predicts(trained_model):
+    ids = load_model(trained_model).tokenizer.encode(story_corpus(3, seed=1))
+    float32 = next_token_probabilities(trained_model, "float32", ids)
+    bfloat16 = next_token_probabilities(trained_model, "bfloat16", ids)
+    # Measured: at most 0.003 apart. Greedy choices can still differ where the corpus
+    # makes two tokens equally likely (which name comes next), so probabilities are
+    # compared rather than argmaxes.
+    assert (bfloat16 - float32).abs().max() < 0.02
+
+
+class InterruptingStdout(io.StringIO):
+    """Raises KeyboardInterrupt (Ctrl-C) at the n-th write, once."""
+
+    def __init__(self, interrupt_at: int) -> None:
+        super().__init__()
+        self.writes_left = interrupt_at
+
+    def write(self, text: str) -> int:
+        self.writes_left -= 1
+        if self.writes_left == 0:
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_terminal_mode_streams_replies_and_ctrl_c_stops_only_the_reply(
+    trained_model, monkeypatch, capsys
+):
+    typed = iter(["once upon a time", "", "once upon a time lily"])
+
+    def type_line():
+        line = next(typed, None)
+        if line is None:
+            raise EOFError  # Ctrl-D
+        return line
+
+    monkeypatch.setattr(builtins, "input", type_line)
+    stdout = InterruptingStdout(interrupt_at=3)
+    monkeypatch.setattr("sys.stdout", stdout)
+    options = ChatOptions(model=str(trained_model), backend="cpu", settings=GREEDY, max_tokens=16)
+    session, about = open_session(options)
+    chat.converse(session, options, torch.Generator(), about)  # returns at Ctrl-D
+
+    # Ctrl-C came while the third piece was being shown; the next turn goes on from
+    # exactly what was shown before it.
+    fresh, _ = open_session(options)
+    first = fresh.tokenizer.decode(list(generate(fresh, "once upon a time", 2, GREEDY)))
+    second = fresh.tokenizer.decode(list(generate(fresh, "\nonce upon a time lily", 16, GREEDY)))
+    assert stdout.getvalue() == f"{first}\n{second}\n"
+    prompt_shown = capsys.readouterr().err
+    assert BANNER in prompt_shown and prompt_shown.count("> ") == 4  # blank line: no turn
+
+
+def copy_model(trained_model: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained_model, tmp_path / "model"))
+
+
+@pytest.mark.parametrize("name", ["model.json", "model.safetensors"])
+def test_a_model_loads_from_a_file_inside_its_directory(trained_model, name):
+    assert load_model(trained_model / name).directory == trained_model
+
+
+def test_missing_weights_are_reported(trained_model, tmp_path):
+    model = copy_model(trained_model, tmp_path)
+    (model / "model.safetensors").unlink()
+    with pytest.raises(NoodleError, match=r"model\.safetensors is missing"):
+        load_model(model)
+
+
+def test_a_missing_tokenizer_is_reported(trained_model, tmp_path):
+    model = copy_model(trained_model, tmp_path)
+    (model / "tokenizer.json").unlink()  # and the packaged one is not the one it learnt
+    with pytest.raises(NoodleError, match=r"tokenizer\.json is missing"):
+        load_model(model)
+
+
+def test_malformed_model_json_is_reported(trained_model, tmp_path):
+    model = copy_model(trained_model, tmp_path)
+    (model / "model.json").write_text('{"n_layers": 2,')
+    with pytest.raises(NoodleError, match="malformed JSON"):
+        load_model(model)
+
+
+def test_weights_that_do_not_match_model_json_are_reported(trained_model, tmp_path):
+    model = copy_model(trained_model, tmp_path)
+    metadata = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**metadata, "emb_dim": 32}))
+    with pytest.raises(NoodleError, match=r"weights do not match model\.json"):
+        load_model(model)
