@@ -3,14 +3,13 @@ the device they live on."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from noodle.model import NoodleModel
-from noodle.sampling import SamplingSettings, candidate_count, sample_next, sample_with_noise
+from noodle.sampling import SamplingSettings, sample_next
 from noodle.tokenizer import TextTokenizer
 
 
@@ -61,13 +60,11 @@ class Session:
         self.window_ids = torch.zeros(self.ctx_len, dtype=torch.long, device=self.device)
         model.eval()
         model.setup_cache(1)
-        # Only the one-token step is compiled, together with the sampling that follows it:
-        # its shapes never change, so it is captured once as a CUDA graph and a token costs
-        # one graph launch and one read of the chosen id, not ~50 launches and Python work.
-        self.compile_decode = compile_decode
-        self.compiled_steps: dict[SamplingSettings, Callable] = {}
-        self.position = torch.zeros((), dtype=torch.long, device=self.device)
-        self.window_len = torch.zeros((), dtype=torch.long, device=self.device)
+        # Only the one-token step is compiled: its shapes never change, so it is captured
+        # once (with CUDA graphs: one launch per token instead of one per operation).
+        self.decode_step = (
+            torch.compile(model, mode="reduce-overhead", fullgraph=True) if compile_decode else None
+        )
 
     def reset(self) -> None:
         """Forget the conversation; the cache is reused."""
@@ -135,63 +132,22 @@ class Session:
         start = self.cached
         ids = torch.tensor(self.history[self.window_start + start :], device=self.device)
         self.window_ids[start:window] = ids
-        logits = self.model(ids.view(1, -1), start=start)
+        if self.decode_step is not None and len(ids) == 1:
+            position = torch.tensor(start, device=self.device)
+            logits = self.decode_step(ids.view(1, 1), start=position)
+        else:
+            logits = self.model(ids.view(1, -1), start=start)
         self.cached = window
         return logits[0, -1]
-
-    def decode_and_sample(
-        self,
-        settings: SamplingSettings,
-        position: torch.Tensor,
-        window_len: torch.Tensor,
-        uniform: torch.Tensor,
-    ) -> torch.Tensor:
-        """One cached position (the token at window_ids[position]) and the next token's
-        choice, all on the device: the function compiled for decoding."""
-        ids = self.window_ids.index_select(0, position.view(1)).view(1, 1)
-        logits = self.model(ids, start=position)[0, -1]
-        return sample_with_noise(
-            logits, settings, self.window_ids, window_len, uniform, self.tokenizer.vocab_size
-        )
-
-    def compiled_next_token(
-        self, settings: SamplingSettings, generator: torch.Generator | None
-    ) -> int:
-        """next_token through the compiled decode-and-sample step (one new token pending)."""
-        step = self.compiled_steps.get(settings)
-        if step is None:
-            step = torch.compile(
-                partial(self.decode_and_sample, settings), mode="reduce-overhead", fullgraph=True
-            )
-            self.compiled_steps[settings] = step
-        window = len(self.history) - self.window_start
-        start = self.cached
-        # Scalar writes on the device: no host-to-device copies in the loop.
-        self.window_ids[start] = self.history[-1]
-        self.position.fill_(start)
-        self.window_len.fill_(window)
-        count = candidate_count(settings, self.tokenizer.vocab_size)
-        uniform = torch.rand(count, generator=generator, device=self.device)
-        token = int(step(self.position, self.window_len, uniform))
-        self.cached = window
-        return token
-
-    def decode_pending(self) -> bool:
-        """Whether exactly one token awaits its cached position, inside the window."""
-        window = len(self.history) - self.window_start
-        return 0 < window <= self.ctx_len and self.cached == window - 1
 
     def next_token(
         self, settings: SamplingSettings, generator: torch.Generator | None = None
     ) -> int:
         """Sample the token that follows the history and append it (not yet run through the
         model: a caller that stops on it can `discard_last()` it for free)."""
-        if self.compile_decode and self.decode_pending():
-            token = self.compiled_next_token(settings, generator)
-        else:
-            logits = self.logits()
-            context = self.window_ids[: self.cached]
-            token = sample_next(logits, settings, context, generator, self.tokenizer.vocab_size)
+        logits = self.logits()
+        context = self.window_ids[: self.cached]
+        token = sample_next(logits, settings, context, generator, self.tokenizer.vocab_size)
         self.history.append(token)
         return token
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,31 +48,6 @@ def top_k_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return torch.sort(logits, descending=True)
 
 
-def pick(
-    logits: torch.Tensor,
-    settings: SamplingSettings,
-    draw: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """The chosen id (a tensor) from penalized float32 logits: greedy at temperature <= 0,
-    else `draw(probs)` picks an index of the top-k / top-p candidates' probabilities."""
-    if settings.temperature <= 0:
-        return torch.argmax(logits)
-    values, ids = top_k_candidates(logits, settings.top_k)
-    # Temperature does not change the ranking, so it is applied to the candidates only.
-    probs = torch.softmax(values / settings.temperature, dim=-1)
-    if settings.top_p < 1:
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        outside = torch.cumsum(probs, dim=-1) - probs >= settings.top_p
-        probs = probs.masked_fill(outside, 0.0)
-    # index_select, not ids[choice]: a tensor index keeps the compiled graph data-independent.
-    return ids.index_select(0, draw(probs).view(1))[0]
-
-
-def candidate_count(settings: SamplingSettings, vocab_limit: int) -> int:
-    """How many candidates `pick` draws among: the noise `sample_with_noise` needs."""
-    return settings.top_k if 0 < settings.top_k < vocab_limit else vocab_limit
-
-
 def sample_next(
     logits: torch.Tensor,
     settings: SamplingSettings,
@@ -88,34 +62,14 @@ def sample_next(
     logits = logits[:vocab_limit].to(torch.float32, copy=True)
     if context is not None:
         apply_repetition_penalty(logits, context, settings.repetition_penalty)
-
-    def draw(probs: torch.Tensor) -> torch.Tensor:
-        return torch.multinomial(probs, 1, generator=generator)
-
-    return int(pick(logits, settings, draw))
-
-
-def sample_with_noise(
-    logits: torch.Tensor,
-    settings: SamplingSettings,
-    window_ids: torch.Tensor,
-    window_len: torch.Tensor,
-    uniform: torch.Tensor,
-    vocab_limit: int,
-) -> torch.Tensor:
-    """sample_next with static shapes and the randomness passed in (`uniform`, one U[0, 1)
-    per candidate), so a decode step and its sampling compile into one CUDA graph.
-
-    The repetition penalty's context is window_ids[:window_len]; ids past it are sent to
-    a spare slot after the vocabulary instead of being sliced off.
-    """
-    logits = torch.cat([logits[:vocab_limit].float(), logits.new_zeros(1, dtype=torch.float32)])
-    in_window = torch.arange(window_ids.numel(), device=window_ids.device) < window_len
-    context = torch.where(in_window, window_ids, vocab_limit)
-    apply_repetition_penalty(logits, context, settings.repetition_penalty)
-
-    # Exponential race: argmax of p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
-    def draw(probs: torch.Tensor) -> torch.Tensor:
-        return torch.argmax(probs / -torch.log(uniform))
-
-    return pick(logits[:vocab_limit], settings, draw)
+    if settings.temperature <= 0:
+        return int(torch.argmax(logits))
+    values, ids = top_k_candidates(logits, settings.top_k)
+    # Temperature does not change the ranking, so it is applied to the candidates only.
+    probs = torch.softmax(values / settings.temperature, dim=-1)
+    if settings.top_p < 1:
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        outside = torch.cumsum(probs, dim=-1) - probs >= settings.top_p
+        probs = probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return int(ids[choice])

@@ -197,25 +197,3 @@ def test_logits_without_new_tokens_are_those_of_the_last_position(tokenizer):
     session.push(random_ids(5))
     first = session.logits()
     torch.testing.assert_close(session.logits(), first, atol=TOLERANCE, rtol=0)
-
-
-@pytest.mark.parametrize("ctx_len", [1, 8])
-def test_the_on_device_decode_step_chooses_what_the_eager_path_chooses(
-    tokenizer, monkeypatch, ctx_len
-):
-    """The decode-and-sample step that CUDA compiles into one graph, run uncompiled here:
-    greedy tokens equal the eager path's, through evictions, and a seed fixes samples."""
-    monkeypatch.setattr(torch, "compile", lambda step, **options: step)
-    model = tiny_model(ctx_len=ctx_len)
-    prompt = random_ids(5)[:ctx_len]
-
-    def tokens(on_device: bool, settings: SamplingSettings, seed: int = 0) -> list[int]:
-        session = Session(model, tokenizer, compile_decode=on_device)
-        session.push(prompt)
-        generator = torch.Generator().manual_seed(seed)
-        return [session.next_token(settings, generator) for _ in range(3 * ctx_len + 5)]
-
-    assert tokens(True, GREEDY) == tokens(False, GREEDY)
-    sampled = tokens(True, SamplingSettings(), seed=3)
-    assert sampled == tokens(True, SamplingSettings(), seed=3)
-    assert max(sampled) < tokenizer.vocab_size

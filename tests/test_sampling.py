@@ -99,28 +99,3 @@ def test_repetition_penalty_can_change_the_greedy_choice():
 def test_invalid_settings_are_usage_errors(field, value):
     with pytest.raises(UsageError):
         SamplingSettings(**{field: value})
-
-
-def test_noise_sampling_draws_the_same_distribution_as_sample_next():
-    """The compiled decode path samples by an exponential race over passed-in noise; it must
-    pick each candidate with the same probability as multinomial sampling does."""
-    from noodle.sampling import candidate_count, sample_with_noise
-
-    torch.manual_seed(0)
-    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -2.0, 3.0])
-    settings = SamplingSettings(temperature=0.8, top_k=5, top_p=0.9, repetition_penalty=1.3)
-    window = torch.tensor([7, 1, 0, 0])  # token 7 and 1 seen; the last two slots are unused
-    length = torch.tensor(2)
-    counts = torch.zeros(8)
-    reference = torch.zeros(8)
-    generator = torch.Generator().manual_seed(1)
-    draws = 6000
-    for _ in range(draws):
-        uniform = torch.rand(candidate_count(settings, 8), generator=generator)
-        counts[int(sample_with_noise(logits, settings, window, length, uniform, 8))] += 1
-        reference[sample_next(logits, settings, window[:2], generator, 8)] += 1
-    assert (counts / draws - reference / draws).abs().max() < 0.03
-    assert counts[5:7].sum() == 0  # outside the top 5: never drawn
-    greedy = SamplingSettings(temperature=0, repetition_penalty=1.0)
-    uniform = torch.rand(8)
-    assert int(sample_with_noise(logits, greedy, window, length, uniform, 8)) == 7
