@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,6 +45,16 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
     monkeypatch.delenv("NOODLE_BACKEND", raising=False)
     monkeypatch.delenv("NOODLE_DEBUG", raising=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Run tiny models on one thread: they gain nothing from a second one, and on a busy
+    machine an OpenMP thread waiting for a core makes every operation several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
