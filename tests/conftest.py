@@ -48,13 +48,13 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
-def one_thread():
-    """Run tiny models on one thread: they gain nothing from a second one, and on a busy
-    machine an OpenMP thread waiting for a core makes every operation several times slower."""
-    threads = torch.get_num_threads()
+def one_torch_thread():
+    """One thread for tiny models run in-process: they gain nothing from a second one, and
+    on a busy machine thread contention makes them several times slower."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from noodle.sampling import SamplingSettings
 from noodle.tokenizer import END_OF_TEXT, PADDING, load_tokenizer
 from tests.conftest import NAMES, PLACES, THINGS, TINY_CONFIG, run_noodle, story_corpus
 
-# Subprocesses run on one thread too, for the reason the one_thread fixture gives.
+# Subprocesses run on one thread too, for the reason one_torch_thread gives.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0)
 # A corpus line: "once upon a time {name} found a {thing} in the {place}. {name} was happy."
@@ -32,7 +32,7 @@ TAUGHT_CONTINUATION = re.compile(
     rf" ({'|'.join(THINGS)}) in the ({'|'.join(PLACES)})\. ({'|'.join(NAMES)}) was happy\."
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_tiny_tokenizer(text: str, path: Path) -> None:

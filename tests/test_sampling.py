@@ -13,7 +13,7 @@ from noodle.sampling import (
     top_k_candidates,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spread_logits(size: int = 50304, seed: int = 0) -> torch.Tensor:
