@@ -11,10 +11,12 @@ warm up (and compile), then --repeats times; it reports the best and the median 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def time_generation(
     session: Session, prompt: list[int], new_tokens: int, generator: torch.Generator
 ) -> float:
@@ -79,9 +91,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     base = NoodleModel(config)
     prompt = torch.randint(0, tokenizer.vocab_size, (args.prompt_tokens,)).tolist()
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(
-        f"{date.today()} | torch {torch.__version__} | {device} ({hardware or platform.machine()}, "
+        f"{date.today()} | torch {torch.__version__} | {device} ({hardware_name(device)}, "
         f"{torch.get_num_threads()} threads) | {args.preset} | {args.prompt_tokens}-token "
         f"prompt, {args.new_tokens} new tokens, best/median of {args.repeats}"
     )

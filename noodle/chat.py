@@ -35,7 +35,7 @@ class ChatOptions:
     seed: int | None = None
     backend: str | None = None
     dtype: str = "auto"
-    compile: bool | None = None  # None: compile the decode step on CUDA only
+    compile_decode: bool | None = None  # None: on CUDA only
 
 
 class TextStream:
@@ -78,7 +78,9 @@ def open_session(options: ChatOptions) -> tuple[Session, str]:
     dtype = select_dtype(options.dtype, device)
     loaded = load_model(options.model, device)
     prepare_for_inference(loaded.model, dtype)
-    compile_decode = device.type == "cuda" if options.compile is None else options.compile
+    compile_decode = options.compile_decode
+    if compile_decode is None:
+        compile_decode = device.type == "cuda"
     session = Session(loaded.model, loaded.tokenizer, compile_decode)
     if compile_decode:
         session.warm_up()
@@ -129,18 +131,21 @@ def write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
-def answer_once(session: Session, options: ChatOptions, generator: torch.Generator) -> None:
-    reply(session, options.prompt or "", options, generator, write_stdout)
+def write_stdout_one_line(text: str) -> None:
+    write_stdout(text.translate(ONE_LINE))
+
+
+def answer_once(
+    session: Session, prompt: str, options: ChatOptions, generator: torch.Generator
+) -> None:
+    reply(session, prompt, options, generator, write_stdout)
     write_stdout("\n")
 
 
 def answer_lines(session: Session, options: ChatOptions, generator: torch.Generator) -> None:
     """Piped mode: every input line is a turn; every reply is one line of output."""
     for line in sys.stdin:
-        text = turn_text(session, line.strip())
-        reply(
-            session, text, options, generator, lambda piece: write_stdout(piece.translate(ONE_LINE))
-        )
+        reply(session, turn_text(session, line.strip()), options, generator, write_stdout_one_line)
         write_stdout("\n")
 
 
@@ -182,7 +187,7 @@ def chat(options: ChatOptions) -> None:
     else:
         generator.manual_seed(options.seed)
     if options.prompt is not None:
-        answer_once(session, options, generator)
+        answer_once(session, options.prompt, options, generator)
     elif sys.stdin.isatty():
         converse(session, options, generator, about)
     else:

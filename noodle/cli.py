@@ -360,7 +360,7 @@ def chat(
             show_default=False,
         ),
     ] = None,
-    compile: Annotated[
+    compile_decode: Annotated[
         bool | None,
         typer.Option(
             "--compile/--no-compile",
@@ -386,7 +386,7 @@ def chat(
         seed=seed,
         backend=backend,
         dtype=dtype,
-        compile=compile,
+        compile_decode=compile_decode,
     )
     run_chat(options)
 

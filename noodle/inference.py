@@ -17,12 +17,11 @@ def prepare_for_inference(model: NoodleModel, dtype: torch.dtype) -> NoodleModel
     """Cast the weights once to the inference precision (no per-operation autocast) and,
     for float32 on CPU, store every Linear weight input-major.
 
-    Generating a token multiplies each weight matrix by one vector. MKL does that 2.5x
-    faster for the 256 x 50,304 output layer when the matrix is stored input-major (the
-    transpose of nn.Linear's layout), since it then streams whole contiguous columns:
-    measured 1.9 ms against 5.2 ms on the benchmark machine's cores. The shapes stay the
-    same; only the strides change. bfloat16 is the other way round, so it keeps nn.Linear's
-    layout.
+    Generating a token multiplies each weight matrix by one vector. MKL does that faster
+    when the matrix is stored input-major (the transpose of nn.Linear's layout): 1.9 ms
+    against 5.2 ms for somen's 256 x 50,304 output layer on the benchmark machine
+    (benchmarks/RESULTS.md). The shapes stay the same; only the strides change. bfloat16
+    and float16 are the other way round, so they keep nn.Linear's layout.
     """
     # The rotary tables stay float32, as in the autocast training the model learnt with;
     # rounding them to bfloat16 as well made greedy decoding part from float32 a little
@@ -134,11 +133,14 @@ class Session:
         self.window_ids[start:window] = ids
         if self.decode_step is not None and len(ids) == 1:
             position = torch.tensor(start, device=self.device)
-            logits = self.decode_step(ids.view(1, 1), start=position)
+            logits = self.decode_step(ids.view(1, 1), start=position)[0, -1]
         else:
-            logits = self.model(ids.view(1, -1), start=start)
+            # Only the last position's logits are needed: a prompt (or a rebuilt cache) of
+            # n tokens skips n - 1 rows of the output layer, the largest matrix product.
+            hidden = self.model.hidden_states(ids.view(1, -1), start=start)
+            logits = self.model.head(hidden[0, -1])
         self.cached = window
-        return logits[0, -1]
+        return logits
 
     def next_token(
         self, settings: SamplingSettings, generator: torch.Generator | None = None

@@ -73,7 +73,8 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def one_torch_thread():
-    """One thread for tiny models trained in-process (see TinyRun.env for why)."""
+    """One thread for tiny models run in-process: they gain nothing from a second one, and
+    on a busy machine thread contention makes them several times slower."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -17,20 +17,22 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from noodle import chat
 from noodle.chat import BANNER, ChatOptions, TextStream, open_session
 from noodle.checkpoint import load_model
+from noodle.cli import main
 from noodle.errors import NoodleError
 from noodle.inference import generate
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import END_OF_TEXT, PADDING, load_tokenizer
 from tests.conftest import NAMES, PLACES, THINGS, TINY_CONFIG, run_noodle, story_corpus
 
-# Tiny models gain nothing from a second thread, and on a busy machine an idle-spinning
-# OpenMP thread makes every run several times slower.
+# Subprocesses run on one thread too, for the reason one_torch_thread gives.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0)
 # A corpus line: "once upon a time {name} found a {thing} in the {place}. {name} was happy."
 TAUGHT_CONTINUATION = re.compile(
     rf" ({'|'.join(THINGS)}) in the ({'|'.join(PLACES)})\. ({'|'.join(NAMES)}) was happy\."
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_tiny_tokenizer(text: str, path: Path) -> None:
@@ -68,7 +70,18 @@ def trained_model(tmp_path_factory) -> Path:
 
 
 def chat_cli(model: Path, *args: object, input: str | None = None):
+    """`noodle chat` in a subprocess, as a user runs it."""
     return run_noodle("chat", model, "--backend", "cpu", *args, input=input, env=ONE_THREAD)
+
+
+def chat_in_process(model: Path, *args: object, input: str, monkeypatch, capsys):
+    """The same CLI entry point in this process: quicker when a test needs a second run."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(input))
+    with pytest.raises(SystemExit) as exit:
+        main(["chat", str(model), "--backend", "cpu", *map(str, args)])
+    output = capsys.readouterr()
+    assert exit.value.code == 0, output.err
+    return output
 
 
 # Streaming text
@@ -102,39 +115,45 @@ def test_a_reply_that_stops_mid_character_ends_with_a_replacement_character():
     ]
 
 
-# End to end, through the real CLI
+# End to end, through the CLI
 
 
-def test_greedy_chat_continues_a_training_prompt_with_what_the_corpus_taught(trained_model):
-    prompt = ("--prompt", "once upon a time tom found a", "--temperature", 0)
-    runs = [
-        chat_cli(trained_model, *prompt, "--repetition-penalty", 1, "--max-tokens", 16)
-        for _ in range(2)
-    ]
-    assert all(run.returncode == 0 for run in runs), runs[0].stderr
-    reply = runs[0].stdout
-    assert TAUGHT_CONTINUATION.match(reply), reply
-    assert runs[1].stdout == reply  # temperature 0 is deterministic
-    assert BANNER not in runs[0].stderr
+def test_greedy_chat_continues_a_training_prompt_with_what_the_corpus_taught(
+    trained_model, monkeypatch, capsys
+):
+    args = ("--prompt", "once upon a time tom found a", "--temperature", 0)
+    args += ("--repetition-penalty", 1, "--max-tokens", 16)
+    result = chat_cli(trained_model, *args)
+    assert result.returncode == 0, result.stderr
+    assert TAUGHT_CONTINUATION.match(result.stdout), result.stdout
+    assert BANNER not in result.stderr
+    again = chat_in_process(trained_model, *args, input="", monkeypatch=monkeypatch, capsys=capsys)
+    assert again.out == result.stdout  # temperature 0 is deterministic
 
 
-def test_piped_mode_prints_one_reply_per_input_line(trained_model):
+def test_piped_mode_prints_one_reply_per_input_line(trained_model, monkeypatch, capsys):
     lines = "once upon a time mia\n\nonce upon a time\n"
-    runs = [chat_cli(trained_model, "--seed", 7, "--max-tokens", 40, input=lines) for _ in range(2)]
-    assert all(run.returncode == 0 for run in runs), runs[0].stderr
-    replies = runs[0].stdout
+    args = ("--seed", 7, "--max-tokens", 40)
+    result = chat_cli(trained_model, *args, input=lines)
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout
     # 40 tokens run past a corpus line, yet each reply stays on one line.
     assert len(replies.splitlines()) == 3 and replies.endswith("\n")
     assert "happy. once upon" in replies
-    assert "Noodle" not in replies + runs[0].stderr
-    assert runs[1].stdout == replies  # same seed, same sample
+    assert "Noodle" not in replies + result.stderr
+    again = chat_in_process(
+        trained_model, *args, input=lines, monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert again.out == replies  # same seed, same sample
 
 
-def test_a_broken_model_is_one_error_line(tmp_path):
-    result = chat_cli(tmp_path / "missing", "--prompt", "hi")
-    assert result.returncode == 1
-    assert result.stderr == f"error: model {tmp_path / 'missing'}: no such directory\n"
-    assert result.stdout == ""
+def test_a_broken_model_is_one_error_line(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["chat", str(tmp_path / "missing"), "--prompt", "hi"])
+    assert exit.value.code == 1
+    output = capsys.readouterr()
+    assert output.err == f"error: model {tmp_path / 'missing'}: no such directory\n"
+    assert output.out == ""
 
 
 # In-process: precision, the terminal and loading

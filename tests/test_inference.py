@@ -15,6 +15,8 @@ from tests.conftest import TINY_CONFIG
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0)
 TOLERANCE = 1e-4
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def tokenizer():

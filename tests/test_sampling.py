@@ -13,6 +13,8 @@ from noodle.sampling import (
     top_k_candidates,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def spread_logits(size: int = 50304, seed: int = 0) -> torch.Tensor:
     return torch.randn(size, generator=torch.Generator().manual_seed(seed)) * 3
