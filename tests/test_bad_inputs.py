@@ -137,6 +137,10 @@ class Inputs:
         paths = (model or self.model, corpus or self.run.corpus)
         return ["eval", *paths, "--backend", "cpu", *options]
 
+    def chat(self, *options: object, model: Path | None = None) -> list[str]:
+        """`noodle chat` of the trained model on the CPU, answering one prompt."""
+        return ["chat", model or self.model, "--prompt", "hi", "--backend", "cpu", *options]
+
     def prepare(self, source: Path, destination: Path | None = None) -> list[str]:
         """`noodle prepare-instructions` of `source`, by default into a new file."""
         return ["prepare-instructions", source, destination or self.root / "instructions.txt"]
@@ -348,6 +352,23 @@ EVAL_CASES = {
     ),
 }
 
+CHAT_CASES = {
+    "zero-max-tokens": BadInput(
+        lambda i: i.chat("--max-tokens", 0), 2, r"--max-tokens must be positive, got 0$"
+    ),
+    "negative-top-k": BadInput(
+        lambda i: i.chat("--top-k", -1), 2, r"top-k must be 0 \(off\) or positive, got -1$"
+    ),
+    "top-p-above-one": BadInput(
+        lambda i: i.chat("--top-p", 1.5), 2, r"top-p must be in \(0, 1\], got 1\.5$"
+    ),
+    "zero-repetition-penalty": BadInput(
+        lambda i: i.chat("--repetition-penalty", 0),
+        2,
+        r"repetition penalty must be positive, got 0\.0$",
+    ),
+}
+
 RECORD = '{"instruction": "name a colour", "output": "blue"}'
 PREPARE_CASES = {
     "missing-input": BadInput(
@@ -404,6 +425,7 @@ COMMAND_CASES = {
     "train": TRAIN_CASES,
     "finetune": FINETUNE_CASES,
     "eval": EVAL_CASES,
+    "chat": CHAT_CASES,
     "prepare-instructions": PREPARE_CASES,
 }
 
@@ -412,6 +434,7 @@ MODEL_COMMANDS: dict[str, Callable[[Inputs, Path], list[str]]] = {
     "finetune": lambda i, model: i.finetune(model=model),
     "eval": lambda i, model: i.eval(model=model),
     "info": lambda i, model: ["info", model],
+    "chat": lambda i, model: i.chat(model=model),
 }
 
 
