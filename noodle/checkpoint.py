@@ -7,16 +7,16 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from noodle import __version__
 from noodle.config import ModelConfig, config_from_dict, read_json_file
 from noodle.errors import NoodleError
-from noodle.files import atomic_write_bytes, atomic_write_json
+from noodle.files import atomic_write, atomic_write_bytes, atomic_write_json
 from noodle.model import NoodleModel
 from noodle.tokenizer import TextTokenizer, load_tokenizer
 
@@ -26,6 +26,20 @@ WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 RESUME = "resume.safetensors"
+
+# The safetensors names of the dtypes a checkpoint can hold.
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def unwrap(model: torch.nn.Module) -> NoodleModel:
@@ -41,6 +55,35 @@ def unwrap(model: torch.nn.Module) -> NoodleModel:
 
 def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def write_safetensors(
+    handle: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write contiguous CPU `tensors` to `handle` in the safetensors format, each straight
+    from its own memory.
+
+    safetensors.torch.save builds the whole file in memory first (a second copy of the
+    resume state, which holds the model three times over), and safetensors.torch.save_file
+    (0.8) writes its own temporary file and renames it over the name it is given, with mode
+    0600, so it cannot fill the temporary file of `atomic_write`.
+    """
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        end = offset + tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to align the data
+    handle.write(len(encoded).to_bytes(8, "little"))
+    handle.write(encoded)
+    for tensor in tensors.values():
+        handle.write(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def utc_now() -> str:
@@ -88,7 +131,8 @@ class ModelDir:
         atomic_write_bytes(self.file(TOKENIZER), tokenizer.raw)
 
     def save_weights(self, model: torch.nn.Module) -> None:
-        atomic_write_bytes(self.file(WEIGHTS), save_safetensors(state_tensors(model)))
+        tensors = state_tensors(model)
+        atomic_write(self.file(WEIGHTS), lambda handle: write_safetensors(handle, tensors))
 
     def append_metrics(self, records: list[dict]) -> None:
         """Rewrite metrics.jsonl with `records` appended, atomically."""
@@ -120,8 +164,8 @@ class ModelDir:
 
     def save_resume_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         """Tensors and JSON state in one safetensors file, so they can never disagree."""
-        data = save_safetensors(tensors, metadata={"state": json.dumps(state)})
-        atomic_write_bytes(self.file(RESUME), data)
+        metadata = {"state": json.dumps(state)}
+        atomic_write(self.file(RESUME), lambda handle: write_safetensors(handle, tensors, metadata))
 
     def has_resume_state(self) -> bool:
         return self.file(RESUME).is_file()

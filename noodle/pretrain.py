@@ -12,8 +12,8 @@ import torch
 from noodle.batching import split_windows
 from noodle.checkpoint import ModelDir, load_model
 from noodle.config import resolve_model_config
-from noodle.corpus import load_token_stream
-from noodle.device import select_device, select_dtype
+from noodle.corpus import load_token_stream, token_chunks
+from noodle.device import release_free_memory, select_device, select_dtype
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
 from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_continuation
@@ -46,8 +46,8 @@ def corpus_fingerprint(tokens: np.ndarray) -> str:
     """A hash of the whole token stream, so resuming on a corpus changed anywhere is refused
     (about a second per GB of tokens)."""
     digest = hashlib.sha256()
-    for start in range(0, len(tokens), FINGERPRINT_CHUNK):
-        digest.update(np.ascontiguousarray(tokens[start : start + FINGERPRINT_CHUNK]))
+    for chunk in token_chunks(tokens, FINGERPRINT_CHUNK):
+        digest.update(np.ascontiguousarray(chunk))
     return digest.hexdigest()[:32]
 
 
@@ -90,6 +90,11 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     if not options.resume:
         out.write_tokenizer(tokenizer)
     state = run_training(trainer, record, options.resume, reporter)
+    # The last weights and the optimizer's moments (three times the model) are done with:
+    # free them, and hand their pages back (see release_free_memory), before the best
+    # weights are loaded beside them.
+    del trainer, model
+    release_free_memory()
     best = load_model(out.path, device)
     sample = sample_continuation(best.model, best.tokenizer, SAMPLE_PROMPT, settings.seed)
     print(SAMPLE_PROMPT + sample, flush=True)

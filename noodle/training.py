@@ -21,7 +21,7 @@ from torch import nn
 
 from noodle.batching import Batch
 from noodle.checkpoint import ModelDir, unwrap
-from noodle.device import autocast
+from noodle.device import autocast, release_free_memory
 from noodle.errors import Interrupted, NoodleError
 from noodle.progress import Reporter, Task, format_duration
 
@@ -413,6 +413,10 @@ class Trainer:
 
     def run_evaluation(self) -> None:
         state, settings = self.state, self.settings
+        # The evaluation's logits cannot reuse the blocks the training step freed (see
+        # release_free_memory): hand those pages back rather than hold both, at the price of
+        # faulting them in again once per evaluation.
+        release_free_memory()
         loss = evaluate(
             self.step_model,
             self.eval_data.eval_batches(settings.eval_batches),

@@ -2,8 +2,15 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from noodle.checkpoint import ModelDir, atomic_write_bytes, load_model, model_metadata
+from noodle.checkpoint import (
+    ModelDir,
+    atomic_write_bytes,
+    load_model,
+    model_metadata,
+    write_safetensors,
+)
 from noodle.config import ModelConfig
 from noodle.errors import NoodleError
 from noodle.model import NoodleModel
@@ -47,6 +54,28 @@ def test_atomic_write_replaces_whole_and_leaves_no_temp_files(tmp_path):
     atomic_write_bytes(target, b"new contents")
     assert target.read_bytes() == b"new contents"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_written_safetensors_read_back_exactly(tmp_path):
+    tensors = {
+        "float32": torch.randn(3, 5),
+        "bfloat16": torch.randn(7).bfloat16(),
+        "scalar": torch.tensor(3.0),
+        "rng": torch.get_rng_state(),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+        "int64": torch.arange(5),
+    }
+    path = tmp_path / "t.safetensors"
+    with path.open("wb") as handle:
+        write_safetensors(handle, tensors, {"state": '{"step": 3}'})
+    with safe_open(path, framework="pt") as reader:
+        assert reader.metadata() == {"state": '{"step": 3}'}
+        names = reader.keys()
+        loaded = {name: reader.get_tensor(name) for name in names}
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
 
 
 def test_missing_model_dir_and_missing_files_are_clear_errors(tmp_path):

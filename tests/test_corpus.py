@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from noodle.corpus import (
     load_token_stream,
     read_lines,
     text_blocks,
+    token_chunks,
     tokenize_blocks,
 )
 from noodle.errors import NoodleError, UsageError
@@ -103,6 +105,33 @@ def test_an_overlong_line_is_cut_between_words_without_changing_its_ids(tokenize
     # Nor does a run of bytes that are no text at all grow without bound.
     garbage = list(text_blocks(io.BytesIO(b"\x80" * 300), 50, max_line_bytes=100))
     assert len(garbage) > 1 and sum(block.replaced for block in garbage) == 300
+
+
+def resident_kib(path: Path) -> int:
+    """How much of the file at `path` is mapped into this process and resident."""
+    total, in_mapping = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            in_mapping = line.endswith(str(path))
+        elif in_mapping and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_pass_over_a_token_file_does_not_leave_it_resident(tmp_path):
+    path = tmp_path / "tokens.uint16"
+    np.arange(1 << 16, dtype=np.uint16).tofile(path)
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    total = sum(int(chunk.sum(dtype=np.int64)) for chunk in token_chunks(tokens, 4096))
+    assert resident_kib(path) == 0
+    assert total == sum(range(1 << 16))
+    assert int(tokens[-1]) == (1 << 16) - 1  # released pages read back from the file
+
+
+def test_token_chunks_cut_any_array_in_order():
+    chunks = list(token_chunks(np.arange(10, dtype=np.uint16), 4))
+    assert [chunk.tolist() for chunk in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_invalid_utf8_is_replaced_and_warned(tmp_path, tokenizer, capsys, cache_home):
