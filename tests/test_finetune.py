@@ -50,6 +50,13 @@ def test_finetuned_model_answers_training_questions_with_their_answers(
     assert greedy_answers(finetuned, questions) == answers
     # The base model had never seen these answers.
     assert greedy_answers(trained_base, questions[:1]) != answers[:1]
+    # And `noodle chat` itself gives the trained answer.
+    result = run_noodle(
+        *("chat", finetuned, "--prompt", questions[0], "--temperature", 0, "--backend", "cpu"),
+        env=ONE_THREAD,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == answers[0]
 
 
 def test_finetuned_directory_is_complete_and_records_its_base(finetuned, trained_base):
