@@ -1,0 +1,46 @@
+"""Smoke runs of the benchmark scripts at tiny sizes, so they keep working; their timings
+belong in benchmarks/RESULTS.md, not here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ONE_THREAD, REPO, noodle_env
+
+
+def run_script(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=noodle_env(ONE_THREAD),
+        cwd=REPO,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_train_speed_runs_the_real_training_step_on_cpu(tmp_path):
+    out = tmp_path / "rows.json"
+    result = run_script(
+        "benchmarks/train_speed.py",
+        *("--device", "cpu", "--shapes", "tiny:2", "--steps", 2, "--warmup", 1),
+        *("--compile", "off", "--json", out),
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shape"] == "tiny" and row["batch"] == 2 and row["compile"] is False
+    assert row["tokens_per_s"] > 0 and 9 < row["final_loss"] < 12  # ~ln(50304) untrained
+    assert "tokens/s" in result.stdout and "tiny" in result.stdout
+
+
+def test_decode_benchmark_generates_on_cpu():
+    result = run_script(
+        "benchmarks/decode.py",
+        *("--device", "cpu", "--dtypes", "float32", "--new-tokens", 4, "--repeats", 1),
+    )
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.splitlines()[-1].split()
+    assert row[:2] == ["float32", "off"] and float(row[3]) > 0
