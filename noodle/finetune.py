@@ -13,7 +13,7 @@ from noodle.device import select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.instructions import examples_fingerprint, load_examples, split_examples
 from noodle.progress import Reporter
-from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_continuation
+from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_from_best
 from noodle.training import Trainer, TrainSettings, TrainState
 
 # The original's default fine-tuning learning rate at batch 4, scaled like train's.
@@ -91,9 +91,9 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     )
     state = run_training(trainer, record, options.resume, reporter)
 
-    best = load_model(out.path, device)
     first = val_data.examples[0]
     prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
     reporter.info(f"sample reply to the validation prompt {prompt!r}:")
-    print(sample_continuation(best.model, best.tokenizer, prompt, settings.seed), flush=True)
+    del trainer, base  # see sample_from_best
+    print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
     return state

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 
 from noodle.batching import split_windows
-from noodle.checkpoint import ModelDir, load_model
+from noodle.checkpoint import ModelDir
 from noodle.config import resolve_model_config
 from noodle.corpus import load_token_stream, token_chunks
-from noodle.device import release_free_memory, select_device, select_dtype
+from noodle.device import select_device, select_dtype
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
-from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_continuation
+from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_from_best
 from noodle.tokenizer import load_tokenizer
 from noodle.training import Trainer, TrainSettings, TrainState
 
@@ -90,12 +90,7 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     if not options.resume:
         out.write_tokenizer(tokenizer)
     state = run_training(trainer, record, options.resume, reporter)
-    # The last weights and the optimizer's moments (three times the model) are done with:
-    # free them, and hand their pages back (see release_free_memory), before the best
-    # weights are loaded beside them.
-    del trainer, model
-    release_free_memory()
-    best = load_model(out.path, device)
-    sample = sample_continuation(best.model, best.tokenizer, SAMPLE_PROMPT, settings.seed)
+    del trainer, model  # see sample_from_best
+    sample = sample_from_best(out.path, device, SAMPLE_PROMPT, settings.seed)
     print(SAMPLE_PROMPT + sample, flush=True)
     return state

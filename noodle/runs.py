@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import MODEL_JSON, ModelDir, check_output_dir, model_metadata
+from noodle.checkpoint import MODEL_JSON, ModelDir, check_output_dir, load_model, model_metadata
 from noodle.config import ModelConfig
+from noodle.device import release_free_memory
 from noodle.errors import NoodleError
 from noodle.inference import Session, generate
-from noodle.model import NoodleModel
 from noodle.progress import Reporter
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
@@ -115,11 +115,18 @@ def run_training(
     return state
 
 
-def sample_continuation(
-    model: NoodleModel, tokenizer: TextTokenizer, prompt: str, seed: int
-) -> str:
-    """A short sampled continuation of `prompt` (without the prompt), reproducible by seed."""
-    session = Session(model, tokenizer)
+def sample_from_best(directory: Path, device: torch.device, prompt: str, seed: int) -> str:
+    """A short sampled continuation of `prompt` (without the prompt) by the best weights
+    saved in `directory`, reproducible by seed.
+
+    Callers drop their trainer first: the last weights and the optimizer's moments (three
+    times the model) are done with, and their pages go back (see release_free_memory)
+    before the best weights are loaded beside what remains.
+    """
+    release_free_memory()
+    best = load_model(directory, device)
+    session = Session(best.model, best.tokenizer)
+    tokenizer = best.tokenizer
     generator = torch.Generator(device=session.device).manual_seed(seed)
     ids = list(generate(session, prompt, SAMPLE_TOKENS, SamplingSettings(), generator))
     return tokenizer.decode(ids)
