@@ -98,10 +98,10 @@ def main() -> None:
     )
     print(f"{'dtype':<9} {'compile':<8} {'warm-up s':>9} {'best tok/s':>10} {'median tok/s':>12}")
     for name in args.dtypes.split(","):
-        model = NoodleModel(config)
-        model.load_state_dict(base.state_dict())
-        prepare_for_inference(model.to(device), DTYPES[name])
         for compiled in compile_modes:
+            model = NoodleModel(config)
+            model.load_state_dict(base.state_dict())
+            prepare_for_inference(model.to(device), DTYPES[name], compiled)
             session = Session(model, tokenizer, compile_decode=compiled)
             generator = torch.Generator(device).manual_seed(args.seed)
             warmup = time_generation(session, prompt, args.new_tokens, generator)

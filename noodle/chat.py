@@ -15,8 +15,13 @@ import torch
 from rich.console import Console
 
 from noodle.checkpoint import load_model
-from noodle.device import select_device, select_dtype
-from noodle.inference import Session, prepare_for_inference
+from noodle.device import select_device
+from noodle.inference import (
+    Session,
+    prepare_for_inference,
+    select_inference_dtype,
+    uses_packed_float16,
+)
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
 
@@ -75,19 +80,22 @@ class TextStream:
 def open_session(options: ChatOptions) -> tuple[Session, str]:
     """Load the model in its inference precision; returns the session and a description."""
     device = select_device(options.backend)
-    dtype = select_dtype(options.dtype, device)
-    loaded = load_model(options.model, device)
-    prepare_for_inference(loaded.model, dtype)
     compile_decode = options.compile_decode
     if compile_decode is None:
         compile_decode = device.type == "cuda"
+    dtype = select_inference_dtype(options.dtype, device, compile_decode)
+    precision = str(dtype).removeprefix("torch.")
+    if uses_packed_float16(dtype, device, compile_decode):
+        precision = "float16 weights, float32 arithmetic"
+    loaded = load_model(options.model, device)
+    parameters = loaded.model.parameter_count()
+    prepare_for_inference(loaded.model, dtype, compile_decode)
     session = Session(loaded.model, loaded.tokenizer, compile_decode)
     if compile_decode:
-        session.warm_up()
+        session.warm_up(options.settings)
     description = (
         f"{loaded.metadata.get('preset', 'custom')} · "
-        f"{loaded.model.parameter_count():,} parameters · {device} · "
-        f"{str(dtype).removeprefix('torch.')}"
+        f"{parameters:,} parameters · {device} · {precision}"
     )
     return session, description
 

@@ -3,33 +3,99 @@ the device they live on."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from torch import nn
 
+from noodle.device import select_dtype
 from noodle.model import NoodleModel
-from noodle.sampling import SamplingSettings, sample_next
+from noodle.sampling import SamplingSettings, noise_size, sample_next, sample_with_noise
 from noodle.tokenizer import TextTokenizer
 
+# FBGEMM's float16 functions are deprecated in favour of torchao (not a dependency), yet in
+# PyTorch 2.13 they are the fastest float16 path on x86: 2x float32 on somen's output layer.
+warnings.filterwarnings("ignore", r"fbgemm_\w+ is deprecated", UserWarning)
 
-def prepare_for_inference(model: NoodleModel, dtype: torch.dtype) -> NoodleModel:
-    """Cast the weights once to the inference precision (no per-operation autocast) and,
-    for float32 on CPU, store every Linear weight input-major.
 
-    Generating a token multiplies each weight matrix by one vector. MKL does that faster
-    when the matrix is stored input-major (the transpose of nn.Linear's layout): 1.9 ms
-    against 5.2 ms for somen's 256 x 50,304 output layer on the benchmark machine
-    (benchmarks/RESULTS.md). The shapes stay the same; only the strides change. bfloat16
-    and float16 are the other way round, so they keep nn.Linear's layout.
+def packed_float16_available() -> bool:
+    """Whether this PyTorch build has FBGEMM's float16-weight matrix products (x86 CPUs)."""
+    return hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") and (
+        "fbgemm" in torch.backends.quantized.supported_engines
+    )
+
+
+def uses_packed_float16(dtype: torch.dtype, device: torch.device, compiled: bool) -> bool:
+    """Whether float16 on this device means `Float16Linear`: on a CPU with FBGEMM, when the
+    decode step is not compiled (the compiler cannot trace FBGEMM's packed weights)."""
+    return (
+        dtype == torch.float16
+        and device.type == "cpu"
+        and not compiled
+        and packed_float16_available()
+    )
+
+
+def select_inference_dtype(dtype: str, device: torch.device, compiled: bool) -> torch.dtype:
+    """`--dtype` for generating: as for training (`select_dtype`), except that auto is
+    float16 where that means `Float16Linear` (float16 weights, float32 arithmetic): decoding
+    reads every weight once per token, so half the bytes is most of the speed, and the
+    greedy tokens agree with float32 (benchmarks/RESULTS.md)."""
+    if dtype == "auto" and uses_packed_float16(torch.float16, device, compiled):
+        return torch.float16
+    return select_dtype(dtype, device)
+
+
+class Float16Linear(nn.Module):
+    """An nn.Linear for CPU inference whose weight is stored in float16 and packed for
+    FBGEMM, which converts it on the fly and multiplies in float32."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+        self.packed_weight = torch.fbgemm_pack_gemm_matrix_fp16(linear.weight.detach().float())
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.fbgemm_linear_fp16_weight_fp32_activation(rows, self.packed_weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def replace_linears(module: nn.Module, replacement: type[nn.Module]) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, replacement(child))
+        else:
+            replace_linears(child, replacement)
+
+
+def prepare_for_inference(
+    model: NoodleModel, dtype: torch.dtype, compiled: bool = False
+) -> NoodleModel:
+    """Cast the weights once to the inference precision (no per-operation autocast).
+
+    On CPU, float16 is float16 weights with float32 arithmetic where FBGEMM can do it
+    (`uses_packed_float16`): CPUs without native half-precision arithmetic run float16
+    matrix products on slow converting kernels. float32 on CPU stores every Linear weight
+    input-major (the transpose of nn.Linear's layout), for which MKL's matrix-vector
+    product is faster: 1.4 ms against 4.4 ms for somen's 256 x 50,304 output layer on the
+    benchmark machine (benchmarks/RESULTS.md); the shapes stay the same, only the strides
+    change.
     """
+    device = model.tok_emb.weight.device
+    if uses_packed_float16(dtype, device, compiled):
+        replace_linears(model, Float16Linear)
+        return model
     # The rotary tables stay float32, as in the autocast training the model learnt with;
     # rounding them to bfloat16 as well made greedy decoding part from float32 a little
     # sooner (9 rather than 10 of 16 prompts agreeing for 50 tokens, RESULTS.md).
     rotary_tables = model.rope_cos, model.rope_sin
     model.to(dtype=dtype)
     model.rope_cos, model.rope_sin = rotary_tables
-    if dtype == torch.float32 and model.head.weight.device.type == "cpu":
+    if dtype == torch.float32 and device.type == "cpu":
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()
@@ -49,7 +115,7 @@ class Session:
         self, model: NoodleModel, tokenizer: TextTokenizer, compile_decode: bool = False
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.device = model.head.weight.device
+        self.device = model.tok_emb.weight.device
         self.ctx_len = model.config.ctx_len
         self.history: list[int] = []  # every token of the conversation
         self.window_start = 0  # history[window_start:] is what the model attends to
@@ -59,22 +125,28 @@ class Session:
         self.window_ids = torch.zeros(self.ctx_len, dtype=torch.long, device=self.device)
         model.eval()
         model.setup_cache(1)
-        # Only the one-token step is compiled: its shapes never change, so it is captured
-        # once (with CUDA graphs: one launch per token instead of one per operation).
-        self.decode_step = (
-            torch.compile(model, mode="reduce-overhead", fullgraph=True) if compile_decode else None
-        )
+        # With compile_decode, decoding a token and choosing the next one is one compiled
+        # step of fixed shapes, captured once as a CUDA graph: a token costs one graph
+        # launch and one read of the chosen id instead of ~100 launches and their Python.
+        # Its inputs live at fixed addresses and are written in place before each launch.
+        self.compile_decode = compile_decode
+        self.decode_steps: dict[SamplingSettings, tuple[Callable, torch.Tensor]] = {}
+        self.position = torch.zeros((), dtype=torch.long, device=self.device)
+        self.window_len = torch.zeros((), dtype=torch.long, device=self.device)
+        if compile_decode:
+            for tensor in (self.window_ids, self.position, self.window_len):
+                torch._dynamo.mark_static_address(tensor)
 
     def reset(self) -> None:
         """Forget the conversation; the cache is reused."""
         self.history, self.window_start, self.cached = [], 0, 0
 
-    def warm_up(self) -> None:
+    def warm_up(self, settings: SamplingSettings) -> None:
         """Run a few decode steps and forget them, so that compiling (and capturing CUDA
-        graphs) happens now rather than in the middle of the first reply."""
+        graphs) for these settings happens now rather than in the middle of the first reply."""
         self.push([self.tokenizer.eot_id])
         for _ in range(3):
-            self.next_token(SamplingSettings(temperature=0))
+            self.next_token(settings)
         self.reset()
 
     @property
@@ -131,25 +203,56 @@ class Session:
         start = self.cached
         ids = torch.tensor(self.history[self.window_start + start :], device=self.device)
         self.window_ids[start:window] = ids
-        if self.decode_step is not None and len(ids) == 1:
-            position = torch.tensor(start, device=self.device)
-            logits = self.decode_step(ids.view(1, 1), start=position)[0, -1]
-        else:
-            # Only the last position's logits are needed: a prompt (or a rebuilt cache) of
-            # n tokens skips n - 1 rows of the output layer, the largest matrix product.
-            hidden = self.model.hidden_states(ids.view(1, -1), start=start)
-            logits = self.model.head(hidden[0, -1])
+        # Only the last position's logits are needed: a prompt (or a rebuilt cache) of n
+        # tokens skips n - 1 rows of the output layer, the largest matrix product.
+        hidden = self.model.hidden_states(ids.view(1, -1), start=start)
+        logits = self.model.head(hidden[0, -1:])[0]
         self.cached = window
         return logits
+
+    def decode_step(self, settings: SamplingSettings) -> tuple[Callable, torch.Tensor]:
+        """The compiled decode-and-choose step for these settings, and its noise buffer."""
+        if settings not in self.decode_steps:
+            vocab_limit = self.tokenizer.vocab_size
+            step = torch.compile(
+                partial(decode_and_choose, self.model, settings, vocab_limit),
+                mode="reduce-overhead",
+                fullgraph=True,
+                dynamic=False,
+            )
+            noise = torch.zeros(noise_size(settings, vocab_limit), device=self.device)
+            torch._dynamo.mark_static_address(noise)
+            self.decode_steps[settings] = step, noise
+        return self.decode_steps[settings]
+
+    @torch.no_grad()
+    def compiled_next_token(
+        self, settings: SamplingSettings, generator: torch.Generator | None
+    ) -> int:
+        """`next_token` through the compiled step, when one token awaits its cached position."""
+        step, noise = self.decode_step(settings)
+        window = len(self.history) - self.window_start
+        # In-place scalar writes: no host-to-device copies, and the step's inputs stay put.
+        self.window_ids[self.cached] = self.history[-1]
+        self.position.fill_(self.cached)
+        self.window_len.fill_(window)
+        noise.uniform_(generator=generator)
+        token = int(step(self.window_ids, self.position, self.window_len, noise))
+        self.cached = window
+        return token
 
     def next_token(
         self, settings: SamplingSettings, generator: torch.Generator | None = None
     ) -> int:
         """Sample the token that follows the history and append it (not yet run through the
         model: a caller that stops on it can `discard_last()` it for free)."""
-        logits = self.logits()
-        context = self.window_ids[: self.cached]
-        token = sample_next(logits, settings, context, generator, self.tokenizer.vocab_size)
+        window = len(self.history) - self.window_start
+        if self.compile_decode and 0 < window <= self.ctx_len and self.cached == window - 1:
+            token = self.compiled_next_token(settings, generator)
+        else:
+            logits = self.logits()
+            context = self.window_ids[: self.cached]
+            token = sample_next(logits, settings, context, generator, self.tokenizer.vocab_size)
         self.history.append(token)
         return token
 
@@ -167,6 +270,22 @@ class Session:
                 self.discard_last()
                 return
             yield token
+
+
+def decode_and_choose(
+    model: NoodleModel,
+    settings: SamplingSettings,
+    vocab_limit: int,
+    window_ids: torch.Tensor,
+    position: torch.Tensor,
+    window_len: torch.Tensor,
+    uniform: torch.Tensor,
+) -> torch.Tensor:
+    """Run the token at window_ids[position] through the cached model and choose the next
+    token, all on the device with fixed shapes: the function `Session` compiles."""
+    ids = window_ids.index_select(0, position.view(1)).view(1, 1)
+    logits = model(ids, start=position)[0, -1]
+    return sample_with_noise(logits, settings, window_ids, window_len, uniform, vocab_limit)
 
 
 def generate(

@@ -20,11 +20,12 @@ QK_NORM_EPS = 1e-6
 
 
 def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (length, head_dim) in the rotate-half layout."""
+    """cos/sin tables of shape (length, head_dim) in the rotate-half layout, the first
+    half of sin negated (see `apply_rotary`)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos().float(), torch.cat([-sin, sin], -1).float()
 
 
 def qk_norm(x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +38,10 @@ def qk_norm(x: torch.Tensor) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + QK_NORM_EPS)).type_as(x)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x * cos + [-second, first] * sin. Swapping the halves is a roll, and
+    the minus sign lives in the table, so this is four operations instead of seven."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -97,9 +98,10 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        q = apply_rotary(qk_norm(q), cos, sin)
-        k = apply_rotary(qk_norm(k), cos, sin)
+        # Queries and keys are normalised and rotated together: half the operations.
+        qk = apply_rotary(qk_norm(qkv[:, :, :2]), cos[:, None, None], sin[:, None, None])
+        q, k = qk.permute(2, 0, 3, 1, 4)
+        v = qkv[:, :, 2].transpose(1, 2)
         if cached is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -159,8 +161,9 @@ class NoodleModel(nn.Module):
 
     def setup_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> None:
         """Allocate a key/value cache of one context window for cached decoding."""
-        dtype = dtype or self.head.weight.dtype
-        device = self.head.weight.device
+        # The embedding has the weights' precision (the Linear layers may be packed).
+        dtype = dtype or self.tok_emb.weight.dtype
+        device = self.tok_emb.weight.device
         for block in self.blocks:
             block.attn.cache = KVCache(
                 batch, self.config.n_heads, self.config.ctx_len, self.config.head_dim, dtype, device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,26 @@ def top_k_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return torch.sort(logits, descending=True)
 
 
+def choose(
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    draw: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The chosen id (a tensor) from penalized float32 logits: greedy at temperature <= 0,
+    else `draw(probs)` picks an index among the top-k / top-p candidates' probabilities."""
+    if settings.temperature <= 0:
+        return torch.argmax(logits)
+    values, ids = top_k_candidates(logits, settings.top_k)
+    # Temperature does not change the ranking, so it is applied to the candidates only.
+    probs = torch.softmax(values / settings.temperature, dim=-1)
+    if settings.top_p < 1:
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        outside = torch.cumsum(probs, dim=-1) - probs >= settings.top_p
+        probs = probs.masked_fill(outside, 0.0)
+    # index_select rather than ids[choice]: the same graph whatever the choice.
+    return ids.index_select(0, draw(probs).view(1))[0]
+
+
 def sample_next(
     logits: torch.Tensor,
     settings: SamplingSettings,
@@ -62,14 +83,40 @@ def sample_next(
     logits = logits[:vocab_limit].to(torch.float32, copy=True)
     if context is not None:
         apply_repetition_penalty(logits, context, settings.repetition_penalty)
-    if settings.temperature <= 0:
-        return int(torch.argmax(logits))
-    values, ids = top_k_candidates(logits, settings.top_k)
-    # Temperature does not change the ranking, so it is applied to the candidates only.
-    probs = torch.softmax(values / settings.temperature, dim=-1)
-    if settings.top_p < 1:
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        outside = torch.cumsum(probs, dim=-1) - probs >= settings.top_p
-        probs = probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return int(ids[choice])
+
+    def draw(probs: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(probs, 1, generator=generator)
+
+    return int(choose(logits, settings, draw))
+
+
+def noise_size(settings: SamplingSettings, vocab_limit: int) -> int:
+    """How many uniform numbers `sample_with_noise` draws with: one per candidate."""
+    return settings.top_k if 0 < settings.top_k < vocab_limit else vocab_limit
+
+
+def sample_with_noise(
+    logits: torch.Tensor,
+    settings: SamplingSettings,
+    window_ids: torch.Tensor,
+    window_len: torch.Tensor,
+    uniform: torch.Tensor,
+    vocab_limit: int,
+) -> torch.Tensor:
+    """`sample_next` with static shapes and the randomness passed in (`uniform`: U[0, 1),
+    `noise_size` of them), so that a decode step and its sampling compile into one graph.
+
+    The repetition penalty's context is window_ids[:window_len] (a tensor length); the ids
+    past it are sent to a spare slot after the vocabulary instead of being sliced off.
+    """
+    logits = torch.cat([logits[:vocab_limit].float(), logits.new_zeros(1, dtype=torch.float32)])
+    in_window = torch.arange(window_ids.numel(), device=window_ids.device) < window_len
+    apply_repetition_penalty(
+        logits, torch.where(in_window, window_ids, vocab_limit), settings.repetition_penalty
+    )
+
+    # An exponential race: argmax of p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
+    def draw(probs: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(probs / -torch.log(uniform))
+
+    return choose(logits[:vocab_limit], settings, draw)

@@ -199,3 +199,22 @@ def test_logits_without_new_tokens_are_those_of_the_last_position(tokenizer):
     session.push(random_ids(5))
     first = session.logits()
     torch.testing.assert_close(session.logits(), first, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("ctx_len", [1, 8])
+def test_the_compiled_decode_step_chooses_what_the_eager_path_chooses(tokenizer, ctx_len):
+    """The decode-and-choose step that CUDA captures as one graph, compiled for real (on
+    CPU here): greedy tokens equal the eager path's through evictions, a seed fixes the
+    samples, and padded vocabulary ids never come out."""
+    prompt = random_ids(5)[:ctx_len]
+
+    def tokens(compiled: bool, settings: SamplingSettings, seed: int = 0) -> list[int]:
+        session = Session(tiny_model(ctx_len=ctx_len), tokenizer, compile_decode=compiled)
+        session.push(prompt)
+        generator = torch.Generator().manual_seed(seed)
+        return [session.next_token(settings, generator) for _ in range(3 * ctx_len + 5)]
+
+    assert tokens(True, GREEDY) == tokens(False, GREEDY)
+    sampled = tokens(True, SamplingSettings(), seed=3)
+    assert sampled == tokens(True, SamplingSettings(), seed=3)
+    assert max(sampled) < tokenizer.vocab_size

@@ -43,9 +43,11 @@ def test_rotary_embedding_rotates_pairs_half_a_head_apart():
     x = torch.tensor([1.0, 0.0, 0.0, 0.0])
     out = apply_rotary(x, cos[2], sin[2])
     # rotate-half layout: element 0 pairs with element 2, rotated by angle = position.
-    assert torch.allclose(
-        out, torch.tensor([torch.cos(torch.tensor(2.0)), 0, torch.sin(torch.tensor(2.0)), 0])
-    )
+    cos2, sin2 = torch.cos(torch.tensor(2.0)), torch.sin(torch.tensor(2.0))
+    assert torch.allclose(out, torch.tensor([cos2, 0, sin2, 0]))
+    # ...and element 2 turns the other way: (x0, x2) -> (x0 cos - x2 sin, x2 cos + x0 sin).
+    out = apply_rotary(torch.tensor([0.0, 0.0, 1.0, 0.0]), cos[2], sin[2])
+    assert torch.allclose(out, torch.tensor([-sin2, 0, cos2, 0]))
 
 
 def test_loss_ignores_masked_targets_and_starts_near_uniform():

@@ -9,7 +9,9 @@ from noodle.errors import UsageError
 from noodle.sampling import (
     SamplingSettings,
     apply_repetition_penalty,
+    noise_size,
     sample_next,
+    sample_with_noise,
     top_k_candidates,
 )
 
@@ -101,3 +103,23 @@ def test_repetition_penalty_can_change_the_greedy_choice():
 def test_invalid_settings_are_usage_errors(field, value):
     with pytest.raises(UsageError):
         SamplingSettings(**{field: value})
+
+
+def test_noise_sampling_draws_what_sample_next_draws():
+    """The compiled decode path samples by an exponential race over passed-in noise, with a
+    tensor window length: each candidate must come out as often as with sample_next."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -2.0, 3.0])
+    settings = SamplingSettings(temperature=0.8, top_k=5, top_p=0.9, repetition_penalty=1.3)
+    window = torch.tensor([7, 1, 0, 0])  # tokens 7 and 1 seen; the last two slots unused
+    length = torch.tensor(2)
+    generator = torch.Generator().manual_seed(1)
+    noisy, reference = torch.zeros(8), torch.zeros(8)
+    draws = 6000
+    for _ in range(draws):
+        uniform = torch.rand(noise_size(settings, 8), generator=generator)
+        noisy[int(sample_with_noise(logits, settings, window, length, uniform, 8))] += 1
+        reference[sample_next(logits, settings, window[:2], generator, 8)] += 1
+    assert (noisy / draws - reference / draws).abs().max() < 0.03
+    assert noisy[5:7].sum() == 0  # outside the top 5: never drawn
+    greedy = SamplingSettings(temperature=0, repetition_penalty=1.0)
+    assert int(sample_with_noise(logits, greedy, window, length, torch.rand(8), 8)) == 7
