@@ -46,15 +46,28 @@ def flops_per_token(config: ModelConfig) -> float:
     return 6 * matmul_params + attention
 
 
-def measure(shape: str, batch: int, compile_model: bool, steps: int, warmup: int, device):
+def measure(
+    shape: str,
+    batch: int,
+    compile_model: bool,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    dropout: float | None = None,
+    compile_mode: str = TrainSettings.compile_mode,
+) -> dict:
     config = SHAPES[shape]
+    if dropout is not None:
+        config = replace(config, dropout=dropout)
     amp_dtype = select_dtype("auto", device)
     torch.manual_seed(0)
     model = NoodleModel(config).to(device)
     windows = (warmup + steps) * batch
     tokens = np.random.default_rng(0).integers(0, 50277, windows * config.ctx_len + 1)
     data = TokenWindows(tokens.astype(np.uint16), config.ctx_len, batch)
-    settings = replace(TrainSettings(), batch_size=batch, compile=compile_model)
+    settings = replace(
+        TrainSettings(), batch_size=batch, compile=compile_model, compile_mode=compile_mode
+    )
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             model,
@@ -82,7 +95,8 @@ def measure(shape: str, batch: int, compile_model: bool, steps: int, warmup: int
     return {
         "shape": shape,
         "batch": batch,
-        "compile": compile_model,
+        "compile": compile_model and compile_mode,
+        "dropout": config.dropout,
         "tokens_per_s": round(tokens_per_s),
         "mfu": round(tokens_per_s * flops_per_token(config) / peak, 4) if peak else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -100,6 +114,10 @@ def main() -> None:
     parser.add_argument("--compile", choices=["on", "off", "both"], default="on")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--dropout", type=float, help="instead of each shape's own")
+    parser.add_argument(
+        "--compile-mode", default=TrainSettings.compile_mode, help="torch.compile mode"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     device = select_device(args.device)
@@ -108,7 +126,16 @@ def main() -> None:
     for item in args.shapes.split(","):
         shape, batch = item.split(":")
         for compile_model in modes:
-            row = measure(shape, int(batch), compile_model, args.steps, args.warmup, device)
+            row = measure(
+                shape,
+                int(batch),
+                compile_model,
+                args.steps,
+                args.warmup,
+                device,
+                args.dropout,
+                args.compile_mode,
+            )
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
             if device.type == "cuda":

@@ -77,7 +77,9 @@ class CachePositions(NamedTuple):
     """Where a cached forward pass writes, and which cache slots each query may read."""
 
     positions: torch.Tensor  # (length,) cache slot of each input token
-    visible: torch.Tensor  # (length, ctx_len) bool: query i sees slots 0 ..= positions[i]
+    # (length, slots read) bool: query i sees slots 0 ..= positions[i]; attention reads
+    # only the first visible.shape[-1] slots of the cache.
+    visible: torch.Tensor
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,7 +108,10 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k, v = self.cache.update(cached.positions, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cached.visible)
+            readable = cached.visible.shape[-1]
+            y = F.scaled_dot_product_attention(
+                q, k[:, :, :readable], v[:, :, :readable], attn_mask=cached.visible
+            )
         return self.proj(y.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -189,7 +194,10 @@ class NoodleModel(nn.Module):
                     f"{self.config.ctx_len}"
                 )
             positions = start + torch.arange(length, device=idx.device)
-            slots = torch.arange(self.config.ctx_len, device=idx.device)
+            # A compiled step (tensor start) reads the whole cache, masked; eager decoding
+            # reads only the slots filled so far.
+            readable = start + length if isinstance(start, int) else self.config.ctx_len
+            slots = torch.arange(readable, device=idx.device)
             cached = CachePositions(positions, slots <= positions[:, None])
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.tok_emb(idx)
