@@ -55,8 +55,8 @@ def main() -> None:
         for index in range(10, 10 + args.steps):
             trainer.train_step(*trainer.device_batch(0, index), settings.lr)
         synchronize(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=70))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=90))
 
 
 if __name__ == "__main__":

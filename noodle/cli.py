@@ -46,6 +46,14 @@ Dtype = Annotated[
         "float32, bfloat16 or float16."
     ),
 ]
+InferenceDtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Precision: auto (bfloat16 on GPUs that support it; on x86 CPUs float16 weights "
+        "with float32 arithmetic), float32, bfloat16 or float16.",
+    ),
+]
 Corpus = Annotated[
     str,
     typer.Argument(
@@ -369,7 +377,7 @@ def chat(
         ),
     ] = None,
     backend: Backend = None,
-    dtype: Dtype = "auto",
+    dtype: InferenceDtype = "auto",
 ) -> None:
     """Talk with MODEL: on a terminal, one turn per line through a pipe, or once (--prompt)."""
     from noodle.chat import ChatOptions

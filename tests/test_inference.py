@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from noodle.config import ModelConfig
-from noodle.inference import Session, generate
+from noodle.inference import (
+    Session,
+    generate,
+    packed_float16_available,
+    prepare_for_inference,
+    select_inference_dtype,
+)
 from noodle.model import NoodleModel
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import load_tokenizer
@@ -218,3 +224,29 @@ def test_the_compiled_decode_step_chooses_what_the_eager_path_chooses(tokenizer,
     sampled = tokens(True, SamplingSettings(), seed=3)
     assert sampled == tokens(True, SamplingSettings(), seed=3)
     assert max(sampled) < tokenizer.vocab_size
+
+
+@pytest.mark.skipif(not packed_float16_available(), reason="needs FBGEMM (x86 builds)")
+def test_float16_on_cpu_means_float16_weights_with_float32_arithmetic(tokenizer):
+    cpu = torch.device("cpu")
+    assert select_inference_dtype("auto", cpu, compiled=False) == torch.float16
+    # The compiler cannot trace FBGEMM's packed weights: compiled decoding stays float32.
+    assert select_inference_dtype("auto", cpu, compiled=True) == torch.float32
+    assert select_inference_dtype("float32", cpu, compiled=False) == torch.float32
+    reference = tiny_model()
+    ids = torch.tensor([random_ids(12)])
+    with torch.no_grad():
+        expected = reference(ids)
+    packed = prepare_for_inference(tiny_model(), torch.float16)
+    assert all(not isinstance(m, torch.nn.Linear) for m in packed.modules())
+    with torch.no_grad():
+        got = packed(ids)
+    assert got.dtype == torch.float32
+    # float16 weights: about three significant digits, not float32's seven.
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+    assert not torch.equal(got, expected)
+    session = Session(packed, tokenizer)  # the cached path agrees with the uncached one
+    session.push(ids[0, :8].tolist())
+    session.logits()
+    session.push(ids[0, 8:].tolist())
+    torch.testing.assert_close(session.logits(), got[0, -1], atol=TOLERANCE, rtol=0)
