@@ -17,6 +17,7 @@ from noodle.tokenizer import TextTokenizer
 
 # FBGEMM's float16 functions are deprecated in favour of torchao (not a dependency), yet in
 # PyTorch 2.13 they are the fastest float16 path on x86: 2x float32 on somen's output layer.
+# Process-wide on purpose: the warning would otherwise reach every chat user once.
 warnings.filterwarnings("ignore", r"fbgemm_\w+ is deprecated", UserWarning)
 
 
@@ -50,13 +51,18 @@ def select_inference_dtype(dtype: str, device: torch.device, compiled: bool) -> 
 
 class Float16Linear(nn.Module):
     """An nn.Linear for CPU inference whose weight is stored in float16 and packed for
-    FBGEMM, which converts it on the fly and multiplies in float32."""
+    FBGEMM, which converts it on the fly and multiplies in float32.
+
+    Inference only: the packed weight is an opaque CPU tensor, neither a parameter nor in
+    the state dict, and the compiler cannot trace it.
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.out_features = linear.out_features
         self.packed_weight = torch.fbgemm_pack_gemm_matrix_fp16(linear.weight.detach().float())
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -126,11 +132,14 @@ class Session:
         model.eval()
         model.setup_cache(1)
         # With compile_decode, decoding a token and choosing the next one is one compiled
-        # step of fixed shapes, captured once as a CUDA graph: a token costs one graph
-        # launch and one read of the chosen id instead of ~100 launches and their Python.
-        # Its inputs live at fixed addresses and are written in place before each launch.
+        # step of fixed shapes, captured once as a CUDA graph: a token costs four tiny
+        # writes of its inputs (which stay at fixed addresses), one graph launch and one
+        # read of the chosen id, instead of ~100 launches and their Python.
+        if compile_decode and any(isinstance(m, Float16Linear) for m in model.modules()):
+            raise ValueError("a model with FBGEMM-packed weights cannot be compiled")
         self.compile_decode = compile_decode
-        self.decode_steps: dict[SamplingSettings, tuple[Callable, torch.Tensor]] = {}
+        # None for settings whose step the compiler gave up on (see compiled_next_token).
+        self.decode_steps: dict[SamplingSettings, tuple[Callable, torch.Tensor] | None] = {}
         self.position = torch.zeros((), dtype=torch.long, device=self.device)
         self.window_len = torch.zeros((), dtype=torch.long, device=self.device)
         if compile_decode:
@@ -210,7 +219,7 @@ class Session:
         self.cached = window
         return logits
 
-    def decode_step(self, settings: SamplingSettings) -> tuple[Callable, torch.Tensor]:
+    def decode_step(self, settings: SamplingSettings) -> tuple[Callable, torch.Tensor] | None:
         """The compiled decode-and-choose step for these settings, and its noise buffer."""
         if settings not in self.decode_steps:
             vocab_limit = self.tokenizer.vocab_size
@@ -228,16 +237,26 @@ class Session:
     @torch.no_grad()
     def compiled_next_token(
         self, settings: SamplingSettings, generator: torch.Generator | None
-    ) -> int:
-        """`next_token` through the compiled step, when one token awaits its cached position."""
-        step, noise = self.decode_step(settings)
+    ) -> int | None:
+        """`next_token` through the compiled step, when one token awaits its cached
+        position; None where there is no compiled step for these settings."""
+        compiled = self.decode_step(settings)
+        if compiled is None:
+            return None
+        step, noise = compiled
         window = len(self.history) - self.window_start
         # In-place scalar writes: no host-to-device copies, and the step's inputs stay put.
         self.window_ids[self.cached] = self.history[-1]
         self.position.fill_(self.cached)
         self.window_len.fill_(window)
         noise.uniform_(generator=generator)
-        token = int(step(self.window_ids, self.position, self.window_len, noise))
+        try:
+            token = int(step(self.window_ids, self.position, self.window_len, noise))
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # The compiler keeps a bounded number of versions of one function per process
+            # (one per set of sampling settings and model shape); past it, decode eagerly.
+            self.decode_steps[settings] = None
+            return None
         self.cached = window
         return token
 
@@ -247,9 +266,10 @@ class Session:
         """Sample the token that follows the history and append it (not yet run through the
         model: a caller that stops on it can `discard_last()` it for free)."""
         window = len(self.history) - self.window_start
+        token = None
         if self.compile_decode and 0 < window <= self.ctx_len and self.cached == window - 1:
             token = self.compiled_next_token(settings, generator)
-        else:
+        if token is None:
             logits = self.logits()
             context = self.window_ids[: self.cached]
             token = sample_next(logits, settings, context, generator, self.tokenizer.vocab_size)

@@ -91,7 +91,10 @@ def sample_next(
 
 
 def noise_size(settings: SamplingSettings, vocab_limit: int) -> int:
-    """How many uniform numbers `sample_with_noise` draws with: one per candidate."""
+    """How many uniform numbers `sample_with_noise` draws with: one per candidate (greedy
+    choosing uses none; it gets one to keep the shapes uniform)."""
+    if settings.temperature <= 0:
+        return 1
     return settings.top_k if 0 < settings.top_k < vocab_limit else vocab_limit
 
 

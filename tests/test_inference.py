@@ -207,23 +207,65 @@ def test_logits_without_new_tokens_are_those_of_the_last_position(tokenizer):
     torch.testing.assert_close(session.logits(), first, atol=TOLERANCE, rtol=0)
 
 
+def favour_padded_ids(model: NoodleModel, vocab_size: int) -> NoodleModel:
+    """Make the padding rows of the output layer win every comparison, as an untrained
+    output layer's padding may: a path that forgets to cut them off will produce them."""
+    with torch.no_grad():
+        model.head.bias[vocab_size:] = 1e4
+    return model
+
+
+def conversation(session: Session, settings: SamplingSettings, prompt: list[int]) -> list[int]:
+    """The tokens of a conversation through every change of a session's state: turns past
+    the window (evictions), discard_last, a one-token push and a reset."""
+    generator = torch.Generator().manual_seed(3)
+    ctx_len = session.ctx_len
+    session.push(prompt)
+    tokens = [session.next_token(settings, generator) for _ in range(2 * ctx_len + 3)]
+    session.discard_last()
+    session.push(random_ids(1, seed=5))
+    tokens += [session.next_token(settings, generator) for _ in range(ctx_len + 2)]
+    session.reset()
+    session.push(prompt)
+    return tokens + [session.next_token(settings, generator) for _ in range(3)]
+
+
 @pytest.mark.parametrize("ctx_len", [1, 8])
 def test_the_compiled_decode_step_chooses_what_the_eager_path_chooses(tokenizer, ctx_len):
     """The decode-and-choose step that CUDA captures as one graph, compiled for real (on
-    CPU here): greedy tokens equal the eager path's through evictions, a seed fixes the
-    samples, and padded vocabulary ids never come out."""
+    CPU here): greedy tokens with a repetition penalty equal the eager path's through every
+    state change, a seed fixes the samples, and padded vocabulary ids never come out."""
     prompt = random_ids(5)[:ctx_len]
 
-    def tokens(compiled: bool, settings: SamplingSettings, seed: int = 0) -> list[int]:
-        session = Session(tiny_model(ctx_len=ctx_len), tokenizer, compile_decode=compiled)
-        session.push(prompt)
-        generator = torch.Generator().manual_seed(seed)
-        return [session.next_token(settings, generator) for _ in range(3 * ctx_len + 5)]
+    def tokens(compiled: bool, settings: SamplingSettings) -> list[int]:
+        model = favour_padded_ids(tiny_model(ctx_len=ctx_len), tokenizer.vocab_size)
+        session = Session(model, tokenizer, compile_decode=compiled)
+        tokens = conversation(session, settings, prompt)
+        assert None not in session.decode_steps.values()  # compiled, not fallen back
+        assert len(session.decode_steps) == compiled
+        return tokens
 
-    assert tokens(True, GREEDY) == tokens(False, GREEDY)
-    sampled = tokens(True, SamplingSettings(), seed=3)
-    assert sampled == tokens(True, SamplingSettings(), seed=3)
-    assert max(sampled) < tokenizer.vocab_size
+    penalised_greedy = SamplingSettings(temperature=0, repetition_penalty=1.5)
+    greedy = tokens(True, penalised_greedy)
+    assert greedy == tokens(False, penalised_greedy)
+    sampled = tokens(True, SamplingSettings())
+    assert sampled == tokens(True, SamplingSettings())
+    assert max(greedy + sampled) < tokenizer.vocab_size
+
+
+def test_past_the_compilers_recompile_limit_decoding_goes_on_eagerly(tokenizer):
+    """The compiler keeps a bounded number of versions of the decode step per process (one
+    per set of sampling settings); a session asked for more decodes those eagerly."""
+    prompt = random_ids(5)
+    compiled = Session(tiny_model(), tokenizer, compile_decode=True)
+    eager = Session(tiny_model(), tokenizer)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for penalty in (1.5, 1.3):
+            settings = SamplingSettings(temperature=0, repetition_penalty=penalty)
+            for session in (compiled, eager):
+                session.reset()
+            assert conversation(compiled, settings, prompt) == conversation(eager, settings, prompt)
+    assert None in compiled.decode_steps.values()
 
 
 @pytest.mark.skipif(not packed_float16_available(), reason="needs FBGEMM (x86 builds)")
@@ -250,3 +292,18 @@ def test_float16_on_cpu_means_float16_weights_with_float32_arithmetic(tokenizer)
     session.logits()
     session.push(ids[0, 8:].tolist())
     torch.testing.assert_close(session.logits(), got[0, -1], atol=TOLERANCE, rtol=0)
+
+
+def test_without_fbgemm_auto_is_float32_and_float16_a_plain_cast(monkeypatch):
+    monkeypatch.setattr("noodle.inference.packed_float16_available", lambda: False)
+    assert select_inference_dtype("auto", torch.device("cpu"), compiled=False) == torch.float32
+    model = prepare_for_inference(tiny_model(), torch.float16)
+    assert model.head.weight.dtype == torch.float16
+    assert isinstance(model.head, torch.nn.Linear)
+
+
+@pytest.mark.skipif(not packed_float16_available(), reason="needs FBGEMM (x86 builds)")
+def test_a_model_with_packed_weights_is_not_compiled(tokenizer):
+    model = prepare_for_inference(tiny_model(), torch.float16)
+    with pytest.raises(ValueError, match="cannot be compiled"):
+        Session(model, tokenizer, compile_decode=True)
