@@ -141,9 +141,9 @@ class Session:
         # None for settings whose step the compiler gave up on (see compiled_next_token).
         self.decode_steps: dict[SamplingSettings, tuple[Callable, torch.Tensor] | None] = {}
         self.position = torch.zeros((), dtype=torch.long, device=self.device)
-        self.window_len = torch.zeros((), dtype=torch.long, device=self.device)
+        self.window_length_tensor = torch.zeros((), dtype=torch.long, device=self.device)
         if compile_decode:
-            for tensor in (self.window_ids, self.position, self.window_len):
+            for tensor in (self.window_ids, self.position, self.window_length_tensor):
                 torch._dynamo.mark_static_address(tensor)
 
     def reset(self) -> None:
@@ -161,6 +161,10 @@ class Session:
     @property
     def window(self) -> list[int]:
         return self.history[self.window_start :]
+
+    @property
+    def window_length(self) -> int:
+        return len(self.history) - self.window_start
 
     def push(self, ids: list[int]) -> None:
         """Add tokens to the conversation; the next `logits()` runs the model over them."""
@@ -180,7 +184,7 @@ class Session:
             raise ValueError("the conversation is empty: there is no token to discard")
         token = self.history.pop()
         self.window_start = min(self.window_start, len(self.history))
-        self.cached = min(self.cached, len(self.history) - self.window_start)
+        self.cached = min(self.cached, self.window_length)
         return token
 
     def evict(self) -> None:
@@ -191,7 +195,7 @@ class Session:
         restart at 0 in the rebuilt cache; rotary attention only sees relative distances.
         """
         half = max(1, self.ctx_len // 2)
-        overflow = len(self.history) - self.window_start - self.ctx_len
+        overflow = self.window_length - self.ctx_len
         self.window_start += -(-overflow // half) * half
         self.cached = 0
 
@@ -202,9 +206,9 @@ class Session:
         Interrupting this (Ctrl-C) leaves the session consistent: `cached` only counts
         positions once they are written.
         """
-        if len(self.history) - self.window_start > self.ctx_len:
+        if self.window_length > self.ctx_len:
             self.evict()
-        window = len(self.history) - self.window_start
+        window = self.window_length
         if window == 0:
             raise ValueError("the conversation is empty: push a prompt first")
         if self.cached == window:
@@ -244,14 +248,14 @@ class Session:
         if compiled is None:
             return None
         step, noise = compiled
-        window = len(self.history) - self.window_start
+        window = self.window_length
         # In-place scalar writes: no host-to-device copies, and the step's inputs stay put.
         self.window_ids[self.cached] = self.history[-1]
         self.position.fill_(self.cached)
-        self.window_len.fill_(window)
+        self.window_length_tensor.fill_(window)
         noise.uniform_(generator=generator)
         try:
-            token = int(step(self.window_ids, self.position, self.window_len, noise))
+            token = int(step(self.window_ids, self.position, self.window_length_tensor, noise))
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             # The compiler keeps a bounded number of versions of one function per process
             # (one per set of sampling settings and model shape); past it, decode eagerly.
@@ -265,7 +269,7 @@ class Session:
     ) -> int:
         """Sample the token that follows the history and append it (not yet run through the
         model: a caller that stops on it can `discard_last()` it for free)."""
-        window = len(self.history) - self.window_start
+        window = self.window_length
         token = None
         if self.compile_decode and 0 < window <= self.ctx_len and self.cached == window - 1:
             token = self.compiled_next_token(settings, generator)
