@@ -9,6 +9,8 @@ import argparse
 from dataclasses import replace
 
 import numpy as np
+from noodle.train.loop import Trainer
+from noodle.train.settings import TrainSettings
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.train_speed import SHAPES
@@ -17,7 +19,6 @@ from noodle.checkpoint import ModelDir
 from noodle.device import select_device, select_dtype, synchronize
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
-from noodle.training import Trainer, TrainSettings
 
 
 def main() -> None:
@@ -45,15 +46,15 @@ def main() -> None:
         device,
         select_dtype("auto", device),
         Reporter(quiet=True),
-        fingerprint={},
+        identity={},
     )
     for index in range(10):
-        trainer.train_step(*trainer.device_batch(0, index), settings.lr)
+        trainer.train_step(*trainer.device_batch(0, index), lr_factor=1.0)
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for index in range(10, 10 + args.steps):
-            trainer.train_step(*trainer.device_batch(0, index), settings.lr)
+            trainer.train_step(*trainer.device_batch(0, index), lr_factor=1.0)
         synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=90))

@@ -18,6 +18,8 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from noodle.train.loop import Trainer
+from noodle.train.settings import TrainSettings
 
 from noodle.batching import TokenWindows
 from noodle.checkpoint import ModelDir
@@ -25,7 +27,6 @@ from noodle.config import PRESETS, ModelConfig
 from noodle.device import select_device, select_dtype, synchronize
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
-from noodle.training import Trainer, TrainSettings
 
 SHAPES = {
     "tiny": ModelConfig(n_layers=2, emb_dim=64, n_heads=2, head_dim=32, hidden_dim=128, ctx_len=64),
@@ -78,7 +79,7 @@ def measure(
             device,
             amp_dtype,
             Reporter(quiet=True),
-            fingerprint={},
+            identity={},
         )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -87,7 +88,7 @@ def measure(
                 synchronize(device)
                 started = time.perf_counter()
             inputs, targets = trainer.device_batch(0, index)
-            loss, _ = trainer.train_step(inputs, targets, settings.lr)
+            loss, _ = trainer.train_step(inputs, targets, lr_factor=1.0)
         synchronize(device)
         elapsed = time.perf_counter() - started
     tokens_per_s = steps * batch * config.ctx_len / elapsed

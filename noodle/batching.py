@@ -14,6 +14,13 @@ TRAIN_FRACTION = 0.9
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """A batch on the device; on CUDA copied from pinned memory without waiting."""
+    if device.type == "cuda":
+        batch = tuple(tensor.pin_memory() for tensor in batch)
+    return tuple(tensor.to(device, non_blocking=True) for tensor in batch)
+
+
 class TokenWindows:
     """Non-overlapping windows of ctx_len inputs (plus the one next token for the targets).
 

@@ -16,12 +16,8 @@ from rich.console import Console
 
 from noodle.checkpoint import load_model
 from noodle.device import select_device
-from noodle.inference import (
-    Session,
-    prepare_for_inference,
-    select_inference_dtype,
-    uses_packed_float16,
-)
+from noodle.inference import Session
+from noodle.precision import prepare_for_inference, select_inference_dtype, uses_packed_float16
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
 

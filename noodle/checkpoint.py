@@ -53,10 +53,6 @@ def unwrap(model: torch.nn.Module) -> NoodleModel:
             return model
 
 
-def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-
-
 def write_safetensors(
     handle: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
@@ -130,30 +126,9 @@ class ModelDir:
     def write_tokenizer(self, tokenizer: TextTokenizer) -> None:
         atomic_write_bytes(self.file(TOKENIZER), tokenizer.raw)
 
-    def save_weights(self, model: torch.nn.Module) -> None:
-        tensors = state_tensors(model)
+    def write_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write contiguous CPU `tensors` (a state dict) as the model's weights."""
         atomic_write(self.file(WEIGHTS), lambda handle: write_safetensors(handle, tensors))
-
-    def append_metrics(self, records: list[dict]) -> None:
-        """Rewrite metrics.jsonl with `records` appended, atomically."""
-        if not records:
-            return
-        path = self.file(METRICS)
-        old = path.read_bytes() if path.exists() else b""
-        new = "".join(json.dumps(r) + "\n" for r in records).encode("utf-8")
-        atomic_write_bytes(path, old + new)
-
-    def truncate_metrics(self, last_step: int) -> None:
-        """Drop records logged after `last_step`, e.g. past the resume point of a crash."""
-        path = self.file(METRICS)
-        if not path.exists():
-            return
-        kept = [
-            line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step
-        ]
-        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
     def remove_temporary_files(self) -> None:
         """Delete what writes killed mid-way (SIGKILL, power cut) left behind; call only when
@@ -166,9 +141,6 @@ class ModelDir:
         """Tensors and JSON state in one safetensors file, so they can never disagree."""
         metadata = {"state": json.dumps(state)}
         atomic_write(self.file(RESUME), lambda handle: write_safetensors(handle, tensors, metadata))
-
-    def has_resume_state(self) -> bool:
-        return self.file(RESUME).is_file()
 
     def read_resume_metadata(self) -> dict:
         """The JSON part of the resume state alone, without reading its tensors."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import shlex
@@ -21,7 +23,14 @@ from typer.exceptions import TyperException
 from noodle import __version__
 from noodle.errors import Interrupted, NoodleError, UsageError
 from noodle.progress import Reporter
-from noodle.training import TrainSettings
+from noodle.train.settings import (
+    FINETUNE_DEFAULTS,
+    OPTIMIZERS,
+    PRETRAIN_DEFAULTS,
+    SCHEDULES,
+    RunDefaults,
+    TrainSettings,
+)
 
 app = typer.Typer(
     name="noodle",
@@ -73,25 +82,6 @@ ModelArg = Annotated[
 OutputDir = Annotated[
     Path, typer.Argument(help="Directory to write the model into.", show_default=False)
 ]
-MaxEpochs = Annotated[int, typer.Option(help="Passes over the training split.")]
-MaxSteps = Annotated[
-    int | None, typer.Option(help="Stop after this many steps, whatever the epochs.")
-]
-BatchSize = Annotated[int, typer.Option(help="Sequences per optimizer step.")]
-EvalInterval = Annotated[int, typer.Option(help="Evaluate every this many steps.")]
-EvalBatches = Annotated[
-    int, typer.Option(help="Validation batches per evaluation (evenly spread).")
-]
-Patience = Annotated[
-    int,
-    typer.Option(
-        help="Stop after this many evaluations without an improvement of --min-improvement."
-    ),
-]
-MinImprovement = Annotated[
-    float, typer.Option(help="The drop in validation loss that counts as an improvement.")
-]
-Seed = Annotated[int, typer.Option(help="Seed for weights, data order and dropout.")]
 Resume = Annotated[
     bool,
     typer.Option(
@@ -107,23 +97,144 @@ def positive(name: str, value: int | float | None) -> None:
         raise UsageError(f"--{name} must be positive, got {value}")
 
 
-def training_settings(
-    lr_at_batch_4: float,
-    lr: float | None,
-    seed: int,
-    min_improvement: float,
-    **positive_options: int | float | None,
-) -> TrainSettings:
-    """TrainSettings from the options train and finetune share; a minimum improvement of 0
-    (any drop counts) is allowed, the other numbers must be positive. Without --lr, the
-    original's rule: `lr_at_batch_4` scaled linearly with the batch size."""
-    for name, value in {"lr": lr, **positive_options}.items():
-        positive(name.replace("_", "-"), value)
+def one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown --{name} {value!r} (choose {', '.join(choices)})")
+
+
+def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, object]]:
+    """The options `train` and `finetune` share: name -> (annotation, default)."""
+    return {
+        "max_epochs": (
+            Annotated[int, typer.Option(help="Passes over the training split.")],
+            defaults.max_epochs,
+        ),
+        "max_steps": (
+            Annotated[
+                int | None, typer.Option(help="Stop after this many steps, whatever the epochs.")
+            ],
+            None,
+        ),
+        "batch_size": (
+            Annotated[int, typer.Option(help="Sequences per optimizer step.")],
+            defaults.batch_size,
+        ),
+        "lr": (
+            Annotated[
+                float | None,
+                typer.Option(
+                    help=f"Peak learning rate. Default: {defaults.lr_at_batch_4:g} × "
+                    "batch-size / 4.",
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
+        "optimizer": (
+            Annotated[
+                str,
+                typer.Option(
+                    help="adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)."
+                ),
+            ],
+            TrainSettings.optimizer,
+        ),
+        "schedule": (
+            Annotated[
+                str,
+                typer.Option(
+                    help="Learning rate after the warm-up: cosine (decay to a tenth of the "
+                    "peak) or wsd (flat, then a linear decay over the last fifth)."
+                ),
+            ],
+            TrainSettings.schedule,
+        ),
+        "eval_interval": (
+            Annotated[int, typer.Option(help="Evaluate every this many steps.")],
+            defaults.eval_interval,
+        ),
+        "eval_batches": (
+            Annotated[int, typer.Option(help="Validation batches per evaluation (evenly spread).")],
+            defaults.eval_batches,
+        ),
+        "patience": (
+            Annotated[
+                int,
+                typer.Option(
+                    help="Stop after this many evaluations without an improvement of "
+                    "--min-improvement."
+                ),
+            ],
+            defaults.patience,
+        ),
+        "min_improvement": (
+            Annotated[
+                float,
+                typer.Option(help="The drop in validation loss that counts as an improvement."),
+            ],
+            defaults.min_improvement,
+        ),
+        "save_every": (
+            Annotated[
+                float,
+                typer.Option(
+                    help="Save the resume state at least every this many minutes (also on "
+                    "Ctrl-C, SIGTERM and at the end): what a crash can lose."
+                ),
+            ],
+            TrainSettings.save_interval_s / 60,
+        ),
+        "seed": (
+            Annotated[int, typer.Option(help="Seed for weights, data order and dropout.")],
+            TrainSettings.seed,
+        ),
+    }
+
+
+def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
+    """TrainSettings from the shared options' values; a minimum improvement of 0 (any drop
+    counts) is allowed, the other numbers must be positive. Without --lr, the original's
+    rule: `lr_at_batch_4` scaled linearly with the batch size."""
+    min_improvement, save_every = values.pop("min_improvement"), values.pop("save_every")
+    for name, value in values.items():
+        if not isinstance(value, str):
+            positive(name.replace("_", "-"), value)
     if min_improvement < 0:
         raise UsageError(f"--min-improvement must not be negative, got {min_improvement}")
-    if lr is None:
-        lr = lr_at_batch_4 * positive_options["batch_size"] / 4
-    return TrainSettings(lr=lr, seed=seed, min_improvement=min_improvement, **positive_options)
+    if save_every < 0:
+        raise UsageError(f"--save-every must not be negative, got {save_every}")
+    one_of("optimizer", values["optimizer"], OPTIMIZERS)
+    one_of("schedule", values["schedule"], SCHEDULES)
+    if values["lr"] is None:
+        values["lr"] = defaults.lr_at_batch_4 * values["batch_size"] / 4
+    return TrainSettings(min_improvement=min_improvement, save_interval_s=60 * save_every, **values)
+
+
+def with_training_options(defaults: RunDefaults) -> Callable[[Callable], Callable]:
+    """Give a command the options `train` and `finetune` share (with `defaults`); the
+    command receives them as one TrainSettings, its `settings` parameter."""
+    options = training_option_types(defaults)
+
+    def decorate(command: Callable) -> Callable:
+        own = inspect.signature(command, eval_str=True).parameters
+        parameters = [p for name, p in own.items() if name != "settings"]
+        parameters += [
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind
+            )
+            for name, (kind, default) in options.items()
+        ]
+
+        @functools.wraps(command)
+        def run(**values: object) -> None:
+            shared = {name: values.pop(name) for name in options}
+            command(settings=training_settings(defaults, shared), **values)
+
+        run.__signature__ = inspect.Signature(parameters)
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return run
+
+    return decorate
 
 
 def run_with_reporter(work: Callable[[Reporter], object]) -> None:
@@ -135,26 +246,14 @@ def run_with_reporter(work: Callable[[Reporter], object]) -> None:
 
 
 @app.command()
+@with_training_options(PRETRAIN_DEFAULTS)
 def train(
     corpus: Corpus,
     output_dir: OutputDir,
+    settings: TrainSettings,
     model: Annotated[
         str, typer.Option(help="Preset (somen, soba, udon) or a CONFIG.json in model.json form.")
     ] = "somen",
-    max_epochs: MaxEpochs = 20,
-    max_steps: MaxSteps = None,
-    batch_size: BatchSize = 8,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Peak learning rate. Default: 1e-4 × batch-size / 4.", show_default=False
-        ),
-    ] = None,
-    eval_interval: EvalInterval = 200,
-    eval_batches: EvalBatches = 50,
-    patience: Patience = 10,
-    min_improvement: MinImprovement = 0.01,
-    seed: Seed = 1337,
     resume: Resume = False,
     tokenizer: Annotated[
         Path | None,
@@ -180,21 +279,9 @@ def train(
     dtype: Dtype = "auto",
 ) -> None:
     """Train a model from scratch on CORPUS into OUTPUT_DIR."""
-    from noodle.pretrain import LR_AT_BATCH_4, TrainOptions
-    from noodle.pretrain import train as run_train
+    from noodle.train.pretrain import TrainOptions
+    from noodle.train.pretrain import train as run_train
 
-    settings = training_settings(
-        LR_AT_BATCH_4,
-        lr,
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        eval_interval=eval_interval,
-        eval_batches=eval_batches,
-        patience=patience,
-        min_improvement=min_improvement,
-        seed=seed,
-    )
     options = TrainOptions(
         corpus=corpus,
         output_dir=output_dir,
@@ -211,6 +298,7 @@ def train(
 
 
 @app.command()
+@with_training_options(FINETUNE_DEFAULTS)
 def finetune(
     model: Annotated[
         str,
@@ -228,40 +316,15 @@ def finetune(
         ),
     ],
     output_dir: OutputDir,
-    max_epochs: MaxEpochs = 5,
-    max_steps: MaxSteps = None,
-    batch_size: BatchSize = 4,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Peak learning rate. Default: 2e-5 × batch-size / 4.", show_default=False
-        ),
-    ] = None,
-    eval_interval: EvalInterval = 5000,
-    eval_batches: EvalBatches = 500,
-    patience: Patience = 3,
-    min_improvement: MinImprovement = 0.005,
-    seed: Seed = 1337,
+    settings: TrainSettings,
     resume: Resume = False,
     backend: Backend = None,
     dtype: Dtype = "auto",
 ) -> None:
     """Fine-tune MODEL on the instruction file INPUT into OUTPUT_DIR."""
-    from noodle.finetune import LR_AT_BATCH_4, FinetuneOptions
-    from noodle.finetune import finetune as run_finetune
+    from noodle.train.finetune import FinetuneOptions
+    from noodle.train.finetune import finetune as run_finetune
 
-    settings = training_settings(
-        LR_AT_BATCH_4,
-        lr,
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        eval_interval=eval_interval,
-        eval_batches=eval_batches,
-        patience=patience,
-        min_improvement=min_improvement,
-        seed=seed,
-    )
     options = FinetuneOptions(
         model=model,
         input=input,
@@ -328,10 +391,6 @@ def info(model: ModelArg) -> None:
     from noodle.info import model_table
 
     Console(highlight=False).print(model_table(model))
-
-
-def not_implemented() -> None:
-    raise NoodleError("not implemented yet")
 
 
 @app.command()

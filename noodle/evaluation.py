@@ -1,4 +1,5 @@
-"""`noodle eval`: a model's loss, perplexity and bits per byte on a corpus.
+"""A model's loss on batches (`evaluate`, which training uses too), and `noodle eval`:
+loss, perplexity and bits per byte on a corpus.
 
 The whole corpus is cut into non-overlapping windows of ctx_len inputs, evaluated in
 batches; the tokens evaluated are the windows' targets, i.e. tokens 1 .. windows × ctx_len
@@ -18,18 +19,39 @@ import numpy as np
 import torch
 from tokenizers import decoders
 
-from noodle.batching import Batch, TokenWindows
+from noodle.batching import Batch, TokenWindows, to_device
 from noodle.checkpoint import load_model
 from noodle.corpus import load_token_stream
-from noodle.device import select_device, select_dtype
+from noodle.device import autocast, select_device, select_dtype
 from noodle.errors import NoodleError
+from noodle.model import IGNORE
 from noodle.progress import Reporter
 from noodle.tokenizer import TextTokenizer
-from noodle.training import evaluate
 
 # Byte counts are summed over the token stream this many tokens at a time (bounded memory).
 COUNT_CHUNK = 1 << 22
 MAX_EXP_ARGUMENT = math.log(sys.float_info.max)  # a diverged model can exceed it
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, batches: Iterator[Batch], device: torch.device, amp_dtype: torch.dtype
+) -> float:
+    """Mean cross-entropy per predicted token over `batches` (targets of IGNORE predict
+    nothing). Sums stay on the device: one host read at the end."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    for batch in batches:
+        inputs, targets = to_device(batch, device)
+        predicted = (targets != IGNORE).sum()
+        with autocast(device, amp_dtype):
+            loss = model(inputs, targets)
+        total += loss.double() * predicted
+        count += predicted
+    model.train(was_training)
+    return float(total) / max(int(count), 1)
 
 
 @dataclass(frozen=True)

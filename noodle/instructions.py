@@ -33,10 +33,10 @@ from noodle.batching import TRAIN_FRACTION, Batch
 from noodle.checkpoint import atomic_write_bytes
 from noodle.corpus import read_lines
 from noodle.errors import NoodleError
+from noodle.model import IGNORE
 from noodle.progress import Reporter
 from noodle.tokenizer import END_OF_TEXT, TextTokenizer
 
-IGNORE = -100  # the target value the model's loss skips
 HEADER = re.compile(r"^###[ \t]*(Instruction|Input|Response)[ \t]*:[ \t]*", re.MULTILINE)
 # Blocks are tokenized this many at a time: the batch API is parallel, the memory bounded.
 ENCODE_CHUNK = 1024

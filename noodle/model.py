@@ -17,6 +17,7 @@ from torch import nn
 from noodle.config import ModelConfig
 
 QK_NORM_EPS = 1e-6
+IGNORE = -100  # a target the loss skips (prompt and padding positions)
 
 
 def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,11 +213,11 @@ class NoodleModel(nn.Module):
         start: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (batch, length, vocab_size), or with `targets` the mean next-token
-        cross-entropy (targets of -100 are ignored). With `start`, reads and extends the
+        cross-entropy (targets of IGNORE are skipped). With `start`, reads and extends the
         key/value cache (see `hidden_states`)."""
         logits = self.head(self.hidden_states(idx, start))
         if targets is None:
             return logits
         return F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
         )

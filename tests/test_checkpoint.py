@@ -26,7 +26,7 @@ def save(tmp_path, config=CONFIG):
     tokenizer = load_tokenizer()
     out.write_metadata(model_metadata(config, "custom", tokenizer, {"kind": "train"}))
     out.write_tokenizer(tokenizer)
-    out.save_weights(model)
+    out.write_weights(model.state_dict())
     return model.eval(), out.path
 
 

@@ -19,16 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from noodle import corpus
+from noodle import sources
 from noodle.corpus import (
-    WebFile,
-    hf_url,
     load_token_stream,
     read_lines,
     text_blocks,
     token_chunks,
     tokenize_blocks,
 )
+from noodle.sources import WebFile, hf_url
 from noodle.errors import NoodleError, UsageError
 from noodle.progress import Reporter
 from noodle.tokenizer import load_tokenizer
@@ -280,7 +279,7 @@ def test_an_unknown_host_names_the_url(tokenizer):
 
 
 def test_a_silent_server_times_out_with_the_url(tokenizer, server, monkeypatch):
-    monkeypatch.setattr(corpus, "HTTP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(sources, "HTTP_TIMEOUT_S", 0.2)
     server.routes["/slow.txt"] = Route(b"late\n", delay_s=2)
     url = server.url("/slow.txt")
     with pytest.raises(NoodleError, match=f"cannot reach {url}: timed out"):

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 from noodle.config import ModelConfig
-from noodle.inference import (
-    Session,
-    generate,
+from noodle.inference import Session, generate
+from noodle.model import NoodleModel
+from noodle.precision import (
     packed_float16_available,
     prepare_for_inference,
     select_inference_dtype,
 )
-from noodle.model import NoodleModel
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import load_tokenizer
 from tests.conftest import TINY_CONFIG
@@ -295,7 +294,7 @@ def test_float16_on_cpu_means_float16_weights_with_float32_arithmetic(tokenizer)
 
 
 def test_without_fbgemm_auto_is_float32_and_float16_a_plain_cast(monkeypatch):
-    monkeypatch.setattr("noodle.inference.packed_float16_available", lambda: False)
+    monkeypatch.setattr("noodle.precision.packed_float16_available", lambda: False)
     assert select_inference_dtype("auto", torch.device("cpu"), compiled=False) == torch.float32
     model = prepare_for_inference(tiny_model(), torch.float16)
     assert model.head.weight.dtype == torch.float16

@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from noodle import training
-from noodle.training import TrainSettings
+from noodle.train.settings import TrainSettings
 from tests.tiny_runs import read_metrics, saved_tensors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,15 +36,16 @@ class SimulatedCrash(Exception):
     """Stands for a kill or a power cut: the run stops with no chance to save anything."""
 
 
-def test_run_resumed_after_a_crash_matches_the_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
-    # Flush metrics at every log, so the crash leaves records past the saved step.
-    monkeypatch.setattr(training, "METRICS_FLUSH_COST_RATIO", 0)
+def test_run_resumed_after_a_crash_matches_the_uninterrupted_run(tiny_run, tmp_path):
     reference = tiny_run.trainer(tmp_path / "reference", SETTINGS)
     expected = reference.run()
     assert expected.stopped_early and expected.step == EARLY_STOP_STEP
 
     out = tmp_path / "crashed"
     crashing = tiny_run.trainer(out, SETTINGS)
+    # Save the resume state at the evaluations only, so the crash leaves metrics records
+    # past the saved step.
+    crashing.save_due = lambda: crashing.state.step % SETTINGS.eval_interval == 0
     get_batch = crashing.train_data.get
 
     def get_batch_or_crash(epoch: int, index: int):
@@ -100,15 +100,16 @@ def test_resume_state_is_one_safetensors_file_of_tensors_and_json(tiny_run, tmp_
     state = json.loads(header["__metadata__"]["state"])
     assert state["train_state"] == asdict(trainer.state)
     assert {"step": 10, "epoch": 0, "batch_index": 10}.items() <= state["train_state"].items()
-    assert state["fingerprint"]["settings"]["lr"] == SETTINGS.lr
-    assert state["fingerprint"]["architecture"]["dropout"] == 0.1
-    assert state["param_groups"][0]["weight_decay"] == SETTINGS.weight_decay
+    assert state["identity"]["settings"]["lr"] == SETTINGS.lr
+    assert state["identity"]["architecture"]["dropout"] == 0.1
+    assert state["param_groups"]["adamw"][0]["weight_decay"] == SETTINGS.weight_decay
+    assert state["schedule"] == {**state["schedule"], "kind": "cosine", "total_steps": 10}
 
     with safe_open(out / "resume.safetensors", framework="pt") as reader:
         names = set(reader.keys())
     model_names = {f"model.{name}" for name in trainer.model.state_dict()}
     optimizer_names = {
-        f"optimizer.{index}.{moment}"
+        f"optimizer.adamw.{index}.{moment}"
         for index in range(len(model_names))
         for moment in ("step", "exp_avg", "exp_avg_sq")
     }

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from noodle.train.loop import Trainer
+from noodle.train.resume import run_identity
+from noodle.train.settings import TrainSettings
 from safetensors import safe_open
 
 from noodle.batching import split_windows
@@ -21,7 +24,6 @@ from noodle.config import config_from_dict, padded_vocab_size
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
 from noodle.tokenizer import load_tokenizer
-from noodle.training import Trainer, TrainSettings
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class TinyRun:
             torch.device("cpu"),
             torch.float32,
             Reporter(interactive=False, quiet=True),
-            fingerprint={"architecture": config.to_dict()},
+            run_identity(settings, architecture=config.to_dict()),
         )
 
 

@@ -12,12 +12,12 @@ from noodle.checkpoint import ModelDir, load_model
 from noodle.device import select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.instructions import examples_fingerprint, load_examples, split_examples
+from noodle.parallel import Parallel
 from noodle.progress import Reporter
-from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_from_best
-from noodle.training import Trainer, TrainSettings, TrainState
-
-# The original's default fine-tuning learning rate at batch 4, scaled like train's.
-LR_AT_BATCH_4 = 2e-5
+from noodle.train.loop import Trainer
+from noodle.train.resume import run_identity
+from noodle.train.run import RunRecord, prepare_output_dir, run_training, sample_from_best
+from noodle.train.settings import TrainSettings, TrainState
 
 
 @dataclass
@@ -33,7 +33,8 @@ class FinetuneOptions:
 
 def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     settings = options.settings
-    device = select_device(options.backend)
+    parallel = Parallel.from_environment()
+    device = select_device(options.backend, parallel.local_rank)
     amp_dtype = select_dtype(options.dtype, device)
     base = load_model(options.model, device)
     if Path(options.output_dir).resolve() == base.directory.resolve():
@@ -41,8 +42,10 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
             f"{options.output_dir} is the base model's directory; fine-tune into another one"
         )
     tokenizer, config = base.tokenizer, base.config
-    identity = {"architecture": config.to_dict(), "base_model": str(base.directory.resolve())}
-    prepare_output_dir(options.output_dir, options.resume, identity, settings)
+    identity = run_identity(
+        settings, architecture=config.to_dict(), base_model=str(base.directory.resolve())
+    )
+    prepare_output_dir(options.output_dir, options.resume, identity)
 
     examples, skipped = load_examples(options.input, tokenizer, config.ctx_len, reporter)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
@@ -60,6 +63,7 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         "finetune",
         options.input,
         settings,
+        train_data.batches_per_epoch(),
         extra={
             "base_model": str(base.directory.resolve()),
             "base_training": base.metadata.get("training"),
@@ -88,6 +92,7 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         reporter,
         fingerprint,
         on_best=record.on_best,
+        parallel=parallel,
     )
     state = run_training(trainer, record, options.resume, reporter)
 

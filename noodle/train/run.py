@@ -9,36 +9,31 @@ import torch
 
 from noodle.checkpoint import MODEL_JSON, ModelDir, check_output_dir, load_model, model_metadata
 from noodle.config import ModelConfig
-from noodle.device import release_free_memory
-from noodle.errors import NoodleError
+from noodle.errors import Interrupted, NoodleError
 from noodle.inference import Session, generate
+from noodle.memory import release_free_memory
 from noodle.progress import Reporter
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
-from noodle.training import (
-    Interrupted,
-    Trainer,
-    TrainSettings,
-    TrainState,
-    check_resumable,
-    settings_fingerprint,
-)
+from noodle.train.loop import Trainer
+from noodle.train.resume import check_resumable
+from noodle.train.settings import TrainSettings, TrainState
 
 SAMPLE_TOKENS = 60
 
 
-def prepare_output_dir(path: Path, resume: bool, identity: dict, settings: TrainSettings) -> None:
+def prepare_output_dir(path: Path, resume: bool, identity: dict) -> None:
     """Refuse a bad OUTPUT_DIR before any input is read; nothing is created or changed yet.
 
     A new run must not overwrite a model; a resumed run needs the resume state of a run
-    with the same `identity` (architecture, tokenizer, ...) and settings; what it trains on
-    is checked once read.
+    with the same `identity` (see `resume.run_identity`) as far as it is known before the
+    data is read; what it trains on is checked once read.
     """
     path = check_output_dir(path)
     if resume:
         if not path.is_dir():
             raise NoodleError(f"nothing to resume: {path} does not exist")
-        check_resumable(ModelDir(path), {**identity, "settings": settings_fingerprint(settings)})
+        check_resumable(ModelDir(path), identity)
     elif (path / MODEL_JSON).exists():
         raise NoodleError(
             f"{path} already holds a model; continue its run with --resume or choose another "
@@ -59,10 +54,12 @@ class RunRecord:
         kind: str,
         source: str,
         settings: TrainSettings,
+        batches_per_epoch: int,
         extra: dict | None = None,
     ) -> None:
         self.out, self.config, self.preset, self.tokenizer = out, config, preset, tokenizer
         self.kind, self.source, self.settings = kind, source, settings
+        self.batches_per_epoch = batches_per_epoch
         self.extra = extra or {}
 
     def summary(self, state: TrainState, status: str) -> dict:
@@ -70,13 +67,14 @@ class RunRecord:
             "kind": self.kind,
             "status": status,
             "steps": state.step,
-            "epochs": state.epoch,
+            "epochs": state.epochs_done(self.batches_per_epoch),
             "tokens_seen": state.tokens_seen,
             "best_val_loss": None if state.best_step == 0 else state.best_loss,
             "best_step": state.best_step,
             "source": self.source,
             "batch_size": self.settings.batch_size,
             "lr": self.settings.lr,
+            "optimizer": self.settings.optimizer,
             "seed": self.settings.seed,
             **self.extra,
         }

@@ -15,17 +15,16 @@ from noodle.config import resolve_model_config
 from noodle.corpus import load_token_stream, token_chunks
 from noodle.device import select_device, select_dtype
 from noodle.model import NoodleModel
+from noodle.parallel import Parallel
 from noodle.progress import Reporter
-from noodle.runs import RunRecord, prepare_output_dir, run_training, sample_from_best
 from noodle.tokenizer import load_tokenizer
-from noodle.training import Trainer, TrainSettings, TrainState
+from noodle.train.loop import Trainer
+from noodle.train.resume import run_identity
+from noodle.train.run import RunRecord, prepare_output_dir, run_training, sample_from_best
+from noodle.train.settings import TrainSettings, TrainState
 
 SAMPLE_PROMPT = "Once upon a time"
 FINGERPRINT_CHUNK = 1 << 24  # tokens hashed at a time
-
-
-# The original's default learning rate at batch 4; it scales linearly with the batch size.
-LR_AT_BATCH_4 = 1e-4
 
 
 @dataclass
@@ -52,14 +51,15 @@ def corpus_fingerprint(tokens: np.ndarray) -> str:
 
 
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
-    device = select_device(options.backend)
+    parallel = Parallel.from_environment()
+    device = select_device(options.backend, parallel.local_rank)
     amp_dtype = select_dtype(options.dtype, device)
     compile_model = device.type == "cuda" if options.compile is None else options.compile
     settings = replace(options.settings, compile=compile_model)
     tokenizer = load_tokenizer(options.tokenizer)
     preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
-    identity = {"architecture": config.to_dict(), "tokenizer": tokenizer.sha256}
-    prepare_output_dir(options.output_dir, options.resume, identity, settings)
+    identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
+    prepare_output_dir(options.output_dir, options.resume, identity)
     tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
     train_windows, val_windows = split_windows(
         tokens, config.ctx_len, settings.batch_size, settings.seed
@@ -74,7 +74,16 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     )
     # Only now, with every input checked, is OUTPUT_DIR created or written to.
     out = ModelDir(options.output_dir)
-    record = RunRecord(out, config, preset, tokenizer, "train", options.corpus, settings)
+    record = RunRecord(
+        out,
+        config,
+        preset,
+        tokenizer,
+        "train",
+        options.corpus,
+        settings,
+        train_windows.batches_per_epoch(),
+    )
     trainer = Trainer(
         model,
         train_windows,
@@ -86,6 +95,7 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
         reporter,
         {**identity, "corpus": corpus_fingerprint(tokens)},
         on_best=record.on_best,
+        parallel=parallel,
     )
     if not options.resume:
         out.write_tokenizer(tokenizer)

@@ -1,0 +1,333 @@
+"""The training loop, shared by `noodle train` and `noodle finetune`.
+
+The Trainer runs the steps, evaluates, keeps the best weights, stops early, saves the
+resume state and handles signals. The rest is delegated: the optimizer step (clipping, the
+non-finite guard, any optimizers) to `optim`, what the resume state holds to `resume`,
+statistics and metrics.jsonl to `metrics`, writing files off the training thread to
+`writer`, and compiling or wrapping the model to `parallel`. What it trains on comes in
+as two data objects (`TrainData`, `EvalData`); what it saves goes through `ModelDir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from types import FrameType
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from noodle.batching import Batch, to_device
+from noodle.checkpoint import METRICS, ModelDir, unwrap
+from noodle.device import autocast
+from noodle.errors import Interrupted, NoodleError
+from noodle.evaluation import evaluate
+from noodle.memory import release_free_memory
+from noodle.parallel import Parallel
+from noodle.progress import Reporter, Task, format_duration
+from noodle.train.metrics import MetricsLog, StepStats
+from noodle.train.optim import LossScale, OptimizerStep, Schedule, StepOutcome, build_optimizers
+from noodle.train.resume import (
+    TrainingParts,
+    check_resumable,
+    restore,
+    resume_metadata,
+    resume_tensors,
+)
+from noodle.train.settings import TrainSettings, TrainState, planned_steps
+from noodle.train.writer import Writer
+
+
+class TrainData(Protocol):
+    batch_size: int
+
+    def batches_per_epoch(self) -> int: ...
+
+    def get(self, epoch: int, index: int) -> Batch: ...
+
+
+class EvalData(Protocol):
+    def eval_batches(self, max_batches: int) -> Iterator[Batch]: ...
+
+
+class SignalCatcher:
+    """Turns the first SIGINT/SIGTERM into a flag the training loop checks between steps, so
+    the step in progress finishes and the resume state can be saved; a second one
+    interrupts at once (every file on disk stays consistent either way)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise Interrupted(signum)
+        self.received = signum
+
+    def __enter__(self) -> SignalCatcher:
+        for sig in self.SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Runs one training job over `train_data`, evaluating on `eval_data`.
+
+    `identity` (see `resume.run_identity`) is saved with the resume state, and `resume()`
+    refuses a saved run that does not match it. `on_best(state)` is called once the
+    weights of a new best validation loss are on disk, so the caller can describe them.
+    `optimizers` replaces the ones `settings.optimizer` names.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: TrainData,
+        eval_data: EvalData,
+        settings: TrainSettings,
+        out: ModelDir,
+        device: torch.device,
+        amp_dtype: torch.dtype,
+        reporter: Reporter,
+        identity: dict,
+        on_best: Callable[[TrainState], None] = lambda state: None,
+        optimizers: dict[str, torch.optim.Optimizer] | None = None,
+        parallel: Parallel | None = None,
+    ) -> None:
+        self.model, self.train_data, self.eval_data = model, train_data, eval_data
+        self.settings, self.out, self.device, self.amp_dtype = settings, out, device, amp_dtype
+        self.reporter, self.identity, self.on_best = reporter, identity, on_best
+        self.optimizers = build_optimizers(model, settings) if optimizers is None else optimizers
+        # float16's narrow range loses small gradients to underflow without a loss scale.
+        loss_scale = LossScale(device) if amp_dtype == torch.float16 else None
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer_step = OptimizerStep(
+            parameters, self.optimizers, settings.grad_clip, loss_scale
+        )
+        self.parts = TrainingParts(model, self.optimizers, loss_scale, device)
+        compile_mode = settings.compile_mode if settings.compile else None
+        self.step_model = (parallel or Parallel()).prepare_model(model, compile_mode)
+        self.state = TrainState()
+        self.stats = StepStats(device, self.state)
+        self.batches_per_epoch = train_data.batches_per_epoch()
+        self.schedule = Schedule.plan(settings, planned_steps(settings, self.batches_per_epoch))
+        self.metrics = MetricsLog(out.file(METRICS))
+        self.writer = Writer(background=device.type != "cpu")
+        self.last_save = time.monotonic()
+
+    # -- resume state -----------------------------------------------------------------
+
+    def save_resume_state(self) -> None:
+        """Snapshot the resume state now; it is written in the background (see Writer),
+        after the metrics logged so far are durable: a crash between the two leaves
+        records past the saved step, which resuming drops, never a resume point with
+        missing records."""
+        self.raise_if_diverged(self.stats.store(self.state))
+        tensors = self.writer.snapshot(resume_tensors(self.parts))
+        metadata = resume_metadata(self.parts, self.state, self.schedule, self.identity)
+        self.metrics.flush()
+        metrics, out = self.metrics, self.out
+
+        def write() -> None:
+            metrics.sync()
+            out.save_resume_state(tensors, metadata)
+
+        self.writer.submit(write)
+        self.last_save = time.monotonic()
+
+    def resume(self) -> None:
+        """Continue the run saved in the output directory exactly where it stopped. A run
+        given another length keeps its learning rate and re-plans the rest of its decay
+        (see `Schedule.replan`)."""
+        check_resumable(self.out, self.identity)
+        self.out.remove_temporary_files()
+        tensors, saved = self.out.load_resume_state()
+        self.state, schedule = restore(self.parts, tensors, saved)
+        total = planned_steps(self.settings, self.batches_per_epoch)
+        self.schedule = schedule.replan(self.state.step, total)
+        self.stats = StepStats(self.device, self.state)
+        self.metrics.truncate(self.state.step, self.reporter)
+        self.reporter.info(
+            f"resuming at step {self.state.step} (epoch {self.state.epoch + 1}, "
+            f"best validation loss {self.state.best_loss:.4f})"
+        )
+        if self.schedule.total_steps != schedule.total_steps:
+            self.reporter.info(
+                f"the run now ends at step {total} (was {schedule.total_steps}): the learning "
+                f"rate goes on from {self.schedule.factor(self.state.step):.3g} x the peak"
+            )
+
+    def save_best_weights(self) -> None:
+        tensors = self.writer.snapshot(unwrap(self.model).state_dict())
+        state, out, on_best = replace(self.state), self.out, self.on_best
+
+        def write() -> None:
+            out.write_weights(tensors)
+            on_best(state)
+
+        self.writer.submit(write)
+
+    # -- logging --------------------------------------------------------------------------
+
+    def raise_if_diverged(self, longest_nonfinite_in_row: int) -> None:
+        """Stop the run once too many steps in a row had a non-finite loss or gradient."""
+        limit = self.settings.max_nonfinite_in_row
+        if longest_nonfinite_in_row < limit:
+            return
+        self.metrics.flush()
+        self.writer.wait()  # the best weights being written are kept
+        state = self.state
+        if state.best_step:
+            kept = (
+                f"the best weights (step {state.best_step}, validation loss "
+                f"{state.best_loss:.4f}) are kept in {self.out.path}"
+            )
+        else:
+            kept = "no weights had been saved yet"
+        raise NoodleError(
+            f"training diverged: the loss was not finite for {limit} steps in a row (by step "
+            f"{state.step}); {kept}; train again with a lower --lr into a new output directory"
+        )
+
+    def log(self, lr: float, task: Task) -> None:
+        state = self.state
+        mean_loss, seconds_per_step, tokens_per_second, longest = self.stats.take_window(state)
+        self.metrics.record(
+            kind="train",
+            step=state.step,
+            epoch=state.epoch,
+            loss=mean_loss,
+            lr=lr,
+            tokens_per_second=round(tokens_per_second, 1),
+            tokens_seen=state.tokens_seen,
+            nonfinite_steps=state.nonfinite_steps,
+        )
+        self.raise_if_diverged(longest)
+        self.metrics.flush()
+        task.update(
+            completed=state.step,
+            loss=f"{mean_loss:.4f}",
+            lr=f"{lr:.2e}",
+            tok_s=f"{tokens_per_second:,.0f}",
+            eta=format_duration((self.schedule.total_steps - state.step) * seconds_per_step),
+        )
+
+    # -- evaluation -------------------------------------------------------------------
+
+    def run_evaluation(self) -> None:
+        state, settings = self.state, self.settings
+        # The evaluation's logits cannot reuse the blocks the training step freed (see
+        # memory.release_free_memory): hand those pages back rather than hold both, at the
+        # price of faulting them in again once per evaluation.
+        release_free_memory()
+        loss = evaluate(
+            self.step_model,
+            self.eval_data.eval_batches(settings.eval_batches),
+            self.device,
+            self.amp_dtype,
+        )
+        improved = loss < state.best_loss
+        if improved:
+            state.best_loss, state.best_step = loss, state.step
+            self.save_best_weights()
+        if loss <= state.patience_reference - settings.min_improvement:
+            state.patience_reference = loss
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
+        if state.evals_without_improvement >= settings.patience:
+            state.stopped_early = True
+        self.metrics.record(
+            kind="eval",
+            step=state.step,
+            epoch=state.epoch,
+            val_loss=loss,
+            best_val_loss=state.best_loss,
+        )
+        mark = " (best, saved)" if improved else ""
+        self.reporter.info(
+            f"eval step {state.step} | val loss {loss:.4f} | best {state.best_loss:.4f}{mark}"
+        )
+        self.stats.restart_clock()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def device_batch(self, epoch: int, index: int) -> Batch:
+        return to_device(self.train_data.get(epoch, index), self.device)
+
+    def train_step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, lr_factor: float
+    ) -> tuple[torch.Tensor, StepOutcome]:
+        """One optimizer step at `lr_factor` times each group's peak learning rate; returns
+        the loss and what the step did (device tensors: reading them waits for the step)."""
+        self.optimizer_step.set_lr(lr_factor)
+        with autocast(self.device, self.amp_dtype):
+            loss = self.step_model(inputs, targets)
+        self.optimizer_step.scale_loss(loss).backward()
+        loss = loss.detach()
+        return loss, self.optimizer_step(loss)
+
+    def save_due(self) -> bool:
+        return time.monotonic() - self.last_save >= self.settings.save_interval_s
+
+    def run(self) -> TrainState:
+        """Train to the planned last step or an early stop (after `resume()`, from where
+        the saved run stopped). SIGINT/SIGTERM save the resume state and raise Interrupted."""
+        settings, state = self.settings, self.state
+        self.model.train()
+        task = self.reporter.start_task("training", total=self.schedule.total_steps)
+        task.update(completed=state.step)
+        self.stats.restart_clock()
+        with SignalCatcher() as signals:
+            try:
+                if state.step == 0:  # so that a run that dies before its first save resumes
+                    self.save_resume_state()
+                while not state.stopped_early and state.step < self.schedule.total_steps:
+                    if state.batch_index >= self.batches_per_epoch:
+                        state.epoch, state.batch_index = state.epoch + 1, 0
+                    inputs, targets = self.device_batch(state.epoch, state.batch_index)
+                    lr_factor = self.schedule.factor(state.step)
+                    loss, outcome = self.train_step(inputs, targets, lr_factor)
+                    self.stats.add(loss, outcome.skipped, outcome.diverging, inputs.numel())
+                    state.step += 1
+                    state.batch_index += 1
+                    state.tokens_seen += inputs.numel()
+                    epoch_done = state.batch_index >= self.batches_per_epoch
+                    last = state.step >= self.schedule.total_steps
+                    logged = state.step % settings.log_interval == 0 or epoch_done or last
+                    if logged:
+                        self.log(lr_factor * settings.lr, task)
+                    evaluated = state.step % settings.eval_interval == 0 or epoch_done or last
+                    if evaluated:
+                        self.run_evaluation()
+                    if signals.received is not None:
+                        self.save_resume_state()
+                        self.writer.wait()
+                        task.finish()
+                        raise Interrupted(signals.received, resume_step=state.step)
+                    if (logged or evaluated) and self.save_due():
+                        self.save_resume_state()
+                # The final state, so that a finished run can be extended (--resume with a
+                # larger --max-steps or --max-epochs).
+                self.save_resume_state()
+            finally:
+                self.metrics.flush()
+                self.writer.close()
+        task.finish()
+        if state.stopped_early:
+            self.reporter.info(
+                f"early stop: no improvement of {settings.min_improvement} in "
+                f"{settings.patience} evaluations"
+            )
+        return state

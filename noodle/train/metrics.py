@@ -1,0 +1,141 @@
+"""What a run measures as it goes: per-step statistics kept on the device, and
+metrics.jsonl, appended to (never rewritten) as records come."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from noodle.files import atomic_write_bytes
+from noodle.progress import Reporter
+from noodle.train.settings import TrainState
+
+
+class StepStats:
+    """Per-step loss and non-finite counts kept as device tensors, so a step never waits
+    for the host; they are read together (one sync) at log intervals and saves."""
+
+    def __init__(self, device: torch.device, state: TrainState) -> None:
+        def scalar(value: float) -> torch.Tensor:
+            return torch.full((), float(value), device=device)
+
+        self.loss_sum, self.finite_steps = scalar(0), scalar(0)
+        self.nonfinite_total = scalar(state.nonfinite_steps)
+        self.nonfinite_in_row = scalar(state.nonfinite_in_row)
+        self.longest_nonfinite_in_row = scalar(state.nonfinite_in_row)
+        self.window_steps, self.window_tokens = 0, 0
+        self.window_started = time.monotonic()
+
+    def add(
+        self, loss: torch.Tensor, skipped: torch.Tensor, diverging: torch.Tensor, tokens: int
+    ) -> None:
+        self.loss_sum += torch.where(skipped, 0.0, loss)
+        self.finite_steps += (~skipped).float()
+        self.nonfinite_total += skipped.float()
+        self.nonfinite_in_row.add_(1).mul_(diverging)
+        torch.maximum(
+            self.longest_nonfinite_in_row, self.nonfinite_in_row, out=self.longest_nonfinite_in_row
+        )
+        self.window_steps += 1
+        self.window_tokens += tokens
+
+    def read(self) -> tuple[float, int, int, int, int]:
+        """(loss sum, finite steps, non-finite steps, non-finite in a row now, longest run
+        of them so far) in one device-to-host read."""
+        values = torch.stack(
+            [
+                self.loss_sum,
+                self.finite_steps,
+                self.nonfinite_total,
+                self.nonfinite_in_row,
+                self.longest_nonfinite_in_row,
+            ]
+        ).tolist()
+        return values[0], *(int(v) for v in values[1:])
+
+    def store(self, state: TrainState) -> int:
+        """Copy the non-finite counts into `state`; returns the longest run of them so far."""
+        _, _, state.nonfinite_steps, state.nonfinite_in_row, longest = self.read()
+        return longest
+
+    def take_window(self, state: TrainState) -> tuple[float, float, float, int]:
+        """(mean finite loss, seconds per step, tokens/s, longest non-finite run) since the
+        last call, with the non-finite counts copied into `state`; starts a new window."""
+        loss_sum, finite, state.nonfinite_steps, state.nonfinite_in_row, longest = self.read()
+        mean_loss = loss_sum / finite if finite else math.nan
+        elapsed = max(time.monotonic() - self.window_started, 1e-9)
+        seconds_per_step = elapsed / max(self.window_steps, 1)
+        tokens_per_second = self.window_tokens / elapsed
+        self.loss_sum.zero_(), self.finite_steps.zero_()
+        self.window_steps, self.window_tokens = 0, 0
+        self.restart_clock()
+        return mean_loss, seconds_per_step, tokens_per_second, longest
+
+    def restart_clock(self) -> None:
+        self.window_started = time.monotonic()
+
+
+def json_safe(value: object) -> object:
+    # NaN and infinity are not JSON: a diverged loss or no best loss yet is null.
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLog:
+    """OUTPUT_DIR/metrics.jsonl: one JSON object per line, appended as records come.
+
+    A crash can leave a torn last line; `truncate` (called when a run resumes) drops it,
+    along with the records logged after the step the run resumes from.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pending: list[str] = []
+
+    def record(self, **values: object) -> None:
+        values = {k: json_safe(v) for k, v in values.items()}
+        self.pending.append(json.dumps({"time": round(time.time(), 3), **values}) + "\n")
+
+    def flush(self) -> None:
+        """Append the pending records (to the OS: `sync` makes them durable)."""
+        if not self.pending:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(self.pending))
+        self.pending = []
+
+    def sync(self) -> None:
+        """Make what was appended so far durable."""
+        if self.path.exists():
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def truncate(self, last_step: int, reporter: Reporter) -> None:
+        """Keep the records up to `last_step`; drop later ones, a torn last line and (with
+        a warning) any line that is not a JSON record."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept, damaged = [], []
+        for number, line in enumerate(lines, 1):
+            try:
+                kept_it = json.loads(line).get("step", 0) <= last_step
+            except (json.JSONDecodeError, AttributeError, TypeError):
+                if number < len(lines) and line.strip():  # a torn last line is expected
+                    damaged.append(number)
+                continue
+            if kept_it:
+                kept.append(line + "\n")
+        if damaged:
+            reporter.warn(
+                f"{self.path}: dropped {len(damaged)} damaged line(s) (line {damaged[0]}"
+                f"{' and more' if len(damaged) > 1 else ''})"
+            )
+        atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))

@@ -1,0 +1,135 @@
+"""A run's identity and its resume state.
+
+The identity says what a run trains (architecture, tokenizer, data) and with which
+settings; it is built once, saved in the resume state, and `--resume` refuses a saved
+run whose identity differs. The resume state is one safetensors file: the model's
+weights, one section of tensors per optimizer, the loss scale and the RNG states, with
+the train state, the schedule, each optimizer's parameter groups and the identity in its
+JSON header.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from noodle.checkpoint import ModelDir, unwrap
+from noodle.errors import NoodleError
+from noodle.train.optim import LossScale, Schedule
+from noodle.train.settings import TrainSettings, TrainState, settings_fingerprint
+
+# Bumped when the resume state's layout changes; another layout is refused, not misread.
+RESUME_FORMAT = 2
+
+
+def run_identity(settings: TrainSettings, **parts: object) -> dict:
+    """What a run trains (`parts`: architecture, tokenizer, base model, ...) with the
+    settings that decide its outcome."""
+    return {**parts, "settings": settings_fingerprint(settings)}
+
+
+def first_difference(saved: dict, current: dict, prefix: str = "") -> str | None:
+    """The first entry of `current` that `saved` disagrees with, described, or None."""
+    for key, value in current.items():
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            found = first_difference(old, value, f"{prefix}{key}.")
+            if found:
+                return found
+        elif old != value:
+            return f"{prefix}{key} was {old!r}, now {value!r}"
+    return None
+
+
+def check_resumable(out: ModelDir, identity: dict) -> None:
+    """Refuse to resume the run saved in `out` unless it was saved in this layout and
+    matches `identity` (or whichever of its parts are given)."""
+    saved = out.read_resume_metadata()
+    if saved.get("format") != RESUME_FORMAT:
+        raise NoodleError(
+            f"cannot resume {out.path}: its resume state was written by another version of "
+            "noodle; start a new run in another output directory"
+        )
+    difference = first_difference(saved["identity"], identity)
+    if difference:
+        raise NoodleError(
+            f"cannot resume {out.path}: the run differs from the interrupted one "
+            f"({difference}); resume with the same corpus, model and options"
+        )
+
+
+@dataclass
+class TrainingParts:
+    """Everything the resume state saves and restores, besides the train state."""
+
+    model: nn.Module
+    optimizers: dict[str, torch.optim.Optimizer]
+    loss_scale: LossScale | None
+    device: torch.device
+
+
+def resume_tensors(parts: TrainingParts) -> dict[str, torch.Tensor]:
+    """The resume state's tensors, where they live (on the device)."""
+    tensors = {f"model.{k}": v for k, v in unwrap(parts.model).state_dict().items()}
+    for name, optimizer in parts.optimizers.items():
+        for index, values in optimizer.state_dict()["state"].items():
+            for key, value in values.items():
+                tensors[f"optimizer.{name}.{index}.{key}"] = value
+    if parts.loss_scale is not None:
+        for key, value in parts.loss_scale.state_dict().items():
+            tensors[f"loss_scale.{key}"] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if parts.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(parts.device)
+    elif parts.device.type == "mps":
+        tensors["rng.mps"] = torch.mps.get_rng_state()
+    return tensors
+
+
+def resume_metadata(
+    parts: TrainingParts, state: TrainState, schedule: Schedule, identity: dict
+) -> dict:
+    groups = {}
+    for name, optimizer in parts.optimizers.items():
+        groups[name] = copy.deepcopy(optimizer.state_dict()["param_groups"])
+    return {
+        "format": RESUME_FORMAT,
+        "train_state": asdict(state),
+        "schedule": schedule.to_dict(),
+        "param_groups": groups,
+        "identity": identity,
+    }
+
+
+def restore(
+    parts: TrainingParts, tensors: dict[str, torch.Tensor], saved: dict
+) -> tuple[TrainState, Schedule]:
+    """Load a resume state into `parts`; returns the saved train state and schedule."""
+    model_state = {
+        k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
+    }
+    unwrap(parts.model).load_state_dict(model_state)
+    for name, optimizer in parts.optimizers.items():
+        prefix = f"optimizer.{name}."
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                index, item = key.removeprefix(prefix).split(".", 1)
+                state.setdefault(int(index), {})[item] = value
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"][name]})
+    # A run saved in another precision has no loss scale to restore: it starts afresh.
+    if parts.loss_scale is not None and "loss_scale.scale" in tensors:
+        parts.loss_scale.load_state_dict(
+            {key: tensors[f"loss_scale.{key}"] for key in parts.loss_scale.state_dict()}
+        )
+    torch.set_rng_state(tensors["rng.cpu"])
+    if parts.device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], parts.device)
+    elif parts.device.type == "mps" and "rng.mps" in tensors:
+        torch.mps.set_rng_state(tensors["rng.mps"])
+    known = {f.name for f in fields(TrainState)}
+    train_state = TrainState(**{k: v for k, v in saved["train_state"].items() if k in known})
+    return train_state, Schedule.from_dict(saved["schedule"])

@@ -1,0 +1,128 @@
+"""What a training run is asked to do (TrainSettings) and where it stands (TrainState).
+
+Plain data, importing no torch, so that the command line can build settings (and show
+`--help`) without loading PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """The defaults of the options `noodle train` and `noodle finetune` share. Without
+    --lr, the peak learning rate is the original's rule: `lr_at_batch_4` scaled linearly
+    with the batch size."""
+
+    max_epochs: int
+    batch_size: int
+    lr_at_batch_4: float
+    eval_interval: int
+    eval_batches: int
+    patience: int
+    min_improvement: float
+
+
+PRETRAIN_DEFAULTS = RunDefaults(
+    max_epochs=20,
+    batch_size=8,
+    lr_at_batch_4=1e-4,
+    eval_interval=200,
+    eval_batches=50,
+    patience=10,
+    min_improvement=0.01,
+)
+FINETUNE_DEFAULTS = RunDefaults(
+    max_epochs=5,
+    batch_size=4,
+    lr_at_batch_4=2e-5,
+    eval_interval=5000,
+    eval_batches=500,
+    patience=3,
+    min_improvement=0.005,
+)
+
+
+@dataclass
+class TrainSettings:
+    max_epochs: int = 20
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 2e-4
+    eval_interval: int = 200
+    eval_batches: int = 50
+    patience: int = 10
+    min_improvement: float = 0.01
+    seed: int = 1337
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    # The fraction of the run that warm-up-stable-decay spends decaying.
+    decay_fraction: float = 0.2
+    log_interval: int = 10
+    # The resume state is saved at most this often (and on a signal and at the end): a
+    # crash loses at most this much work. 0 saves after every step that evaluated.
+    save_interval_s: float = 600.0
+    max_nonfinite_in_row: int = 5
+    compile: bool = False
+    # CUDA graphs replay each step's ~200 kernels with one launch: small models are bound by
+    # kernel-launch overhead otherwise (somen at batch 8 spends most of its step on the CPU).
+    compile_mode: str = "reduce-overhead"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved with the resume state, so every field is plain JSON."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    tokens_seen: int = 0
+    best_loss: float = math.inf
+    best_step: int = 0
+    patience_reference: float = math.inf
+    evals_without_improvement: int = 0
+    nonfinite_steps: int = 0
+    nonfinite_in_row: int = 0
+    stopped_early: bool = False
+
+    def epochs_done(self, batches_per_epoch: int) -> float:
+        """Passes over the training data so far, e.g. 2.0 after two whole epochs (`epoch`
+        is the index of the one in progress, counted from 0)."""
+        return round(self.epoch + self.batch_index / max(batches_per_epoch, 1), 3)
+
+
+# The settings that decide which weights a run ends with: resuming with any of them changed
+# would silently give another run, so it is refused. The run's length (max epochs/steps)
+# may change, to continue a finished run further; logging and saving settings may change too.
+RESUME_SETTINGS = (
+    "batch_size",
+    "lr",
+    "eval_interval",
+    "eval_batches",
+    "patience",
+    "min_improvement",
+    "seed",
+    "weight_decay",
+    "grad_clip",
+    "warmup_steps",
+    "optimizer",
+    "schedule",
+    "decay_fraction",
+)
+
+
+def settings_fingerprint(settings: TrainSettings) -> dict:
+    return {name: getattr(settings, name) for name in RESUME_SETTINGS}
+
+
+def planned_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
+    total = settings.max_epochs * batches_per_epoch
+    return min(total, settings.max_steps) if settings.max_steps else total
