@@ -23,8 +23,8 @@ import torch
 from noodle.config import PRESETS
 from noodle.device import DTYPES, select_device, synchronize
 from noodle.inference import Session
-from noodle.precision import prepare_for_inference
 from noodle.model import NoodleModel
+from noodle.precision import prepare_for_inference
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import load_tokenizer
 

@@ -9,8 +9,6 @@ import argparse
 from dataclasses import replace
 
 import numpy as np
-from noodle.train.loop import Trainer
-from noodle.train.settings import TrainSettings
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.train_speed import SHAPES
@@ -19,6 +17,8 @@ from noodle.checkpoint import ModelDir
 from noodle.device import select_device, select_dtype, synchronize
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
+from noodle.train.loop import Trainer
+from noodle.train.settings import TrainSettings
 
 
 def main() -> None:

@@ -18,8 +18,6 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from noodle.train.loop import Trainer
-from noodle.train.settings import TrainSettings
 
 from noodle.batching import TokenWindows
 from noodle.checkpoint import ModelDir
@@ -27,6 +25,8 @@ from noodle.config import PRESETS, ModelConfig
 from noodle.device import select_device, select_dtype, synchronize
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
+from noodle.train.loop import Trainer
+from noodle.train.settings import TrainSettings
 
 SHAPES = {
     "tiny": ModelConfig(n_layers=2, emb_dim=64, n_heads=2, head_dim=32, hidden_dim=128, ctx_len=64),

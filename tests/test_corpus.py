@@ -27,9 +27,9 @@ from noodle.corpus import (
     token_chunks,
     tokenize_blocks,
 )
-from noodle.sources import WebFile, hf_url
 from noodle.errors import NoodleError, UsageError
 from noodle.progress import Reporter
+from noodle.sources import WebFile, hf_url
 from noodle.tokenizer import load_tokenizer
 from tests.conftest import run_noodle, story_corpus
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from noodle.train.loop import SignalCatcher
 
 from noodle.cli import sigterm_raises_interrupted
 from noodle.errors import Interrupted
+from noodle.train.loop import SignalCatcher
 from tests.conftest import ONE_THREAD, PAIRS, run_noodle, start_noodle, write_instructions
 from tests.tiny_runs import TinyRun, read_metrics, saved_tensors
 

@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from noodle.train.loop import Trainer
-from noodle.train.settings import TrainSettings
 
 from noodle.cli import main
 from noodle.errors import NoodleError
+from noodle.train.loop import Trainer
+from noodle.train.settings import TrainSettings
 from tests.tiny_runs import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -13,9 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from noodle.train.loop import Trainer
-from noodle.train.resume import run_identity
-from noodle.train.settings import TrainSettings
 from safetensors import safe_open
 
 from noodle.batching import split_windows
@@ -24,6 +21,9 @@ from noodle.config import config_from_dict, padded_vocab_size
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
 from noodle.tokenizer import load_tokenizer
+from noodle.train.loop import Trainer
+from noodle.train.resume import run_identity
+from noodle.train.settings import TrainSettings
 
 
 @dataclass(frozen=True)
