@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from rich.console import Console
 
-from noodle.checkpoint import load_model
+from noodle.checkpoint import load_model, unfinished_run_warning
 from noodle.device import select_device
 from noodle.inference import Session
 from noodle.precision import prepare_for_inference, select_inference_dtype, uses_packed_float16
@@ -84,6 +84,9 @@ def open_session(options: ChatOptions) -> tuple[Session, str]:
     if uses_packed_float16(dtype, device, compile_decode):
         precision = "float16 weights, float32 arithmetic"
     loaded = load_model(options.model, device)
+    warning = unfinished_run_warning(loaded.directory, loaded.metadata)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     parameters = loaded.model.parameter_count()
     prepare_for_inference(loaded.model, dtype, compile_decode)
     session = Session(loaded.model, loaded.tokenizer, compile_decode)

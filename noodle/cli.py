@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Annotated
 
 import typer
+from typer.core import TyperArgument, TyperCommand
 from typer.exceptions import TyperException
 
 from noodle import __version__
@@ -35,10 +36,39 @@ from noodle.train.settings import (
 app = typer.Typer(
     name="noodle",
     help="Noodle: a small language model you train yourself.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class NoodleCommand(TyperCommand):
+    """A command whose usage line names its arguments as its help does (`CORPUS OUTPUT_DIR`
+    where typer writes `{corpus} {output_dir}`), and whose Ctrl-C reaches `main` as
+    Interrupted: typer turns a KeyboardInterrupt into a silent exit 130."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.display_name_raw
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted(signal.SIGINT) from None
+
+
+def command(name: str | None = None) -> Callable[[Callable], Callable]:
+    return app.command(name=name, cls=NoodleCommand)
+
+
+def flag(*declarations: str, help: str, **extra: object) -> typer.models.OptionInfo:
+    """An on/off option (typer's help would give it a `<bool>` value it does not take)."""
+    return typer.Option(*declarations, help=help, metavar="", **extra)
+
 
 Backend = Annotated[
     str | None,
@@ -66,6 +96,7 @@ InferenceDtype = Annotated[
 Corpus = Annotated[
     str,
     typer.Argument(
+        metavar="CORPUS",
         help="Text corpus: a local file, - for standard input, an http(s):// URL or "
         "hf://owner/repo/path/to/file (a file of a Hugging Face dataset; HF_TOKEN is sent "
         "when set). Streamed, never read whole.",
@@ -75,16 +106,20 @@ Corpus = Annotated[
 ModelArg = Annotated[
     str,
     typer.Argument(
+        metavar="MODEL",
         help="Model directory (or the model.json / model.safetensors inside it).",
         show_default=False,
     ),
 ]
 OutputDir = Annotated[
-    Path, typer.Argument(help="Directory to write the model into.", show_default=False)
+    Path,
+    typer.Argument(
+        metavar="OUTPUT_DIR", help="Directory to write the model into.", show_default=False
+    ),
 ]
 Resume = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--resume",
         help="Continue the interrupted run in OUTPUT_DIR exactly where it stopped (give the "
         "same inputs and options; only --max-epochs/--max-steps may change).",
@@ -188,6 +223,19 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             Annotated[int, typer.Option(help="Seed for weights, data order and dropout.")],
             TrainSettings.seed,
         ),
+        "drop_resume_state": (
+            Annotated[
+                bool,
+                flag(
+                    "--drop-resume-state",
+                    help="Delete the resume state (three times the model's size: the "
+                    "latest weights and the optimizer's moments) when the run finishes: the "
+                    "directory keeps what chat and eval need, and the run can no longer be "
+                    "extended with --resume.",
+                ),
+            ],
+            False,
+        ),
     }
 
 
@@ -196,6 +244,7 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
     counts) is allowed, the other numbers must be positive. Without --lr, the original's
     rule: `lr_at_batch_4` scaled linearly with the batch size."""
     min_improvement, save_every = values.pop("min_improvement"), values.pop("save_every")
+    drop_resume_state = values.pop("drop_resume_state")
     for name, value in values.items():
         if not isinstance(value, str):
             positive(name.replace("_", "-"), value)
@@ -207,7 +256,12 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
     one_of("schedule", values["schedule"], SCHEDULES)
     if values["lr"] is None:
         values["lr"] = defaults.lr_at_batch_4 * values["batch_size"] / 4
-    return TrainSettings(min_improvement=min_improvement, save_interval_s=60 * save_every, **values)
+    return TrainSettings(
+        min_improvement=min_improvement,
+        save_interval_s=60 * save_every,
+        drop_resume_state=drop_resume_state,
+        **values,
+    )
 
 
 def with_training_options(defaults: RunDefaults) -> Callable[[Callable], Callable]:
@@ -245,7 +299,7 @@ def run_with_reporter(work: Callable[[Reporter], object]) -> None:
         reporter.close()
 
 
-@app.command()
+@command()
 @with_training_options(PRETRAIN_DEFAULTS)
 def train(
     corpus: Corpus,
@@ -261,7 +315,7 @@ def train(
     ] = None,
     cache: Annotated[
         bool,
-        typer.Option(
+        flag(
             "--cache/--no-cache",
             help="Keep the tokenized corpus in $XDG_CACHE_HOME/noodle (default ~/.cache/noodle) "
             "so the next run on the same corpus starts at once.",
@@ -269,7 +323,7 @@ def train(
     ] = True,
     compile: Annotated[
         bool | None,
-        typer.Option(
+        flag(
             "--compile/--no-compile",
             help="torch.compile the model. Default: on for CUDA, off elsewhere.",
             show_default=False,
@@ -297,12 +351,13 @@ def train(
     run_with_reporter(lambda reporter: run_train(options, reporter))
 
 
-@app.command()
+@command()
 @with_training_options(FINETUNE_DEFAULTS)
 def finetune(
     model: Annotated[
         str,
         typer.Argument(
+            metavar="MODEL",
             help="Base model directory (or the model.json / model.safetensors inside it).",
             show_default=False,
         ),
@@ -310,6 +365,7 @@ def finetune(
     input: Annotated[
         str,
         typer.Argument(
+            metavar="INPUT",
             help="Instruction file: ### Instruction: / ### Input: / ### Response: blocks "
             "separated by <|endoftext|> (see `noodle prepare-instructions`).",
             show_default=False,
@@ -337,18 +393,20 @@ def finetune(
     run_with_reporter(lambda reporter: run_finetune(options, reporter))
 
 
-@app.command(name="prepare-instructions")
+@command(name="prepare-instructions")
 def prepare_instructions(
     source: Annotated[
         Path,
         typer.Argument(
+            metavar="IN",
             help="JSON array or JSON Lines of records with instruction, input or context, "
             "and output or response (Alpaca and Dolly field names).",
             show_default=False,
         ),
     ],
     destination: Annotated[
-        Path, typer.Argument(help="Instruction file to write.", show_default=False)
+        Path,
+        typer.Argument(metavar="OUT", help="Instruction file to write.", show_default=False),
     ],
 ) -> None:
     """Turn a JSON/JSONL instruction set into an instruction file for `noodle finetune`."""
@@ -357,16 +415,16 @@ def prepare_instructions(
     run_with_reporter(lambda reporter: prepare(source, destination, reporter))
 
 
-@app.command(name="eval")
+@command(name="eval")
 def evaluate(
     model: ModelArg,
     corpus: Corpus,
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+        bool, flag("--json", help="Print one JSON object instead of a table.")
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Context windows per batch.")] = 8,
     cache: Annotated[
-        bool, typer.Option("--cache/--no-cache", help="Keep the tokenized corpus in the cache.")
+        bool, flag("--cache/--no-cache", help="Keep the tokenized corpus in the cache.")
     ] = True,
     backend: Backend = None,
     dtype: Dtype = "auto",
@@ -383,7 +441,7 @@ def evaluate(
     run_with_reporter(work)
 
 
-@app.command()
+@command()
 def info(model: ModelArg) -> None:
     """Show MODEL's architecture, parameter count, tokenizer and training summary."""
     from rich.console import Console
@@ -393,11 +451,12 @@ def info(model: ModelArg) -> None:
     Console(highlight=False).print(model_table(model))
 
 
-@app.command()
+@command()
 def chat(
     model: Annotated[
         str,
         typer.Argument(
+            metavar="MODEL",
             help="Model directory, or the model.json / model.safetensors in it.",
             show_default=False,
         ),
@@ -429,7 +488,7 @@ def chat(
     ] = None,
     compile_decode: Annotated[
         bool | None,
-        typer.Option(
+        flag(
             "--compile/--no-compile",
             help="Compile the decode step with torch.compile. Default: on CUDA only.",
             show_default=False,
@@ -468,9 +527,7 @@ def version_callback(value: bool) -> None:
 def root(
     version: Annotated[
         bool,
-        typer.Option(
-            "--version", callback=version_callback, is_eager=True, help="Show the version."
-        ),
+        flag("--version", callback=version_callback, is_eager=True, help="Show the version."),
     ] = False,
 ) -> None:
     """Noodle: a small language model you train yourself."""
@@ -513,15 +570,30 @@ def sigterm_raises_interrupted() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def usage_error_message(exc: TyperException) -> str:
+    """A wrong command line's error, after printing the usage line of the command it names."""
+    message = exc.format_message()
+    context = getattr(exc, "ctx", None)
+    if context is None:
+        return message
+    print(context.get_usage(), file=sys.stderr)
+    if not message.endswith((".", "?")):
+        message += "."
+    return f"{message} See '{context.command_path} --help'."
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI: one `error: ...` line and a non-zero exit for every failure."""
+    """Run the CLI: one `error: ...` line and a non-zero exit for every failure.
+
+    `noodle` alone prints the help and exits 0: it is how a newcomer asks what the command
+    does, as `noodle --help` is, and nothing went wrong."""
     args = sys.argv[1:] if argv is None else argv
     command = typer.main.get_command(app)
     try:
         with sigterm_raises_interrupted():
-            code = command.main(args=args, prog_name="noodle", standalone_mode=False)
+            code = command.main(args=args or ["--help"], prog_name="noodle", standalone_mode=False)
     except TyperException as exc:  # typer's (vendored click's) usage errors carry exit code 2
-        fail(exc.format_message(), exc.exit_code)
+        fail(usage_error_message(exc), exc.exit_code)
     except NoodleError as exc:
         fail(str(exc), exc.exit_code)
     except Interrupted as exc:

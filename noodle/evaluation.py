@@ -20,7 +20,7 @@ import torch
 from tokenizers import decoders
 
 from noodle.batching import Batch, TokenWindows, to_device
-from noodle.checkpoint import load_model
+from noodle.checkpoint import load_model, unfinished_run_warning
 from noodle.corpus import load_token_stream
 from noodle.device import autocast, select_device, select_dtype
 from noodle.errors import NoodleError
@@ -162,6 +162,9 @@ def evaluate_model(
     device = select_device(backend)
     amp_dtype = select_dtype(dtype, device)
     loaded = load_model(model_spec, device)
+    warning = unfinished_run_warning(loaded.directory, loaded.metadata)
+    if warning:
+        reporter.warn(warning)
     tokens = load_token_stream(corpus, loaded.tokenizer, reporter, use_cache)
     windows = corpus_windows(tokens, loaded.config.ctx_len, batch_size, corpus)
     reporter.info(

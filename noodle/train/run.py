@@ -7,12 +7,19 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import MODEL_JSON, ModelDir, check_output_dir, load_model, model_metadata
+from noodle.checkpoint import (
+    MODEL_JSON,
+    RESUME,
+    ModelDir,
+    check_output_dir,
+    load_model,
+    model_metadata,
+)
 from noodle.config import ModelConfig
 from noodle.errors import Interrupted, NoodleError
 from noodle.inference import Session, generate
 from noodle.memory import release_free_memory
-from noodle.progress import Reporter
+from noodle.progress import Reporter, plural
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
 from noodle.train.loop import Trainer
@@ -62,7 +69,15 @@ class RunRecord:
         self.batches_per_epoch = batches_per_epoch
         self.extra = extra or {}
 
-    def summary(self, state: TrainState, status: str) -> dict:
+    def summary(self, state: TrainState, status: str, unevaluated_step: int | None) -> dict:
+        """The training summary; `unevaluated_step` is the step of weights saved without an
+        evaluation (on an interruption before the first one), if any."""
+        if state.best_step:
+            weights, weights_step = "best", state.best_step
+        elif unevaluated_step is not None:
+            weights, weights_step = "unevaluated", unevaluated_step
+        else:
+            weights, weights_step = None, None
         return {
             "kind": self.kind,
             "status": status,
@@ -71,6 +86,8 @@ class RunRecord:
             "tokens_seen": state.tokens_seen,
             "best_val_loss": None if state.best_step == 0 else state.best_loss,
             "best_step": state.best_step,
+            "weights": weights,
+            "weights_step": weights_step,
             "source": self.source,
             "batch_size": self.settings.batch_size,
             "lr": self.settings.lr,
@@ -79,8 +96,8 @@ class RunRecord:
             **self.extra,
         }
 
-    def write(self, state: TrainState, status: str) -> None:
-        summary = self.summary(state, status)
+    def write(self, state: TrainState, status: str, unevaluated_step: int | None = None) -> None:
+        summary = self.summary(state, status, unevaluated_step)
         self.out.write_metadata(model_metadata(self.config, self.preset, self.tokenizer, summary))
 
     def on_best(self, state: TrainState) -> None:
@@ -100,17 +117,34 @@ def run_training(
     try:
         state = trainer.run()
     except (Interrupted, KeyboardInterrupt):
-        record.write(trainer.state, "interrupted")
+        record.write(trainer.state, "interrupted", trainer.unevaluated_weights_step)
         raise
     except Exception:
         record.write(trainer.state, "failed")
         raise
     record.write(state, "finished")
     reporter.info(
-        f"done: {state.step} steps, {state.tokens_seen:,} tokens, best validation loss "
-        f"{state.best_loss:.4f} at step {state.best_step} -> {record.out.path}"
+        f"done: {plural(state.step, 'step')}, {state.tokens_seen:,} tokens, "
+        f"{state.best_description()} -> {record.out.path}"
     )
+    report_resume_state(record.out, trainer.settings.drop_resume_state, reporter)
     return state
+
+
+def report_resume_state(out: ModelDir, drop: bool, reporter: Reporter) -> None:
+    """Say what the resume state costs at the end of a run, or drop it (`drop`): chat and
+    eval never need it, only extending the run with --resume does."""
+    resume_mb = out.file(RESUME).stat().st_size / 1e6
+    if drop:
+        out.file(RESUME).unlink()
+        reporter.info(f"dropped the resume state ({resume_mb:,.0f} MB): the run cannot be extended")
+        return
+    total_mb = sum(path.stat().st_size for path in out.path.iterdir() if path.is_file()) / 1e6
+    reporter.info(
+        f"{out.path} holds {total_mb:,.0f} MB, {resume_mb:,.0f} MB of it the resume state "
+        f"({RESUME}), needed only to extend this run with --resume: delete it to keep the "
+        "model alone (or train with --drop-resume-state)"
+    )
 
 
 def sample_from_best(directory: Path, device: torch.device, prompt: str, seed: int) -> str:
