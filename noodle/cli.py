@@ -22,11 +22,13 @@ from typer.core import TyperArgument, TyperCommand
 from typer.exceptions import TyperException
 
 from noodle import __version__
+from noodle.config import PRESET_TOKENIZERS
 from noodle.errors import Interrupted, NoodleError, UsageError
 from noodle.progress import Reporter
 from noodle.train.settings import (
     FINETUNE_DEFAULTS,
     OPTIMIZERS,
+    PRESET_RUN_DEFAULTS,
     PRETRAIN_DEFAULTS,
     SCHEDULES,
     RunDefaults,
@@ -148,7 +150,7 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             Annotated[
                 int | None, typer.Option(help="Stop after this many steps, whatever the epochs.")
             ],
-            None,
+            defaults.max_steps,
         ),
         "batch_size": (
             Annotated[int, typer.Option(help="Sequences per optimizer step.")],
@@ -264,14 +266,21 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
     )
 
 
-def with_training_options(defaults: RunDefaults) -> Callable[[Callable], Callable]:
-    """Give a command the options `train` and `finetune` share (with `defaults`); the
-    command receives them as one TrainSettings, its `settings` parameter."""
+def with_training_options(
+    defaults: RunDefaults, preset_defaults: dict[str, RunDefaults] | None = None
+) -> Callable[[Callable], Callable]:
+    """Give a command the options `train` and `finetune` share (with `defaults`, or for a
+    `--model` preset in `preset_defaults` with that preset's for the options not given);
+    the command receives them as one TrainSettings, its `settings` parameter."""
     options = training_option_types(defaults)
+    preset_defaults = preset_defaults or {}
 
     def decorate(command: Callable) -> Callable:
         own = inspect.signature(command, eval_str=True).parameters
         parameters = [p for name, p in own.items() if name != "settings"]
+        parameters.append(
+            inspect.Parameter("context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        )
         parameters += [
             inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind
@@ -280,9 +289,13 @@ def with_training_options(defaults: RunDefaults) -> Callable[[Callable], Callabl
         ]
 
         @functools.wraps(command)
-        def run(**values: object) -> None:
+        def run(context: typer.Context, **values: object) -> None:
             shared = {name: values.pop(name) for name in options}
-            command(settings=training_settings(defaults, shared), **values)
+            chosen = preset_defaults.get(str(values.get("model")), defaults)
+            for name, (_, default) in training_option_types(chosen).items():
+                if context.get_parameter_source(name).name == "DEFAULT":
+                    shared[name] = default
+            command(settings=training_settings(chosen, shared), **values)
 
         run.__signature__ = inspect.Signature(parameters)
         run.__annotations__ = {p.name: p.annotation for p in parameters}
@@ -300,18 +313,29 @@ def run_with_reporter(work: Callable[[Reporter], object]) -> None:
 
 
 @command()
-@with_training_options(PRETRAIN_DEFAULTS)
+@with_training_options(PRETRAIN_DEFAULTS, PRESET_RUN_DEFAULTS)
 def train(
     corpus: Corpus,
     output_dir: OutputDir,
     settings: TrainSettings,
     model: Annotated[
-        str, typer.Option(help="Preset (somen, soba, udon) or a CONFIG.json in model.json form.")
+        str,
+        typer.Option(
+            help="Preset (somen, soba, udon; harusame: a first model in minutes on a CPU, with "
+            "its own defaults: --tokenizer bpe:4096 --max-steps 1000 --batch-size 16 --lr 2e-3 "
+            "--eval-interval 100 --eval-batches 20) or a CONFIG.json in model.json form."
+        ),
     ] = "somen",
     resume: Resume = False,
     tokenizer: Annotated[
-        Path | None,
-        typer.Option(help="A tokenizer.json to use instead of the bundled GPT-NeoX-20B one."),
+        str | None,
+        typer.Option(
+            help="gpt-neox (the bundled GPT-NeoX-20B tokenizer), a tokenizer.json, or bpe:N to "
+            "learn an N-token byte-level BPE from the corpus first (a small vocabulary makes a "
+            "small model several times faster; the corpus is read twice, so not from "
+            "standard input). Default: the preset's, else gpt-neox.",
+            show_default=False,
+        ),
     ] = None,
     cache: Annotated[
         bool,
@@ -340,7 +364,7 @@ def train(
         corpus=corpus,
         output_dir=output_dir,
         model=model,
-        tokenizer=str(tokenizer) if tokenizer else None,
+        tokenizer=tokenizer or PRESET_TOKENIZERS.get(model),
         backend=backend,
         dtype=dtype,
         resume=resume,

@@ -26,6 +26,7 @@ class RunDefaults:
     eval_batches: int
     patience: int
     min_improvement: float
+    max_steps: int | None = None
 
 
 PRETRAIN_DEFAULTS = RunDefaults(
@@ -37,6 +38,20 @@ PRETRAIN_DEFAULTS = RunDefaults(
     patience=10,
     min_improvement=0.01,
 )
+# Presets with defaults of their own; the options given on the command line still win.
+PRESET_RUN_DEFAULTS = {
+    # About ten minutes on two CPU cores (benchmarks/RESULTS.md), whatever the corpus.
+    "harusame": RunDefaults(
+        max_epochs=20,
+        max_steps=1000,
+        batch_size=16,
+        lr_at_batch_4=5e-4,
+        eval_interval=100,
+        eval_batches=20,
+        patience=10,
+        min_improvement=0.01,
+    ),
+}
 FINETUNE_DEFAULTS = RunDefaults(
     max_epochs=5,
     batch_size=4,
