@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 from noodle.checkpoint import load_model, unfinished_run_warning
-from noodle.device import select_device
+from noodle.device import describe_device, select_device
 from noodle.inference import Session
 from noodle.precision import prepare_for_inference, select_inference_dtype, uses_packed_float16
 from noodle.sampling import SamplingSettings
@@ -94,7 +94,7 @@ def open_session(options: ChatOptions) -> tuple[Session, str]:
         session.warm_up(options.settings)
     description = (
         f"{loaded.metadata.get('preset', 'custom')} · "
-        f"{parameters:,} parameters · {device} · {precision}"
+        f"{parameters:,} parameters · {describe_device(device)} · {precision}"
     )
     return session, description
 

@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from noodle import __version__
@@ -35,15 +35,22 @@ from noodle.train.settings import (
     TrainSettings,
 )
 
-app = typer.Typer(
-    name="noodle",
-    help="Noodle: a small language model you train yourself.",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+
+class HelpFlag:
+    """--help shown without the `<bool>` value typer's help would give it."""
+
+    def get_help_option(self, ctx: typer.Context) -> object:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
 
 
-class NoodleCommand(TyperCommand):
+class NoodleGroup(HelpFlag, TyperGroup):
+    pass
+
+
+class NoodleCommand(HelpFlag, TyperCommand):
     """A command whose usage line names its arguments as its help does (`CORPUS OUTPUT_DIR`
     where typer writes `{corpus} {output_dir}`), and whose Ctrl-C reaches `main` as
     Interrupted: typer turns a KeyboardInterrupt into a silent exit 130."""
@@ -61,6 +68,15 @@ class NoodleCommand(TyperCommand):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             raise Interrupted(signal.SIGINT) from None
+
+
+app = typer.Typer(
+    name="noodle",
+    help="Noodle: a small language model you train yourself.",
+    cls=NoodleGroup,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 def command(name: str | None = None) -> Callable[[Callable], Callable]:

@@ -22,7 +22,7 @@ from tokenizers import decoders
 from noodle.batching import Batch, TokenWindows, to_device
 from noodle.checkpoint import load_model, unfinished_run_warning
 from noodle.corpus import load_token_stream
-from noodle.device import autocast, select_device, select_dtype
+from noodle.device import autocast, describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.model import IGNORE
 from noodle.progress import Reporter
@@ -169,7 +169,7 @@ def evaluate_model(
     windows = corpus_windows(tokens, loaded.config.ctx_len, batch_size, corpus)
     reporter.info(
         f"evaluating {loaded.directory} on {corpus}: {windows.count:,} windows of "
-        f"{loaded.config.ctx_len} tokens | device {device} | precision "
+        f"{loaded.config.ctx_len} tokens | device {describe_device(device)} | precision "
         f"{str(amp_dtype).removeprefix('torch.')}"
     )
     byte_lengths = token_byte_lengths(loaded.tokenizer)

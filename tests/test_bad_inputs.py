@@ -222,6 +222,18 @@ TRAIN_CASES = {
         1,
         r"tok\.json: not a valid tokenizer\.json",
     ),
+    "learned-tokenizer-too-small": BadInput(
+        lambda i: i.train("--tokenizer", "bpe:12"),
+        2,
+        r"--tokenizer bpe:12: the vocabulary of a learned tokenizer must be a number from 512 "
+        r"to 65,536, e\.g\. bpe:4096$",
+    ),
+    "learned-tokenizer-from-standard-input": BadInput(
+        lambda i: i.train("--tokenizer", "bpe:512", corpus="-"),
+        2,
+        r"--tokenizer bpe:512 reads the corpus twice \(to learn the tokenizer, then to tokenize "
+        r"it\): give a file or URL, not standard input$",
+    ),
     "unknown-backend": BadInput(lambda i: i.train("--backend", "tpu"), 2, r"unknown backend 'tpu'"),
     "unknown-dtype": BadInput(lambda i: i.train("--dtype", "float8"), 2, r"unknown dtype 'float8'"),
     "zero-batch-size": BadInput(

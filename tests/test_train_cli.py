@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import torch
 
@@ -47,3 +48,21 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     # stdout holds only the closing sample; logs went to stderr.
     assert result.stdout.startswith("Once upon a time")
     assert "val loss" in result.stderr and "tok_s" in result.stderr
+
+    # Through a pipe: a line per stage, each stage ending with its summary and elapsed time,
+    # and the run's own summary; no field left empty.
+    lines = result.stderr.splitlines()
+    duration = r"\d+:\d\d:\d\d"
+    assert re.fullmatch(
+        rf"tokenizing done: [\d.]+ kB \([\d.]+ [kM]?B/s\) in {duration} \| tokens [\d,]+", lines[0]
+    )
+    assert not any(line.startswith("tokenizing") for line in lines[1:])
+    assert any(
+        re.match(rf"training done: 100 steps in {duration} \| loss \d", line) for line in lines
+    )
+    assert re.search(
+        r"^done: 100 steps, 51,200 tokens, best validation loss \d\.\d{4} at step \d+ -> ",
+        result.stderr,
+        re.M,
+    )
+    assert not any(line.rstrip().endswith("|") or "eta" in line for line in lines)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from noodle.checkpoint import ModelDir, load_model
-from noodle.device import select_device, select_dtype
+from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.instructions import examples_fingerprint, load_examples, split_examples
 from noodle.parallel import Parallel
@@ -75,7 +75,7 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         out.write_tokenizer(tokenizer)
     reporter.info(
         f"fine-tuning {base.directory}: {base.model.parameter_count():,} parameters | device "
-        f"{device} | precision {str(amp_dtype).removeprefix('torch.')} | "
+        f"{describe_device(device)} | precision {str(amp_dtype).removeprefix('torch.')} | "
         f"{len(examples):,} examples ({len(train_data.examples):,} training / "
         f"{len(val_data.examples):,} validation)"
     )

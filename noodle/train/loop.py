@@ -327,7 +327,10 @@ class Trainer:
                     task.update(completed=state.step)
                     epoch_done = state.batch_index >= self.batches_per_epoch
                     last = state.step >= self.schedule.total_steps
-                    logged = state.step % settings.log_interval == 0 or epoch_done or last
+                    # Step 1 too, so that the first loss shows at once (a CPU step can take
+                    # seconds).
+                    first = state.step == 1
+                    logged = state.step % settings.log_interval == 0 or first or epoch_done or last
                     if logged:
                         self.log(lr_factor * settings.lr, task)
                     evaluated = state.step % settings.eval_interval == 0 or epoch_done or last

@@ -14,7 +14,7 @@ from noodle.batching import split_windows
 from noodle.checkpoint import TOKENIZER, ModelDir
 from noodle.config import resolve_model_config
 from noodle.corpus import load_token_stream, read_lines, token_chunks
-from noodle.device import select_device, select_dtype
+from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import UsageError
 from noodle.model import NoodleModel
 from noodle.parallel import Parallel
@@ -103,8 +103,9 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     torch.manual_seed(settings.seed)
     model = NoodleModel(config).to(device)
     reporter.info(
-        f"model {preset}: {model.parameter_count():,} parameters | device {device} | "
-        f"precision {str(amp_dtype).removeprefix('torch.')} | corpus {len(tokens):,} tokens "
+        f"model {preset}: {model.parameter_count():,} parameters | device "
+        f"{describe_device(device)} | precision {str(amp_dtype).removeprefix('torch.')} | "
+        f"corpus {len(tokens):,} tokens "
         f"({train_windows.count:,} training / {val_windows.count:,} validation windows of "
         f"{config.ctx_len})"
     )
