@@ -119,3 +119,38 @@ def test_resume_state_is_one_safetensors_file_of_tensors_and_json(tiny_run, tmp_
         "model.safetensors",
         "resume.safetensors",
     ]
+
+
+def test_a_run_resumed_with_more_steps_keeps_its_rate_and_decays_the_rest(tiny_run, tmp_path):
+    settings = replace(SETTINGS, max_steps=60, patience=1000, eval_interval=30, log_interval=1)
+    out = tmp_path / "model"
+    crashing = tiny_run.trainer(out, settings)
+    crashing.save_due = lambda: crashing.state.step == 30
+    get_batch = crashing.train_data.get
+
+    def get_batch_or_crash(epoch: int, index: int):
+        if crashing.state.step == 31:
+            raise SimulatedCrash
+        return get_batch(epoch, index)
+
+    crashing.train_data.get = get_batch_or_crash
+    with pytest.raises(SimulatedCrash):
+        crashing.run()
+    planned = crashing.schedule
+
+    resumed = tiny_run.trainer(out, replace(settings, max_steps=90))
+    resumed.resume()
+    resumed.run()
+
+    rates = {m["step"]: m["lr"] for m in read_metrics(out) if m["kind"] == "train"}
+    # The rate logged at step s is the one step s - 1 was taken with.
+    assert rates[31] == pytest.approx(planned.factor(30) * settings.lr)  # no jump
+    after = [rates[s] for s in sorted(rates) if s > 30]
+    assert after == sorted(after, reverse=True)
+    assert rates[90] == pytest.approx(0.1 * settings.lr, rel=1e-2)  # (taken at step 89)
+    # Not the cosine of a run planned for 90 steps from the start:
+    fresh = replace(planned, total_steps=90)
+    assert abs(rates[31] - fresh.factor(30) * settings.lr) > 0.01 * settings.lr
+    with safe_open(out / "resume.safetensors", framework="pt") as reader:
+        state = json.loads(reader.metadata()["state"])
+    assert state["schedule"]["total_steps"] == 90 and state["schedule"]["decay_from_step"] == 30

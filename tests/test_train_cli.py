@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from noodle.checkpoint import load_model
-from tests.conftest import ONE_THREAD, run_noodle
+from tests.conftest import ONE_THREAD, noodle_env, run_noodle
 
 
 def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
@@ -47,3 +50,21 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     # stdout holds only the closing sample; logs went to stderr.
     assert result.stdout.startswith("Once upon a time")
     assert "val loss" in result.stderr and "tok_s" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"]])
+def test_help_and_version_do_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "from noodle.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=noodle_env()
+    )
+    assert result.stdout  # the help or the version was printed
+    assert result.stderr.strip().splitlines()[-1] == "False"
