@@ -44,3 +44,20 @@ def test_decode_benchmark_generates_on_cpu():
     assert result.returncode == 0, result.stderr
     row = result.stdout.splitlines()[-1].split()
     assert row[:2] == ["float32", "off"] and float(row[3]) > 0
+
+
+def test_train_e2e_times_a_real_run_against_the_step_on_cpu(tmp_path, tiny_config, corpus_file):
+    out = tmp_path / "e2e.json"
+    result = run_script(
+        "benchmarks/train_e2e.py",
+        *(corpus_file, "--model", tiny_config, "--batch", 4, "--max-steps", 30),
+        *("--step-steps", 2, "--json", out),
+        *("--train-args", "--backend cpu --eval-interval 10 --eval-batches 2"),
+        *("--step-args", "--device cpu --compile off --warmup 1"),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    run = report["runs"]["after"]
+    assert run["steps"] == 30 and run["evals"] == 3 and run["tokens_per_s"] > 0
+    assert report["step"]["rows"][0]["batch"] == 4
+    assert "after" in result.stdout and "of step" in result.stdout

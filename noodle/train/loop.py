@@ -11,6 +11,7 @@ as two data objects (`TrainData`, `EvalData`); what it saves goes through `Model
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -278,6 +279,13 @@ class Trainer:
         loss = loss.detach()
         return loss, self.optimizer_step(loss)
 
+    def compile_evaluation(self) -> None:
+        """Run one validation batch, unrecorded, so that compiling the evaluation's own
+        graph (no dropout, no gradients) is part of the start-up, like the step's, rather
+        than a pause at the first evaluation."""
+        batches = itertools.islice(self.eval_data.eval_batches(1), 1)
+        evaluate(self.step_model, batches, self.device, self.amp_dtype)
+
     def save_due(self) -> bool:
         return time.monotonic() - self.last_save >= self.settings.save_interval_s
 
@@ -293,6 +301,8 @@ class Trainer:
             try:
                 if state.step == 0:  # so that a run that dies before its first save resumes
                     self.save_resume_state()
+                if settings.compile:
+                    self.compile_evaluation()
                 while not state.stopped_early and state.step < self.schedule.total_steps:
                     if state.batch_index >= self.batches_per_epoch:
                         state.epoch, state.batch_index = state.epoch + 1, 0
