@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,12 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="an older checkout to time as well")
     parser.add_argument("--step-args", default="", help="further train_speed.py options")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help="where the runs write their model directories (default: a temporary folder, "
+        "often in memory: a disk shows what saving costs)",
+    )
     parser.add_argument("--train-args", default="", help="further `noodle train` options")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,8 +112,12 @@ def main() -> None:
         step = step_speed(args, env)
         runs = {}
         checkouts = {"after": REPO} | ({"before": args.before.resolve()} if args.before else {})
+        out_dir = args.out_dir or Path(tmp)
         for name, checkout in checkouts.items():
-            runs[name] = run_training(checkout, args.corpus, Path(tmp) / name, args, env)
+            out = out_dir / name
+            if out.exists():
+                shutil.rmtree(out)
+            runs[name] = run_training(checkout, args.corpus, out, args, env)
             print(json.dumps({name: runs[name]}), file=sys.stderr, flush=True)
     step_tokens = step["rows"][0]["tokens_per_s"]
     print(f"device {step['device']} | torch {step['torch']} | {args.model} batch {args.batch}")

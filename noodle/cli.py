@@ -154,8 +154,15 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             defaults.eval_interval,
         ),
         "eval_batches": (
-            Annotated[int, typer.Option(help="Validation batches per evaluation (evenly spread).")],
-            defaults.eval_batches,
+            Annotated[
+                int | None,
+                typer.Option(
+                    help="Validation batches per evaluation (evenly spread over the "
+                    f"validation set). Default: {defaults.eval_windows} sequences' worth.",
+                    show_default=False,
+                ),
+            ],
+            None,
         ),
         "patience": (
             Annotated[
@@ -207,6 +214,8 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
     one_of("schedule", values["schedule"], SCHEDULES)
     if values["lr"] is None:
         values["lr"] = defaults.lr_at_batch_4 * values["batch_size"] / 4
+    if values["eval_batches"] is None:
+        values["eval_batches"] = -(-defaults.eval_windows // values["batch_size"])
     return TrainSettings(min_improvement=min_improvement, save_interval_s=60 * save_every, **values)
 
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from noodle.errors import NoodleError
 from noodle.train.settings import TrainSettings
+from noodle.train.writer import Writer
 from tests.tiny_runs import read_metrics, saved_tensors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -154,3 +156,35 @@ def test_a_run_resumed_with_more_steps_keeps_its_rate_and_decays_the_rest(tiny_r
     with safe_open(out / "resume.safetensors", framework="pt") as reader:
         state = json.loads(reader.metadata()["state"])
     assert state["schedule"]["total_steps"] == 90 and state["schedule"]["decay_from_step"] == 30
+
+
+def test_saving_in_the_background_ends_with_the_same_files(tiny_run, tmp_path):
+    """On GPUs the saves are written off the training thread from host copies; the files
+    must be those the inline writer (the CPU's) leaves."""
+    settings = replace(SETTINGS, max_steps=30, save_interval_s=0)
+    inline = tiny_run.trainer(tmp_path / "inline", settings)
+    inline.run()
+    background = tiny_run.trainer(tmp_path / "background", settings)
+    background.writer = Writer(background=True)
+    background.run()
+
+    assert background.writer.thread is None  # stopped once the run was over
+    for name in ("model.safetensors", "resume.safetensors"):
+        expected = saved_tensors(tmp_path / "inline" / name)
+        written = saved_tensors(tmp_path / "background" / name)
+        assert expected.keys() == written.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(tensor, written[key]), (name, key)
+
+
+def test_a_failed_background_save_stops_the_run_with_its_error(tiny_run, tmp_path):
+    trainer = tiny_run.trainer(tmp_path / "model", replace(SETTINGS, max_steps=30))
+    trainer.writer = Writer(background=True)
+
+    def full_disk(tensors: dict) -> None:
+        raise NoodleError(f"cannot write {tmp_path}/model/model.safetensors: No space left")
+
+    trainer.out.write_weights = full_disk
+    with pytest.raises(NoodleError, match="No space left"):
+        trainer.run()
+    assert trainer.state.step < 30  # it stopped at the next save, not at the end

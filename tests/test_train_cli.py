@@ -68,3 +68,20 @@ def test_help_and_version_do_not_import_torch(args):
     )
     assert result.stdout  # the help or the version was printed
     assert result.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_an_evaluation_reads_the_same_number_of_sequences_at_any_batch_size():
+    from noodle.cli import training_settings
+    from noodle.train.settings import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS
+
+    def settings(defaults, batch_size: int, eval_batches: int | None = None):
+        values = {"batch_size": batch_size, "eval_batches": eval_batches, "lr": None}
+        values |= {"max_epochs": 1, "max_steps": None, "eval_interval": 10, "patience": 1}
+        values |= {"optimizer": "adamw", "schedule": "cosine", "seed": 1}
+        return training_settings(defaults, {**values, "min_improvement": 0, "save_every": 1})
+
+    assert settings(PRETRAIN_DEFAULTS, 8).eval_batches == 50  # the original's default
+    assert settings(PRETRAIN_DEFAULTS, 64).eval_batches == 7  # 400 sequences, rounded up
+    assert settings(FINETUNE_DEFAULTS, 4).eval_batches == 500
+    assert settings(PRETRAIN_DEFAULTS, 64, eval_batches=3).eval_batches == 3
+    assert settings(PRETRAIN_DEFAULTS, 64).lr == PRETRAIN_DEFAULTS.lr_at_batch_4 * 16
