@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from noodle.instructions import Instruction, format_block
+from noodle.tokenizer import TextTokenizer, load_tokenizer
 from tests.tiny_runs import TinyRun
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,6 +152,12 @@ def write_small_tokenizer(path: Path, text: str, vocab_size: int = 400) -> Path:
     tokenizer.train_from_iterator([text], trainer)
     tokenizer.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> TextTokenizer:
+    """The bundled GPT-NeoX-20B tokenizer."""
+    return load_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from noodle import chat
 from noodle.chat import BANNER, ChatOptions, TextStream, open_session
@@ -21,8 +20,16 @@ from noodle.cli import main
 from noodle.errors import NoodleError
 from noodle.inference import generate
 from noodle.sampling import SamplingSettings
-from noodle.tokenizer import END_OF_TEXT, PADDING, load_tokenizer
-from tests.conftest import NAMES, PLACES, THINGS, TINY_CONFIG, run_noodle, story_corpus
+from noodle.tokenizer import load_tokenizer
+from tests.conftest import (
+    NAMES,
+    PLACES,
+    THINGS,
+    TINY_CONFIG,
+    run_noodle,
+    story_corpus,
+    write_small_tokenizer,
+)
 
 # Subprocesses run on one thread too, for the reason one_torch_thread gives.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -35,28 +42,12 @@ TAUGHT_CONTINUATION = re.compile(
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def write_tiny_tokenizer(text: str, path: Path) -> None:
-    """A byte-level BPE of a few hundred tokens learnt from `text`: a model over so small a
-    vocabulary trains in seconds, and it still splits rare characters into bytes."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=[END_OF_TEXT, PADDING],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer)
-    tokenizer.save(str(path))
-
-
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("chat")
     text = story_corpus(600)
     (root / "corpus.txt").write_text(text)
-    write_tiny_tokenizer(text, root / "tokenizer.json")
+    write_small_tokenizer(root / "tokenizer.json", text)
     (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
     result = run_noodle(
         *("train", root / "corpus.txt", root / "model", "--model", root / "tiny.json"),

@@ -30,7 +30,6 @@ from noodle.corpus import (
 from noodle.errors import NoodleError, UsageError
 from noodle.progress import Reporter
 from noodle.sources import WebFile, hf_url
-from noodle.tokenizer import load_tokenizer
 from tests.conftest import run_noodle, story_corpus
 
 # Multi-byte characters, CRLF line ends, blank lines, the end-of-text marker, a line of
@@ -45,11 +44,6 @@ TRICKY_TEXT = (
     "ß ẞ ﬁ Ω ≠ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 e\u0301 (a combining accent)\r\n"
     "the end"
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from noodle.inference import Session, generate
 from noodle.instructions import format_prompt
 from noodle.sampling import SamplingSettings
 from tests.conftest import ONE_THREAD, PAIRS, run_noodle, write_instructions
+from tests.tiny_runs import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +77,7 @@ def test_finetuned_directory_is_complete_and_records_its_base(finetuned, trained
     assert {k: meta[k] for k in ("n_layers", "emb_dim", "vocab_size", "tokenizer")} == {
         k: base_meta[k] for k in ("n_layers", "emb_dim", "vocab_size", "tokenizer")
     }
-    evals = [
-        json.loads(line)
-        for line in (finetuned / "metrics.jsonl").read_text().splitlines()
-        if json.loads(line)["kind"] == "eval"
-    ]
+    evals = [m for m in read_metrics(finetuned) if m["kind"] == "eval"]
     assert len(evals) == 25  # one per epoch
     assert training["best_val_loss"] == min(e["val_loss"] for e in evals) < 0.1
 
@@ -165,11 +162,7 @@ def test_finetune_resume_continues_where_the_run_stopped(
     )
     assert code == 0, err
     assert "resuming at step 4" in err
-    steps = [
-        json.loads(line)["step"]
-        for line in (out / "metrics.jsonl").read_text().splitlines()
-        if json.loads(line)["kind"] == "eval"
-    ]
+    steps = [m["step"] for m in read_metrics(out) if m["kind"] == "eval"]
     assert steps == [2, 4, 6, 8]
     assert json.loads((out / "model.json").read_text())["training"]["steps"] == 8
 

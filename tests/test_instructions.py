@@ -24,7 +24,6 @@ from noodle.instructions import (
     tokenize_instructions,
 )
 from noodle.progress import Reporter
-from noodle.tokenizer import load_tokenizer
 from tests.conftest import run_noodle
 
 QUIET = Reporter(interactive=False, quiet=True)
@@ -48,11 +47,6 @@ bonjour
 
 <|endoftext|>
 """
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 def parse(text: str):

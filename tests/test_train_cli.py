@@ -12,6 +12,7 @@ import torch
 
 from noodle.checkpoint import load_model
 from tests.conftest import ONE_THREAD, noodle_env, run_noodle
+from tests.tiny_runs import read_metrics
 
 
 def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
@@ -26,7 +27,7 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     for name in ("model.json", "model.safetensors", "tokenizer.json", "metrics.jsonl"):
         assert (out / name).is_file(), name
 
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     evals = [m for m in metrics if m["kind"] == "eval"]
     steps = [m for m in metrics if m["kind"] == "train"]
     # Every --eval-interval steps, and at each epoch end (the corpus is 20 batches long).
