@@ -41,6 +41,7 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["status"] == "finished"
     assert meta["training"]["steps"] == 100
+    assert meta["training"]["epochs"] == 5.0  # five whole passes of 20 batches
     assert meta["training"]["best_val_loss"] == min(e["val_loss"] for e in evals)
     loaded = load_model(out)
     assert loaded.config.n_layers == 2 and loaded.config.vocab_size == 50304
