@@ -35,6 +35,7 @@ from noodle.progress import Reporter
 from noodle.tokenizer import END_OF_TEXT, PADDING, TextTokenizer, load_tokenizer
 
 MODEL_TYPE = "noodle"
+ASSETS = resources.files("noodle") / "assets" / "hf"  # the modelling code and the card
 CODE_FILES = ("configuration_noodle.py", "modeling_noodle.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_noodle.NoodleConfig",
@@ -135,7 +136,8 @@ def markdown_table(rows: list[tuple[str, str]]) -> str:
 
 
 def model_card(files: ModelFiles, name: str) -> str:
-    """README.md: what the model is, how it was trained and how to use it."""
+    """README.md: what the model is, how it was trained, how to use it, the tokenizer's
+    license."""
     config, tokenizer, metadata = files.config, files.tokenizer, files.metadata
     training = metadata.get("training")
     training = training if isinstance(training, dict) else {}
@@ -150,46 +152,21 @@ def model_card(files: ModelFiles, name: str) -> str:
         ("vocabulary", f"{tokenizer.vocab_size:,} tokens, padded to {config.vocab_size:,}"),
         ("rotary base", f"{config.rope_base:g}"),
     ]
-    sections = [
-        "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- noodle\n"
-        "- custom_code\n---",
-        f"# {name}",
-        "A small GPT-style language model trained with "
-        f"[Noodle](https://github.com/) {training.get('noodle_version', '')}, exported by "
-        "`noodle export`. The modelling code is in this directory (`modeling_noodle.py`): load "
-        "it with `trust_remote_code=True`.",
-        "## Architecture",
-        "A pre-norm decoder-only transformer: token embedding (no learned positions), blocks "
-        "of `x + Dropout(o_proj(Attn(LN(x))))` and `x + Dropout(down_proj(GELU(up_proj(LN(x)))))`, "
-        "a final LayerNorm and an untied output layer with a bias. Attention has a fused, biased "
-        "QKV projection, a parameter-free RMS norm on each head's queries and keys, and "
-        "rotate-half rotary position embeddings applied after that norm. The vocabulary is "
-        "padded for fast matrix shapes; padded ids are never predicted.",
-        markdown_table(architecture),
-        "## Training",
-        markdown_table(training_rows(training)),
-    ]
+    training_section = markdown_table(training_rows(training))
     base = training.get("base_training")
     if training.get("kind") == "finetune" and isinstance(base, dict):
-        sections += [
-            f"Fine-tuned from `{training.get('base_model')}`, itself trained as follows:",
-            markdown_table(training_rows(base)),
-        ]
-    sections += [
-        "## Use",
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        'model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)\n'
-        'tokenizer = AutoTokenizer.from_pretrained("PATH")\n'
-        'inputs = tokenizer("Once upon a time", return_tensors="pt")\n'
-        "output = model.generate(**inputs, max_new_tokens=40, do_sample=True, top_k=40)\n"
-        "print(tokenizer.decode(output[0]))\n```",
-        "Evaluate with lm-evaluation-harness:",
-        "```bash\nlm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True "
-        "--tasks hellaswag --batch_size 8\n```",
-        "## Tokenizer",
-        tokenizer_license(tokenizer),
-    ]
-    return "\n\n".join(sections) + "\n"
+        training_section += (
+            f"\n\nFine-tuned from `{training.get('base_model')}`, itself trained as follows:"
+            f"\n\n{markdown_table(training_rows(base))}"
+        )
+    template = (ASSETS / "model_card.md").read_text(encoding="utf-8")
+    return template.format(
+        name=name,
+        noodle_version=training.get("noodle_version", ""),
+        architecture=markdown_table(architecture),
+        training=training_section,
+        tokenizer_license=tokenizer_license(tokenizer),
+    )
 
 
 def check_export_dir(path: Path) -> Path:
@@ -211,9 +188,8 @@ def write_export(
         if key in ("bos_token_id", "eos_token_id", "pad_token_id")
     }
     atomic_write_json(directory / "generation_config.json", generation)
-    code = resources.files("noodle") / "assets" / "hf"
     for code_file in CODE_FILES:
-        atomic_write_bytes(directory / code_file, (code / code_file).read_bytes())
+        atomic_write_bytes(directory / code_file, (ASSETS / code_file).read_bytes())
     atomic_write(
         directory / WEIGHTS,
         lambda handle: write_safetensors(handle, tensors, {"format": "pt"}),
