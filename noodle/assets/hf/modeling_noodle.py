@@ -221,25 +221,28 @@ class NoodleModel(NoodlePreTrainedModel):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None:
-            cache = DynamicCache()
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = past_key_values if past_key_values is not None else DynamicCache()
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
         past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:
-                # Left padding: positions count the real tokens only.
-                counted = attention_mask.long().cumsum(-1) - 1
-                position_ids = counted.clamp(min=0)[:, -length:]
-            else:
-                position_ids = (past + torch.arange(length, device=device)).expand(batch, -1)
-        cos, sin = self.rotary(position_ids, past + length)
+        if position_ids is not None:
+            end = int(position_ids.max()) + 1
+        elif attention_mask is not None and attention_mask.ndim == 2:
+            # Left padding: positions count the real tokens only.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            end = past + length
+        else:
+            position_ids = (past + torch.arange(length, device=device)).expand(batch, -1)
+            end = past + length
+        cos, sin = self.rotary(position_ids, end)
         mask = attention_mask_for(attention_mask, past, length, device)
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin, mask, cache if use_cache else None)
+            hidden_states = layer(hidden_states, cos, sin, mask, cache)
         return BaseModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states), **{CACHE_FIELD: cache}
         )
