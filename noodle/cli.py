@@ -195,7 +195,7 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
                     "--tensorboard",
                     metavar="DIR",
                     help="Also write the metrics as TensorBoard event files into DIR "
-                    "(needs pip install 'noodle[tensorboard]').",
+                    "(needs pip install 'noodle\\[tensorboard]').",
                     show_default=False,
                 ),
             ],
@@ -511,7 +511,7 @@ def plot(
     size: Annotated[str, typer.Option(help="Image size in pixels, WIDTHxHEIGHT.")] = "1200x800",
 ) -> None:
     """Draw the training and validation loss (and learning rate) of one or more runs against
-    tokens seen, the best checkpoint of each marked. Needs matplotlib ('noodle[plot]')."""
+    tokens seen, the best checkpoint of each marked. Needs matplotlib (noodle\\[plot])."""
     from noodle.plot import parse_size, plot_runs
 
     plot_runs(models, output, parse_size(size))
