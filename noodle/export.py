@@ -180,12 +180,10 @@ def write_export(
     files: ModelFiles, tensors: dict[str, torch.Tensor], directory: Path, name: str
 ) -> None:
     config, tokenizer = files.config, files.tokenizer
-    dtype = tensors["model.embed_tokens.weight"].dtype
-    atomic_write_json(directory / "config.json", transformers_config(config, tokenizer, dtype))
+    model_config = transformers_config(config, tokenizer, tensors["lm_head.weight"].dtype)
+    atomic_write_json(directory / "config.json", model_config)
     generation = {
-        key: value
-        for key, value in transformers_config(config, tokenizer, dtype).items()
-        if key in ("bos_token_id", "eos_token_id", "pad_token_id")
+        key: model_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")
     }
     atomic_write_json(directory / "generation_config.json", generation)
     for code_file in CODE_FILES:
@@ -225,7 +223,7 @@ def export_model(spec: str, out_dir: Path, reporter: Reporter) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # already gone once renamed
     reporter.info(
-        f"exported {files.directory} to {out_dir} ({files.config.parameter_count():,} "
-        "parameters); load it with AutoModelForCausalLM.from_pretrained(OUT_DIR, "
+        f"exported {files.directory} ({files.config.parameter_count():,} parameters) to "
+        f"{out_dir}: load it with AutoModelForCausalLM.from_pretrained({str(out_dir)!r}, "
         "trust_remote_code=True)"
     )
