@@ -195,6 +195,19 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             Annotated[int, typer.Option(help="Seed for weights, data order and dropout.")],
             TrainSettings.seed,
         ),
+        "tensorboard_dir": (
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--tensorboard",
+                    metavar="DIR",
+                    help="Also write the metrics as TensorBoard event files into DIR "
+                    "(needs pip install 'noodle\\[tensorboard]').",
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
     }
 
 
@@ -216,6 +229,10 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
         values["lr"] = defaults.lr_at_batch_4 * values["batch_size"] / 4
     if values["eval_batches"] is None:
         values["eval_batches"] = -(-defaults.eval_windows // values["batch_size"])
+    if values["tensorboard_dir"] is not None:
+        from noodle.train.tensorboard_sink import check_tensorboard
+
+        check_tensorboard(values["tensorboard_dir"])
     return TrainSettings(min_improvement=min_improvement, save_interval_s=60 * save_every, **values)
 
 
@@ -465,6 +482,48 @@ def chat(
         compile_decode=compile_decode,
     )
     run_chat(options)
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Directory to write the transformers model into: new, or empty.",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Write MODEL as a Hugging Face transformers model directory (modelling code, weights,
+    tokenizer and model card): load it with trust_remote_code=True."""
+    from noodle.export import export_model
+
+    run_with_reporter(lambda reporter: export_model(model, out_dir, reporter))
+
+
+@app.command()
+def plot(
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Model directories of the runs to draw (their metrics.jsonl), one or more.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Image to write; its suffix picks the format (.png, .svg, .pdf)."
+        ),
+    ] = Path("curves.png"),
+    size: Annotated[str, typer.Option(help="Image size in pixels, WIDTHxHEIGHT.")] = "1200x800",
+) -> None:
+    """Draw the training and validation loss (and learning rate) of one or more runs against
+    tokens seen, the best checkpoint of each marked. Needs matplotlib (noodle\\[plot])."""
+    from noodle.plot import parse_size, plot_runs
+
+    plot_runs(models, output, parse_size(size))
 
 
 def version_callback(value: bool) -> None:

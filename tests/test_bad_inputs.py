@@ -420,6 +420,50 @@ PREPARE_CASES = {
     ),
 }
 
+EXPORT_CASES = {
+    "out-dir-not-empty": BadInput(
+        lambda i: ["export", i.model, i.other_model],
+        1,
+        r"\S+other-model exists and is not empty; export into a new or empty directory$",
+    ),
+    "out-dir-is-a-file": BadInput(
+        lambda i: ["export", i.model, i.file("out.txt", "mine")],
+        1,
+        r"output directory \S+ is a file$",
+    ),
+}
+
+PLOT_CASES = {
+    "missing-run": BadInput(
+        lambda i: ["plot", i.root / "none"], 1, r"run \S+none: no such directory$"
+    ),
+    "directory-without-metrics": BadInput(
+        lambda i: ["plot", i.model, i.directory("empty")],
+        1,
+        r"run \S+empty: \S+empty has no metrics\.jsonl \(not a training run's directory\)$",
+    ),
+    "metrics-without-training-records": BadInput(
+        lambda i: ["plot", i.file("metrics.jsonl", '{"kind": "eval", "step": 5}\n{"kind"')],
+        1,
+        r"metrics\.jsonl holds no training records yet$",
+    ),
+    "unknown-image-format": BadInput(
+        lambda i: ["plot", i.model, "-o", i.root / "curves.txt"],
+        2,
+        r"cannot write \S+curves\.txt: name a file ending in one of .*\.png",
+    ),
+    "output-in-a-missing-directory": BadInput(
+        lambda i: ["plot", i.model, "-o", i.root / "none" / "curves.png"],
+        1,
+        r"cannot write \S+curves\.png: \S+none is not a directory$",
+    ),
+    "bad-size": BadInput(
+        lambda i: ["plot", i.model, "--size", "large"],
+        2,
+        r"--size must be WIDTHxHEIGHT in pixels, each at least 100, got 'large'$",
+    ),
+}
+
 # Each command's own cases; a case named NAME here runs as COMMAND-NAME.
 COMMAND_CASES = {
     "train": TRAIN_CASES,
@@ -427,6 +471,8 @@ COMMAND_CASES = {
     "eval": EVAL_CASES,
     "chat": CHAT_CASES,
     "prepare-instructions": PREPARE_CASES,
+    "export": EXPORT_CASES,
+    "plot": PLOT_CASES,
 }
 
 # The commands that take MODEL, each run on the model directory or file given.
@@ -435,6 +481,7 @@ MODEL_COMMANDS: dict[str, Callable[[Inputs, Path], list[str]]] = {
     "eval": lambda i, model: i.eval(model=model),
     "info": lambda i, model: ["info", model],
     "chat": lambda i, model: i.chat(model=model),
+    "export": lambda i, model: ["export", model, i.root / "exported"],
 }
 
 
@@ -510,7 +557,8 @@ MODEL_CASES = {
     for problem, bad in BAD_MODELS.items()
 }
 
-# Every command that computes (info only reads files) refuses an unknown device or precision.
+# Every command that computes refuses an unknown device or precision (info and export only
+# read and write files).
 DEVICE_CASES = {
     f"{command}-unknown-{option}": BadInput(
         lambda i, run=run, option=option, value=value: [*run(i, i.model), f"--{option}", value],
@@ -518,7 +566,7 @@ DEVICE_CASES = {
         rf"unknown {option} '{value}'",
     )
     for command, run in MODEL_COMMANDS.items()
-    if command != "info"
+    if command not in ("info", "export")
     for option, value in (("backend", "tpu"), ("dtype", "float8"))
 }
 
@@ -532,6 +580,8 @@ ARGUMENT_CASES = {
         ("chat", 1),
         ("info", 1),
         ("prepare-instructions", 2),
+        ("export", 2),
+        ("plot", 1),
     )
     for problem, args, message in (
         ("missing-argument", [command], r"Missing argument"),

@@ -79,7 +79,7 @@ def test_an_evaluation_reads_the_same_number_of_sequences_at_any_batch_size():
     def settings(defaults, batch_size: int, eval_batches: int | None = None):
         values = {"batch_size": batch_size, "eval_batches": eval_batches, "lr": None}
         values |= {"max_epochs": 1, "max_steps": None, "eval_interval": 10, "patience": 1}
-        values |= {"optimizer": "adamw", "schedule": "cosine", "seed": 1}
+        values |= {"optimizer": "adamw", "schedule": "cosine", "seed": 1, "tensorboard_dir": None}
         return training_settings(defaults, {**values, "min_improvement": 0, "save_every": 1})
 
     assert settings(PRETRAIN_DEFAULTS, 8).eval_batches == 50  # the original's default

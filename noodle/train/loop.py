@@ -123,7 +123,7 @@ class Trainer:
         self.stats = StepStats(device, self.state)
         self.batches_per_epoch = train_data.batches_per_epoch()
         self.schedule = Schedule.plan(settings, planned_steps(settings, self.batches_per_epoch))
-        self.metrics = MetricsLog(out.file(METRICS))
+        self.metrics = MetricsLog(out.file(METRICS), settings.tensorboard_dir)
         self.writer = Writer(background=device.type != "cpu")
         self.last_save = time.monotonic()
 
@@ -332,7 +332,7 @@ class Trainer:
                 # larger --max-steps or --max-epochs).
                 self.save_resume_state()
             finally:
-                self.metrics.flush()
+                self.metrics.close()
                 self.writer.close()
         task.finish()
         if state.stopped_early:

@@ -76,6 +76,8 @@ class TrainSettings:
     save_interval_s: float = 600.0
     max_nonfinite_in_row: int = 5
     compile: bool = False
+    # Also write the metrics as TensorBoard event files into this directory.
+    tensorboard_dir: str | None = None
     # CUDA graphs replay each step's ~200 kernels with one launch: small models are bound by
     # kernel-launch overhead otherwise (somen at batch 8 spends most of its step on the CPU).
     compile_mode: str = "reduce-overhead"
