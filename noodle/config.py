@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from noodle.errors import NoodleError, UsageError
+from noodle.errors import NoodleError, UsageError, did_you_mean
 
 VOCAB_MULTIPLE = 128
 
@@ -125,7 +125,8 @@ def resolve_model_config(spec: str, tokenizer_vocab: int) -> tuple[str, ModelCon
         name = "custom"
     else:
         raise UsageError(
-            f"unknown model preset {spec!r} (choose {', '.join(PRESETS)} or a CONFIG.json path)"
+            f"unknown model preset {spec!r}{did_you_mean(spec, PRESETS)} (choose "
+            f"{', '.join(PRESETS)} or a CONFIG.json path)"
         )
     if not explicit_vocab:
         return name, replace(config, vocab_size=padded_vocab_size(tokenizer_vocab))
