@@ -385,11 +385,14 @@ def prepare_instructions(
     destination: Annotated[
         Path, typer.Argument(help="Instruction file to write.", show_default=False)
     ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite DESTINATION if it already exists.")
+    ] = False,
 ) -> None:
     """Turn a JSON/JSONL instruction set into an instruction file for `noodle finetune`."""
     from noodle.instructions import prepare_instructions as prepare
 
-    run_with_reporter(lambda reporter: prepare(source, destination, reporter))
+    run_with_reporter(lambda reporter: prepare(source, destination, reporter, force))
 
 
 @app.command(name="eval")

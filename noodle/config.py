@@ -9,6 +9,8 @@ from pathlib import Path
 from noodle.errors import NoodleError, UsageError, did_you_mean
 
 VOCAB_MULTIPLE = 128
+# 40 TB of float32 weights: beyond any machine, so a config past it is a typo.
+MAX_PARAMETERS = 10**13
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class ModelConfig:
             raise NoodleError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.rope_base, (int, float)) or self.rope_base <= 1:
             raise NoodleError(f"model config: rope_base must be > 1, got {self.rope_base!r}")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise NoodleError(
+                f"model config: {self.parameter_count():,} parameters is beyond any machine "
+                f"(at most {MAX_PARAMETERS:,}); check n_layers, emb_dim and hidden_dim"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

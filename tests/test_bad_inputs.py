@@ -365,7 +365,7 @@ CHAT_CASES = {
     "zero-repetition-penalty": BadInput(
         lambda i: i.chat("--repetition-penalty", 0),
         2,
-        r"repetition penalty must be positive, got 0\.0$",
+        r"repetition penalty must be a positive finite number, got 0\.0$",
     ),
 }
 
