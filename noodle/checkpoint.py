@@ -4,6 +4,7 @@ resume state, each written atomically so a crash leaves the old file or the new 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -82,6 +83,41 @@ def write_safetensors(
         handle.write(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+# A safetensors header is JSON of a few hundred bytes per tensor; more than this is damage.
+MAX_HEADER_BYTES = 100 << 20
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked to describe exactly the data the file
+    holds, read without mapping the file (a mapping as large as a big model's weights can
+    be refused by the kernel on a machine with less memory)."""
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError("not a safetensors file: no header")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError("not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file: its header is not a JSON object")
+    try:
+        end = max(
+            (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+            default=0,
+        )
+    except (KeyError, IndexError, TypeError):
+        raise ValueError("not a safetensors file: a tensor without data offsets") from None
+    if end != size - 8 - length:
+        raise ValueError(
+            f"data not fully covered: the header describes {end:,} bytes of data, the file "
+            f"holds {size - 8 - length:,}"
+        )
+    return header
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -151,10 +187,9 @@ class ModelDir:
         holds even if a crash came between writing them and model.json); None without
         weights or that record."""
         try:
-            with safe_open(self.file(WEIGHTS), framework="pt") as reader:
-                metadata = reader.metadata() or {}
+            metadata = read_safetensors_header(self.file(WEIGHTS))["__metadata__"]
             return BestWeights(int(metadata["best_step"]), float(metadata["best_val_loss"]))
-        except (SafetensorError, OSError, KeyError, ValueError):
+        except (OSError, KeyError, TypeError, ValueError):
             return None
 
     def remove_temporary_files(self) -> None:
@@ -241,13 +276,15 @@ def model_tokenizer(directory: Path, metadata: dict, spec: str | Path) -> TextTo
 
 def check_weights_match(path: Path, config: ModelConfig, spec: str | Path) -> None:
     """Refuse a weights file that is unreadable or whose tensors are not those of `config`.
-    Reads the file's header only (safetensors checks that the data covers the file), and
-    walks the config's tensors no further than the file's: a model.json that names a billion
-    layers costs no more to check than one that names two."""
+    Reads the file's header only (see `read_safetensors_header`), and walks the config's
+    tensors no further than the file's: a model.json that names a billion layers costs no
+    more to check than one that names two."""
     try:
-        with safe_open(path, framework="pt") as reader:
-            shapes = {name: tuple(reader.get_slice(name).get_shape()) for name in reader.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as exc:
+        header = read_safetensors_header(path)
+        shapes = {
+            name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise NoodleError(f"model {spec}: unreadable weights ({exc})") from None
     expected = set()
     for name, shape in weight_shapes(config):

@@ -96,7 +96,7 @@ def read_sample(stream: BinaryIO) -> bytes:
 def binary_reason(sample: bytes) -> str | None:
     """Why `sample`, the start of a stream, is not text; None for text."""
     if sample.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "UTF-16 text: convert it to UTF-8 first, e.g. iconv -f UTF-16 -t UTF-8"
+        return "UTF-16 text (convert it to UTF-8 first, e.g. with iconv -f UTF-16 -t UTF-8)"
     nul = sample.find(b"\x00")
     if nul >= 0:
         return f"binary data (a NUL byte at offset {nul:,})"

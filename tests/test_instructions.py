@@ -60,8 +60,11 @@ def test_input_section_is_optional_and_joins_the_prompt_after_a_newline():
         Instruction("Translate to French.", "good morning", "bonjour"),
     ]
     assert not parsed.skipped
-    assert parsed.instructions[0].prompt == format_prompt("Name a colour.") == "Name a colour."
-    assert parsed.instructions[1].prompt == "Translate to French.\ngood morning"
+    assert parsed.instructions[0].prompt == format_prompt("Name a colour.")
+    assert parsed.instructions[0].prompt == "Name a colour.\n\n### Response:\n"
+    assert parsed.instructions[1].prompt == (
+        "Translate to French.\ngood morning\n\n### Response:\n"
+    )
 
 
 def test_blocks_missing_a_section_are_skipped_and_counted():
@@ -218,7 +221,7 @@ def test_prepare_turns_alpaca_and_dolly_records_into_a_parsable_file(tmp_path):
     assert (tmp_path / "array.txt").read_text() == destination.read_text()
 
 
-def test_prepare_cli_writes_the_file(tmp_path):
+def test_prepare_cli_writes_the_file_and_overwrites_one_only_with_force(tmp_path):
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
     out = tmp_path / "instructions.txt"
@@ -226,6 +229,15 @@ def test_prepare_cli_writes_the_file(tmp_path):
     assert result.returncode == 0, result.stderr
     assert parse(out.read_text()).instructions == [Instruction("Hi", "", "Hello")]
     assert result.stderr == f"wrote 1 example(s) to {out}\n"
+
+    records.write_text(json.dumps({"instruction": "Bye", "output": "Goodbye"}) + "\n")
+    refused = run_noodle("prepare-instructions", records, out)
+    assert refused.returncode == 1
+    assert refused.stderr == f"error: {out} already exists; add --force to overwrite it\n"
+    assert parse(out.read_text()).instructions == [Instruction("Hi", "", "Hello")]
+    forced = run_noodle("prepare-instructions", records, out, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert parse(out.read_text()).instructions == [Instruction("Bye", "", "Goodbye")]
 
 
 def test_prepare_reports_malformed_json_with_its_line(tmp_path, cli_in_process):
