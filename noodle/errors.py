@@ -40,6 +40,7 @@ class Interrupted(BaseException):
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """ "; did you mean 'soba'?" when `value` looks like a typo of one of `choices`, else ""."""
+    """The hint `; did you mean 'soba'?` when `value` looks like a typo of one of `choices`,
+    else an empty string."""
     close = difflib.get_close_matches(value.lower(), list(choices), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""

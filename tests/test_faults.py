@@ -142,7 +142,9 @@ def test_two_runs_started_together_into_one_directory_one_wins(trained_base, tmp
     assert steps == sorted(set(steps))  # one run's records, not two interleaved
 
 
-def test_a_run_holds_its_directory_until_it_is_killed(trained_base, tmp_path):
+def test_a_run_holds_its_directory_until_it_is_killed(
+    trained_base, tmp_path, cli_in_process, one_torch_thread
+):
     out = tmp_path / "model"
     options = ("--max-steps", 5000, "--eval-interval", 2500)
     env = noodle_env(ONE_THREAD)
@@ -154,10 +156,10 @@ def test_a_run_holds_its_directory_until_it_is_killed(trained_base, tmp_path):
     )
     try:
         wait_for(lambda: (out / "resume.safetensors").exists(), "the first resume state")
-        second = run_noodle(*train_command(trained_base, out, *options, "--resume")[3:])
+        code, _, err = cli_in_process(*train_command(trained_base, out, *options, "--resume")[3:])
         assert holder.poll() is None, "the first run ended too soon for this test"
-        assert second.returncode == 1
-        assert second.stderr.splitlines()[-1] == (
+        assert code == 1
+        assert err.splitlines()[-1] == (
             f"error: {out} is in use: another noodle run (process {holder.pid}) is writing it; "
             "wait for it to end or choose another output directory"
         )
@@ -167,12 +169,11 @@ def test_a_run_holds_its_directory_until_it_is_killed(trained_base, tmp_path):
         holder.kill()
 
     # The kernel released the lock with the process: the run resumes (shortened).
-    resumed = run_noodle(
-        *train_command(trained_base, out, *options[2:], "--max-steps", 20, "--resume")[3:],
-        env=ONE_THREAD,
+    code, _, err = cli_in_process(
+        *train_command(trained_base, out, *options[2:], "--max-steps", 20, "--resume")[3:]
     )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at step 0 " in resumed.stderr
+    assert code == 0, err
+    assert "resuming at step 0 " in err
     assert json.loads((out / "model.json").read_text())["training"]["status"] == "finished"
 
 
@@ -235,41 +236,36 @@ def test_a_full_disk_leaves_the_previous_weights_and_a_model_json_that_describes
 # -- pipes ------------------------------------------------------------------------------
 
 
-def eval_tokens(result: subprocess.CompletedProcess) -> int:
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)["tokens"]
-
-
-def test_a_corpus_from_a_pipe_a_fifo_or_a_process_substitution_is_streamed(trained_base, tmp_path):
+def test_a_corpus_from_a_fifo_or_a_process_substitution_is_streamed(
+    trained_base, tmp_path, cli_in_process, one_torch_thread
+):
     corpus = Path(base_inputs(trained_base)[0])
-    expected = eval_tokens(run_noodle("eval", trained_base, corpus, "--json", "--backend", "cpu"))
-
-    from_stdin = run_noodle(
-        "eval", trained_base, "/dev/stdin", "--json", "--backend", "cpu", input=corpus.read_text()
-    )
-    assert eval_tokens(from_stdin) == expected
-    assert "is read once and never cached" in from_stdin.stderr
+    evaluate = ("eval", trained_base, "--json", "--backend", "cpu")
+    code, out, err = cli_in_process(*evaluate, corpus)
+    assert code == 0, err
+    expected = json.loads(out)["tokens"]
 
     fifo = tmp_path / "corpus.fifo"
     os.mkfifo(fifo)
     feeder = threading.Thread(target=lambda: fifo.write_bytes(corpus.read_bytes()), daemon=True)
     feeder.start()
-    assert eval_tokens(run_noodle("eval", trained_base, fifo, "--json", "--backend", "cpu")) == (
-        expected
-    )
+    code, out, err = cli_in_process(*evaluate, fifo)
     feeder.join(timeout=30)
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == expected
+    assert f"not caching the tokens of {fifo}: a pipe or device is read once" in err
 
     # bash's <(...) is a /dev/fd path: here it carries the corpus gzip-compressed.
-    evaluate = noodle_command(("eval", trained_base, "--json", "--backend", "cpu"))
     substituted = subprocess.run(
-        ["bash", "-c", f'exec "$@" <(gzip -c {corpus})', "bash", *evaluate],
+        ["bash", "-c", f'exec "$@" <(gzip -c {corpus})', "bash", *noodle_command(evaluate)],
         capture_output=True,
         text=True,
-        env=noodle_env(),
+        env=noodle_env(ONE_THREAD),
         timeout=120,
         check=False,
     )
-    assert eval_tokens(substituted) == expected
+    assert substituted.returncode == 0, substituted.stderr
+    assert json.loads(substituted.stdout)["tokens"] == expected
 
 
 # -- a model too large to load ------------------------------------------------------------

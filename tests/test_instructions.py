@@ -138,9 +138,10 @@ def test_too_long_examples_lose_prompt_tokens_from_the_front(tokenizer):
     assert cut == 1
     assert len(example.tokens) == 17  # ctx_len inputs plus the last target
     assert example.tokens[-len(answer_ids) :].tolist() == answer_ids
+    # The prompt's end, with the response header that ends every prompt, is kept.
     assert (
         example.tokens[: example.prompt_len].tolist()
-        == tokenizer.encode(prompt)[-example.prompt_len :]
+        == tokenizer.encode(format_prompt(prompt))[-example.prompt_len :]
     )
     _, targets = example.inputs_and_targets()
     assert targets[targets != IGNORE].tolist() == answer_ids
@@ -221,7 +222,7 @@ def test_prepare_turns_alpaca_and_dolly_records_into_a_parsable_file(tmp_path):
     assert (tmp_path / "array.txt").read_text() == destination.read_text()
 
 
-def test_prepare_cli_writes_the_file_and_overwrites_one_only_with_force(tmp_path):
+def test_prepare_cli_writes_the_file(tmp_path):
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
     out = tmp_path / "instructions.txt"
@@ -230,13 +231,18 @@ def test_prepare_cli_writes_the_file_and_overwrites_one_only_with_force(tmp_path
     assert parse(out.read_text()).instructions == [Instruction("Hi", "", "Hello")]
     assert result.stderr == f"wrote 1 example(s) to {out}\n"
 
+
+def test_prepare_overwrites_a_file_only_with_force(tmp_path, cli_in_process):
+    records = tmp_path / "records.jsonl"
     records.write_text(json.dumps({"instruction": "Bye", "output": "Goodbye"}) + "\n")
-    refused = run_noodle("prepare-instructions", records, out)
-    assert refused.returncode == 1
-    assert refused.stderr == f"error: {out} already exists; add --force to overwrite it\n"
-    assert parse(out.read_text()).instructions == [Instruction("Hi", "", "Hello")]
-    forced = run_noodle("prepare-instructions", records, out, "--force")
-    assert forced.returncode == 0, forced.stderr
+    out = tmp_path / "instructions.txt"
+    out.write_text("mine")
+    code, _, err = cli_in_process("prepare-instructions", records, out)
+    assert code == 1
+    assert err == f"error: {out} already exists; add --force to overwrite it\n"
+    assert out.read_text() == "mine"
+    code, _, err = cli_in_process("prepare-instructions", records, out, "--force")
+    assert code == 0, err
     assert parse(out.read_text()).instructions == [Instruction("Bye", "", "Goodbye")]
 
 
