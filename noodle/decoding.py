@@ -100,7 +100,8 @@ def binary_reason(sample: bytes) -> str | None:
     nul = sample.find(b"\x00")
     if nul >= 0:
         return f"binary data (a NUL byte at offset {nul:,})"
-    # A multi-byte character cut off by the sample's end is not counted as invalid.
+    # U+FFFD characters already in the text are not invalid; one sequence more may be a
+    # character cut off by the sample's end.
     invalid = sample.decode("utf-8", errors="replace").count("\ufffd") - sample.count(
         "\ufffd".encode()
     )
