@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from noodle.batching import Batch, to_device
-from noodle.checkpoint import METRICS, ModelDir, unwrap
+from noodle.checkpoint import METRICS, BestWeights, ModelDir, unwrap
 from noodle.device import autocast
 from noodle.errors import Interrupted, NoodleError
 from noodle.evaluation import evaluate
@@ -172,9 +172,10 @@ class Trainer:
     def save_best_weights(self) -> None:
         tensors = self.writer.snapshot(unwrap(self.model).state_dict())
         state, out, on_best = replace(self.state), self.out, self.on_best
+        best = BestWeights(state.best_step, state.best_loss)
 
         def write() -> None:
-            out.write_weights(tensors)
+            out.write_weights(tensors, best)
             on_best(state)
 
         self.writer.submit(write)
