@@ -17,13 +17,14 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from noodle.batching import TokenWindows
 from noodle.checkpoint import ModelDir
-from noodle.config import PRESETS, ModelConfig
+from noodle.config import PRESETS, ModelConfig, config_from_dict
 from noodle.device import select_device, select_dtype, synchronize
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
@@ -51,6 +52,13 @@ def flops_per_token(config: ModelConfig) -> float:
     return 6 * matmul_params + attention
 
 
+def shape_config(shape: str) -> ModelConfig:
+    """A named shape, or a CONFIG.json in model.json's form."""
+    if shape in SHAPES:
+        return SHAPES[shape]
+    return config_from_dict(json.loads(Path(shape).read_text()), shape)[0]
+
+
 def measure(
     shape: str,
     batch: int,
@@ -61,15 +69,14 @@ def measure(
     dropout: float | None = None,
     compile_mode: str = TrainSettings.compile_mode,
 ) -> dict:
-    config = SHAPES[shape]
+    config = shape_config(shape)
     if dropout is not None:
         config = replace(config, dropout=dropout)
     amp_dtype = select_dtype("auto", device)
     torch.manual_seed(0)
     model = NoodleModel(config).to(device)
     windows = (warmup + steps) * batch
-    vocabulary = min(50277, config.vocab_size)
-    tokens = np.random.default_rng(0).integers(0, vocabulary, windows * config.ctx_len + 1)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, windows * config.ctx_len + 1)
     data = TokenWindows(tokens.astype(np.uint16), config.ctx_len, batch)
     settings = replace(
         TrainSettings(), batch_size=batch, compile=compile_model, compile_mode=compile_mode
@@ -116,7 +123,11 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--shapes", default="somen:8,somen:64,gpt2:16,soba:8")
+    parser.add_argument(
+        "--shapes",
+        default="somen:8,somen:64,gpt2:16,soba:8",
+        help="SHAPE:BATCH,...; a shape is one of the names above or a CONFIG.json",
+    )
     parser.add_argument("--compile", choices=["on", "off", "both"], default="on")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
@@ -130,7 +141,7 @@ def main() -> None:
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.compile]
     rows = []
     for item in args.shapes.split(","):
-        shape, batch = item.split(":")
+        shape, batch = item.rsplit(":", 1)
         for compile_model in modes:
             row = measure(
                 shape,

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import json
+import math
 import os
 import shlex
 import signal
@@ -23,7 +24,7 @@ from typer.exceptions import TyperException
 
 from noodle import __version__
 from noodle.config import PRESET_TOKENIZERS
-from noodle.errors import Interrupted, NoodleError, UsageError
+from noodle.errors import Interrupted, NoodleError, UsageError, did_you_mean
 from noodle.progress import Reporter
 from noodle.train.settings import (
     FINETUNE_DEFAULTS,
@@ -46,14 +47,20 @@ class HelpFlag:
         return option
 
 
-class NoodleGroup(HelpFlag, TyperGroup):
-    pass
+class InterruptibleGroup(HelpFlag, TyperGroup):
+    """Hands a Ctrl-C in a command on as Interrupted: typer would turn the KeyboardInterrupt
+    into a silent exit 130."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted(signal.SIGINT) from None
 
 
 class NoodleCommand(HelpFlag, TyperCommand):
-    """A command whose usage line names its arguments as its help does (`CORPUS OUTPUT_DIR`
-    where typer writes `{corpus} {output_dir}`), and whose Ctrl-C reaches `main` as
-    Interrupted: typer turns a KeyboardInterrupt into a silent exit 130."""
+    """A command whose usage line names its arguments as its help does: `CORPUS OUTPUT_DIR`
+    where typer writes `{corpus} {output_dir}`."""
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -63,17 +70,11 @@ class NoodleCommand(HelpFlag, TyperCommand):
                 pieces.append(name if param.required else f"[{name}]")
         return pieces
 
-    def invoke(self, ctx: typer.Context) -> object:
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
-            raise Interrupted(signal.SIGINT) from None
-
 
 app = typer.Typer(
     name="noodle",
+    cls=InterruptibleGroup,
     help="Noodle: a small language model you train yourself.",
-    cls=NoodleGroup,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -150,9 +151,17 @@ def positive(name: str, value: int | float | None) -> None:
         raise UsageError(f"--{name} must be positive, got {value}")
 
 
+def finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise UsageError(f"--{name} must be a finite number, got {value}")
+
+
 def one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise UsageError(f"unknown --{name} {value!r} (choose {', '.join(choices)})")
+        raise UsageError(
+            f"unknown --{name} {value!r}{did_you_mean(value, choices)} "
+            f"(choose {', '.join(choices)})"
+        )
 
 
 def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, object]]:
@@ -207,8 +216,15 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             defaults.eval_interval,
         ),
         "eval_batches": (
-            Annotated[int, typer.Option(help="Validation batches per evaluation (evenly spread).")],
-            defaults.eval_batches,
+            Annotated[
+                int | None,
+                typer.Option(
+                    help="Validation batches per evaluation (evenly spread over the "
+                    f"validation set). Default: {defaults.eval_windows} sequences' worth.",
+                    show_default=False,
+                ),
+            ],
+            None,
         ),
         "patience": (
             Annotated[
@@ -254,13 +270,29 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             ],
             False,
         ),
+        "tensorboard_dir": (
+            Annotated[
+                str | None,
+                typer.Option(
+                    "--tensorboard",
+                    metavar="DIR",
+                    help="Also write the metrics as TensorBoard event files into DIR "
+                    "(needs pip install 'noodle\\[tensorboard]').",
+                    show_default=False,
+                ),
+            ],
+            None,
+        ),
     }
 
 
 def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
     """TrainSettings from the shared options' values; a minimum improvement of 0 (any drop
-    counts) is allowed, the other numbers must be positive. Without --lr, the original's
-    rule: `lr_at_batch_4` scaled linearly with the batch size."""
+    counts) is allowed, the other numbers must be positive, and every float finite. Without
+    --lr, the original's rule: `lr_at_batch_4` scaled linearly with the batch size."""
+    for name, value in values.items():
+        if isinstance(value, float):
+            finite(name.replace("_", "-"), value)
     min_improvement, save_every = values.pop("min_improvement"), values.pop("save_every")
     drop_resume_state = values.pop("drop_resume_state")
     for name, value in values.items():
@@ -274,6 +306,12 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
     one_of("schedule", values["schedule"], SCHEDULES)
     if values["lr"] is None:
         values["lr"] = defaults.lr_at_batch_4 * values["batch_size"] / 4
+    if values["eval_batches"] is None:
+        values["eval_batches"] = -(-defaults.eval_windows // values["batch_size"])
+    if values["tensorboard_dir"] is not None:
+        from noodle.train.tensorboard_sink import check_tensorboard
+
+        check_tensorboard(values["tensorboard_dir"])
     return TrainSettings(
         min_improvement=min_improvement,
         save_interval_s=60 * save_every,
@@ -448,11 +486,12 @@ def prepare_instructions(
         Path,
         typer.Argument(metavar="OUT", help="Instruction file to write.", show_default=False),
     ],
+    force: Annotated[bool, flag("--force", help="Overwrite OUT if it already exists.")] = False,
 ) -> None:
     """Turn a JSON/JSONL instruction set into an instruction file for `noodle finetune`."""
     from noodle.instructions import prepare_instructions as prepare
 
-    run_with_reporter(lambda reporter: prepare(source, destination, reporter))
+    run_with_reporter(lambda reporter: prepare(source, destination, reporter, force))
 
 
 @command(name="eval")
@@ -557,6 +596,50 @@ def chat(
     run_chat(options)
 
 
+@command()
+def export(
+    model: ModelArg,
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT_DIR",
+            help="Directory to write the transformers model into: new, or empty.",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Write MODEL as a Hugging Face transformers model directory (modelling code, weights,
+    tokenizer and model card): load it with trust_remote_code=True."""
+    from noodle.export import export_model
+
+    run_with_reporter(lambda reporter: export_model(model, out_dir, reporter))
+
+
+@command()
+def plot(
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="MODEL...",
+            help="Model directories of the runs to draw (their metrics.jsonl), one or more.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Image to write; its suffix picks the format (.png, .svg, .pdf)."
+        ),
+    ] = Path("curves.png"),
+    size: Annotated[str, typer.Option(help="Image size in pixels, WIDTHxHEIGHT.")] = "1200x800",
+) -> None:
+    """Draw the training and validation loss (and learning rate) of one or more runs against
+    tokens seen, the best checkpoint of each marked. Needs matplotlib (noodle\\[plot])."""
+    from noodle.plot import parse_size, plot_runs
+
+    plot_runs(models, output, parse_size(size))
+
+
 def version_callback(value: bool) -> None:
     if value:
         print(f"noodle {__version__}")
@@ -628,9 +711,9 @@ def main(argv: list[str] | None = None) -> None:
     `noodle` alone prints the help and exits 0: it is how a newcomer asks what the command
     does, as `noodle --help` is, and nothing went wrong."""
     args = sys.argv[1:] if argv is None else argv
-    command = typer.main.get_command(app)
     try:
         with sigterm_raises_interrupted():
+            command = typer.main.get_command(app)
             code = command.main(args=args or ["--help"], prog_name="noodle", standalone_mode=False)
     except TyperException as exc:  # typer's (vendored click's) usage errors carry exit code 2
         fail(usage_error_message(exc), exc.exit_code)

@@ -32,13 +32,18 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
         # The rename itself is durable only once the directory entry reaches the disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(path.parent)
     except OSError as exc:
         raise NoodleError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def fsync_directory(path: Path) -> None:
+    """Make the entries of the directory `path` (a file just renamed into it) durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

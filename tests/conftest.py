@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from noodle.instructions import Instruction, format_block
-from noodle.tokenizer import learn_tokenizer
+from noodle.tokenizer import TextTokenizer, learn_tokenizer, load_tokenizer
 from tests.tiny_runs import TinyRun
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,6 +142,12 @@ def write_small_tokenizer(path: Path, text: str, vocab_size: int = 400) -> Path:
     50,304-way output layer."""
     path.write_bytes(learn_tokenizer(text.splitlines(keepends=True), vocab_size).raw)
     return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> TextTokenizer:
+    """The bundled GPT-NeoX-20B tokenizer."""
+    return load_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,11 @@ import io
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from noodle import chat
 from noodle.chat import BANNER, ChatOptions, TextStream, open_session
@@ -21,8 +21,18 @@ from noodle.cli import main
 from noodle.errors import NoodleError
 from noodle.inference import generate
 from noodle.sampling import SamplingSettings
-from noodle.tokenizer import END_OF_TEXT, PADDING, load_tokenizer
-from tests.conftest import NAMES, PLACES, THINGS, TINY_CONFIG, run_noodle, story_corpus
+from noodle.tokenizer import load_tokenizer
+from tests.conftest import (
+    NAMES,
+    PLACES,
+    THINGS,
+    TINY_CONFIG,
+    noodle_command,
+    noodle_env,
+    run_noodle,
+    story_corpus,
+    write_small_tokenizer,
+)
 
 # Subprocesses run on one thread too, for the reason one_torch_thread gives.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -35,28 +45,12 @@ TAUGHT_CONTINUATION = re.compile(
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def write_tiny_tokenizer(text: str, path: Path) -> None:
-    """A byte-level BPE of a few hundred tokens learnt from `text`: a model over so small a
-    vocabulary trains in seconds, and it still splits rare characters into bytes."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=[END_OF_TEXT, PADDING],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer)
-    tokenizer.save(str(path))
-
-
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("chat")
     text = story_corpus(600)
     (root / "corpus.txt").write_text(text)
-    write_tiny_tokenizer(text, root / "tokenizer.json")
+    write_small_tokenizer(root / "tokenizer.json", text)
     (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
     result = run_noodle(
         *("train", root / "corpus.txt", root / "model", "--model", root / "tiny.json"),
@@ -76,7 +70,7 @@ def chat_cli(model: Path, *args: object, input: str | None = None):
 
 def chat_in_process(model: Path, *args: object, input: str, monkeypatch, capsys):
     """The same CLI entry point in this process: quicker when a test needs a second run."""
-    monkeypatch.setattr("sys.stdin", io.StringIO(input))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(input.encode())))
     with pytest.raises(SystemExit) as exit:
         main(["chat", str(model), "--backend", "cpu", *map(str, args)])
     output = capsys.readouterr()
@@ -147,6 +141,21 @@ def test_piped_mode_prints_one_reply_per_input_line(trained_model, monkeypatch, 
     assert again.out == replies  # same seed, same sample
 
 
+def test_a_piped_line_that_is_not_utf8_is_replaced_with_a_warning(trained_model):
+    lines = b"once upon a time tom\nonce upon a time \xff\xfe lily\n"
+    result = subprocess.run(
+        noodle_command(("chat", trained_model, "--backend", "cpu", "--seed", 1)),
+        input=lines,
+        capture_output=True,
+        env=noodle_env(ONE_THREAD),
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    assert result.stderr == b"warning: input line 2: invalid UTF-8 replaced with U+FFFD\n"
+
+
 def test_a_broken_model_is_one_error_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["chat", str(tmp_path / "missing"), "--prompt", "hi"])
@@ -161,7 +170,7 @@ def test_a_broken_model_is_one_error_line(tmp_path, monkeypatch, capsys):
 
 def next_token_probabilities(model: Path, dtype: str, ids: list[int]) -> torch.Tensor:
     """The cached session's next-token distribution after every prefix of `ids`."""
-    session, _ = open_session(ChatOptions(model=str(model), backend="cpu", dtype=dtype))
+    session = open_session(ChatOptions(model=str(model), backend="cpu", dtype=dtype)).session
     rows = []
     for token in ids:
         session.push([token])
@@ -208,12 +217,11 @@ def test_terminal_mode_streams_replies_and_ctrl_c_stops_only_the_reply(
     stdout = InterruptingStdout(interrupt_at=3)
     monkeypatch.setattr("sys.stdout", stdout)
     options = ChatOptions(model=str(trained_model), backend="cpu", settings=GREEDY, max_tokens=16)
-    session, about = open_session(options)
-    chat.converse(session, options, torch.Generator(), about)  # returns at Ctrl-D
+    chat.converse(open_session(options), options, torch.Generator())  # returns at Ctrl-D
 
     # Ctrl-C came while the third piece was being shown; the next turn goes on from
     # exactly what was shown before it.
-    fresh, _ = open_session(options)
+    fresh = open_session(options).session
     first = fresh.tokenizer.decode(list(generate(fresh, "once upon a time", 2, GREEDY)))
     second = fresh.tokenizer.decode(list(generate(fresh, "\nonce upon a time lily", 16, GREEDY)))
     assert stdout.getvalue() == f"{first}\n{second}\n"

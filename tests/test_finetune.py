@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from noodle.chat import ChatOptions, open_session
 from noodle.checkpoint import load_model
 from noodle.inference import Session, generate
-from noodle.instructions import format_prompt
+from noodle.instructions import Instruction, format_prompt, tokenize_instructions
 from noodle.sampling import SamplingSettings
 from tests.conftest import ONE_THREAD, PAIRS, run_noodle, write_instructions
+from tests.tiny_runs import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +79,7 @@ def test_finetuned_directory_is_complete_and_records_its_base(finetuned, trained
     assert {k: meta[k] for k in ("n_layers", "emb_dim", "vocab_size", "tokenizer")} == {
         k: base_meta[k] for k in ("n_layers", "emb_dim", "vocab_size", "tokenizer")
     }
-    evals = [
-        json.loads(line)
-        for line in (finetuned / "metrics.jsonl").read_text().splitlines()
-        if json.loads(line)["kind"] == "eval"
-    ]
+    evals = [m for m in read_metrics(finetuned) if m["kind"] == "eval"]
     assert len(evals) == 25  # one per epoch
     assert training["best_val_loss"] == min(e["val_loss"] for e in evals) < 0.1
 
@@ -165,11 +164,7 @@ def test_finetune_resume_continues_where_the_run_stopped(
     )
     assert code == 0, err
     assert "resuming at step 4" in err
-    steps = [
-        json.loads(line)["step"]
-        for line in (out / "metrics.jsonl").read_text().splitlines()
-        if json.loads(line)["kind"] == "eval"
-    ]
+    steps = [m["step"] for m in read_metrics(out) if m["kind"] == "eval"]
     assert steps == [2, 4, 6, 8]
     assert json.loads((out / "model.json").read_text())["training"]["steps"] == 8
 
@@ -181,3 +176,38 @@ def test_finetune_rejects_a_batch_size_of_zero(trained_base, tmp_path, cli_in_pr
     )
     assert code == 2
     assert err.splitlines() == ["error: --batch-size must be positive, got 0"]
+
+
+def test_chat_asks_a_finetuned_model_exactly_as_finetuning_taught_it(finetuned, one_torch_thread):
+    """The distribution of a reply's first token through chat is the one fine-tuning trained
+    at the example's last prompt position, on the first turn and on a later one."""
+    loaded = load_model(finetuned)
+    tokenizer = loaded.tokenizer
+    conversation = open_session(ChatOptions(model=str(finetuned), backend="cpu", dtype="float32"))
+    session = conversation.session
+    for turn, (question, answer) in enumerate(PAIRS[:2]):
+        (example,), _ = tokenize_instructions(
+            [Instruction(question, "", answer)], tokenizer, loaded.config.ctx_len
+        )
+        inputs, _ = example.inputs_and_targets()
+        with torch.no_grad():
+            trained = loaded.model(torch.from_numpy(inputs)[None])[0, example.prompt_len - 1]
+
+        ids = conversation.turn(question)
+        prompt = example.tokens[: example.prompt_len].tolist()
+        # A later turn follows the end-of-text that ends every training example.
+        assert ids == ([tokenizer.eot_id] if turn else []) + prompt
+        session.push(ids)
+        if turn == 0:
+            torch.testing.assert_close(
+                session.logits().softmax(-1), trained.softmax(-1), rtol=0, atol=1e-5
+            )
+            reply = list(session.sample(30, SamplingSettings(temperature=0)))
+            assert tokenizer.decode(reply) == answer
+
+
+def test_chat_continues_a_base_model_s_text_plainly(trained_base):
+    conversation = open_session(ChatOptions(model=str(trained_base), backend="cpu"))
+    tokenizer = conversation.session.tokenizer
+    assert not conversation.follows_instructions
+    assert conversation.turn("once upon a time") == tokenizer.encode("once upon a time")

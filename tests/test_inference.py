@@ -14,18 +14,12 @@ from noodle.precision import (
     select_inference_dtype,
 )
 from noodle.sampling import SamplingSettings
-from noodle.tokenizer import load_tokenizer
 from tests.conftest import TINY_CONFIG
 
 GREEDY = SamplingSettings(temperature=0, repetition_penalty=1.0)
 TOLERANCE = 1e-4
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 def tiny_model(ctx_len: int = TINY_CONFIG["ctx_len"], seed: int = 0) -> NoodleModel:

@@ -172,9 +172,6 @@ def test_finetune_arguments_follow_noodle_finetune():
 
 
 def test_finetune_arguments_are_what_noodle_finetune_parses():
-    finetune = typer.main.get_command(noodle.cli.app).commands["finetune"]
-    if not any("--max-epochs" in param.opts for param in finetune.params):
-        pytest.skip("noodle finetune has no options in this branch yet (the finetune issue)")
     params = cli_params(dolly_finetune_arguments())
     assert (params["max_epochs"], params["batch_size"], params["resume"]) == (3, 8, True)
 
@@ -424,11 +421,6 @@ def test_train_job_trains_a_model_into_the_volume(jobs, volume, monkeypatch, cap
         *("chat", model_dir, "--prompt", "once upon a time", "--temperature", "0"),
         *("--max-tokens", "8"),
     )
-    if (
-        reply.returncode != 0
-        and "not implemented yet" in run_noodle("chat", model_dir, input="").stderr
-    ):
-        pytest.skip("noodle chat is not implemented in this branch yet: checked after merge")
     assert reply.returncode == 0, reply.stderr
     assert reply.stdout.strip()
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from noodle.errors import NoodleError
 from noodle.train.settings import TrainSettings
+from noodle.train.writer import Writer
 from tests.tiny_runs import read_metrics, saved_tensors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -119,3 +121,70 @@ def test_resume_state_is_one_safetensors_file_of_tensors_and_json(tiny_run, tmp_
         "model.safetensors",
         "resume.safetensors",
     ]
+
+
+def test_a_run_resumed_with_more_steps_keeps_its_rate_and_decays_the_rest(tiny_run, tmp_path):
+    settings = replace(SETTINGS, max_steps=60, patience=1000, eval_interval=30, log_interval=1)
+    out = tmp_path / "model"
+    crashing = tiny_run.trainer(out, settings)
+    crashing.save_due = lambda: crashing.state.step == 30
+    get_batch = crashing.train_data.get
+
+    def get_batch_or_crash(epoch: int, index: int):
+        if crashing.state.step == 31:
+            raise SimulatedCrash
+        return get_batch(epoch, index)
+
+    crashing.train_data.get = get_batch_or_crash
+    with pytest.raises(SimulatedCrash):
+        crashing.run()
+    planned = crashing.schedule
+
+    resumed = tiny_run.trainer(out, replace(settings, max_steps=90))
+    resumed.resume()
+    resumed.run()
+
+    rates = {m["step"]: m["lr"] for m in read_metrics(out) if m["kind"] == "train"}
+    # The rate logged at step s is the one step s - 1 was taken with.
+    assert rates[31] == pytest.approx(planned.factor(30) * settings.lr)  # no jump
+    after = [rates[s] for s in sorted(rates) if s > 30]
+    assert after == sorted(after, reverse=True)
+    assert rates[90] == pytest.approx(0.1 * settings.lr, rel=1e-2)  # (taken at step 89)
+    # Not the cosine of a run planned for 90 steps from the start:
+    fresh = replace(planned, total_steps=90)
+    assert abs(rates[31] - fresh.factor(30) * settings.lr) > 0.01 * settings.lr
+    with safe_open(out / "resume.safetensors", framework="pt") as reader:
+        state = json.loads(reader.metadata()["state"])
+    assert state["schedule"]["total_steps"] == 90 and state["schedule"]["decay_from_step"] == 30
+
+
+def test_saving_in_the_background_ends_with_the_same_files(tiny_run, tmp_path):
+    """On GPUs the saves are written off the training thread from host copies; the files
+    must be those the inline writer (the CPU's) leaves."""
+    settings = replace(SETTINGS, max_steps=30, save_interval_s=0)
+    inline = tiny_run.trainer(tmp_path / "inline", settings)
+    inline.run()
+    background = tiny_run.trainer(tmp_path / "background", settings)
+    background.writer = Writer(background=True)
+    background.run()
+
+    assert background.writer.thread is None  # stopped once the run was over
+    for name in ("model.safetensors", "resume.safetensors"):
+        expected = saved_tensors(tmp_path / "inline" / name)
+        written = saved_tensors(tmp_path / "background" / name)
+        assert expected.keys() == written.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(tensor, written[key]), (name, key)
+
+
+def test_a_failed_background_save_stops_the_run_with_its_error(tiny_run, tmp_path):
+    trainer = tiny_run.trainer(tmp_path / "model", replace(SETTINGS, max_steps=30))
+    trainer.writer = Writer(background=True)
+
+    def full_disk(tensors: dict, best: object) -> None:
+        raise NoodleError(f"cannot write {tmp_path}/model/model.safetensors: No space left")
+
+    trainer.out.write_weights = full_disk
+    with pytest.raises(NoodleError, match="No space left"):
+        trainer.run()
+    assert trainer.state.step < 30  # it stopped at the next save, not at the end

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from noodle.checkpoint import load_model
-from tests.conftest import ONE_THREAD, run_noodle
+from tests.conftest import ONE_THREAD, noodle_env, run_noodle
+from tests.tiny_runs import read_metrics
 
 
 def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
@@ -24,7 +28,7 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     for name in ("model.json", "model.safetensors", "tokenizer.json", "metrics.jsonl"):
         assert (out / name).is_file(), name
 
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     evals = [m for m in metrics if m["kind"] == "eval"]
     steps = [m for m in metrics if m["kind"] == "train"]
     # Every --eval-interval steps, and at each epoch end (the corpus is 20 batches long).
@@ -38,6 +42,7 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["status"] == "finished"
     assert meta["training"]["steps"] == 100
+    assert meta["training"]["epochs"] == 5.0  # five whole passes of 20 batches
     assert meta["training"]["best_val_loss"] == min(e["val_loss"] for e in evals)
     loaded = load_model(out)
     assert loaded.config.n_layers == 2 and loaded.config.vocab_size == 50304
@@ -66,3 +71,39 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
         re.M,
     )
     assert not any(line.rstrip().endswith("|") or "eta" in line for line in lines)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"]])
+def test_help_and_version_do_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "from noodle.cli import main\n"
+        "try:\n"
+        f"    main({args!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=noodle_env()
+    )
+    assert result.stdout  # the help or the version was printed
+    assert result.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_an_evaluation_reads_the_same_number_of_sequences_at_any_batch_size():
+    from noodle.cli import training_settings
+    from noodle.train.settings import FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS
+
+    def settings(defaults, batch_size: int, eval_batches: int | None = None):
+        values = {"batch_size": batch_size, "eval_batches": eval_batches, "lr": None}
+        values |= {"max_epochs": 1, "max_steps": None, "eval_interval": 10, "patience": 1}
+        values |= {"optimizer": "adamw", "schedule": "cosine", "seed": 1, "tensorboard_dir": None}
+        values |= {"drop_resume_state": False}
+        return training_settings(defaults, {**values, "min_improvement": 0, "save_every": 1})
+
+    assert settings(PRETRAIN_DEFAULTS, 8).eval_batches == 50  # the original's default
+    assert settings(PRETRAIN_DEFAULTS, 64).eval_batches == 7  # 400 sequences, rounded up
+    assert settings(FINETUNE_DEFAULTS, 4).eval_batches == 500
+    assert settings(PRETRAIN_DEFAULTS, 64, eval_batches=3).eval_batches == 3
+    assert settings(PRETRAIN_DEFAULTS, 64).lr == PRETRAIN_DEFAULTS.lr_at_batch_4 * 16

@@ -11,6 +11,7 @@ as two data objects (`TrainData`, `EvalData`); what it saves goes through `Model
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from noodle.batching import Batch, to_device
-from noodle.checkpoint import METRICS, ModelDir, unwrap
+from noodle.checkpoint import METRICS, BestWeights, ModelDir, unwrap
 from noodle.device import autocast
 from noodle.errors import Interrupted, NoodleError
 from noodle.evaluation import evaluate
@@ -125,7 +126,7 @@ class Trainer:
         self.stats = StepStats(device, self.state)
         self.batches_per_epoch = train_data.batches_per_epoch()
         self.schedule = Schedule.plan(settings, planned_steps(settings, self.batches_per_epoch))
-        self.metrics = MetricsLog(out.file(METRICS))
+        self.metrics = MetricsLog(out.file(METRICS), settings.tensorboard_dir)
         self.writer = Writer(background=device.type != "cpu")
         self.last_save = time.monotonic()
         # The step of weights saved without an evaluation (see save_unevaluated_weights).
@@ -173,20 +174,23 @@ class Trainer:
                 f"rate goes on from {self.schedule.factor(self.state.step):.3g} x the peak"
             )
 
-    def save_weights(self, then: Callable[[], None] = lambda: None) -> None:
-        """Write the current weights as the model's, then call `then`."""
+    def save_weights(
+        self, best: BestWeights | None = None, then: Callable[[], None] = lambda: None
+    ) -> None:
+        """Write the current weights as the model's (the best of evaluation `best`, if any),
+        then call `then`."""
         tensors = self.writer.snapshot(unwrap(self.model).state_dict())
         out = self.out
 
         def write() -> None:
-            out.write_weights(tensors)
+            out.write_weights(tensors, best)
             then()
 
         self.writer.submit(write)
 
     def save_best_weights(self) -> None:
         state, on_best = replace(self.state), self.on_best
-        self.save_weights(then=lambda: on_best(state))
+        self.save_weights(BestWeights(state.best_step, state.best_loss), lambda: on_best(state))
 
     def save_unevaluated_weights(self) -> None:
         """A run interrupted before its first evaluation has no best weights: it keeps its
@@ -293,6 +297,13 @@ class Trainer:
         loss = loss.detach()
         return loss, self.optimizer_step(loss)
 
+    def compile_evaluation(self) -> None:
+        """Run one validation batch, unrecorded, so that compiling the evaluation's own
+        graph (no dropout, no gradients) is part of the start-up, like the step's, rather
+        than a pause at the first evaluation."""
+        batches = itertools.islice(self.eval_data.eval_batches(1), 1)
+        evaluate(self.step_model, batches, self.device, self.amp_dtype)
+
     def save_due(self) -> bool:
         return time.monotonic() - self.last_save >= self.settings.save_interval_s
 
@@ -314,6 +325,8 @@ class Trainer:
             try:
                 if state.step == 0:  # so that a run that dies before its first save resumes
                     self.save_resume_state()
+                if settings.compile:
+                    self.compile_evaluation()
                 while not state.stopped_early and state.step < self.schedule.total_steps:
                     if state.batch_index >= self.batches_per_epoch:
                         state.epoch, state.batch_index = state.epoch + 1, 0
@@ -349,7 +362,7 @@ class Trainer:
                 # larger --max-steps or --max-epochs).
                 self.save_resume_state()
             finally:
-                self.metrics.flush()
+                self.metrics.close()
                 self.writer.close()
         task.finish()
         if state.stopped_early:

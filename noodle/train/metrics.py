@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from noodle.errors import NoodleError
 from noodle.files import atomic_write_bytes
 from noodle.progress import Reporter
 from noodle.train.settings import TrainState
+from noodle.train.tensorboard_sink import TensorBoardSink
 
 
 class StepStats:
@@ -86,27 +88,42 @@ def json_safe(value: object) -> object:
 
 
 class MetricsLog:
-    """OUTPUT_DIR/metrics.jsonl: one JSON object per line, appended as records come.
+    """OUTPUT_DIR/metrics.jsonl: one JSON object per line, appended as records come; with
+    `tensorboard_dir`, every record also goes to TensorBoard (see tensorboard_sink).
 
     A crash can leave a torn last line; `truncate` (called when a run resumes) drops it,
     along with the records logged after the step the run resumes from.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard_dir: str | None = None) -> None:
         self.path = path
         self.pending: list[str] = []
+        self.sinks = [TensorBoardSink(Path(tensorboard_dir))] if tensorboard_dir else []
 
     def record(self, **values: object) -> None:
-        values = {k: json_safe(v) for k, v in values.items()}
-        self.pending.append(json.dumps({"time": round(time.time(), 3), **values}) + "\n")
+        record = {"time": round(time.time(), 3), **{k: json_safe(v) for k, v in values.items()}}
+        self.pending.append(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
 
     def flush(self) -> None:
         """Append the pending records (to the OS: `sync` makes them durable)."""
+        for sink in self.sinks:
+            sink.flush()
         if not self.pending:
             return
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write("".join(self.pending))
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write("".join(self.pending))
+        except OSError as exc:
+            raise NoodleError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self.pending = []
+
+    def close(self) -> None:
+        """Flush, and close what the sinks hold open."""
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
 
     def sync(self) -> None:
         """Make what was appended so far durable."""
@@ -120,6 +137,8 @@ class MetricsLog:
     def truncate(self, last_step: int, reporter: Reporter) -> None:
         """Keep the records up to `last_step`; drop later ones, a torn last line and (with
         a warning) any line that is not a JSON record."""
+        for sink in self.sinks:
+            sink.truncate(last_step)
         if not self.path.exists():
             return
         lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()

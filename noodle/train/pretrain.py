@@ -11,18 +11,25 @@ import numpy as np
 import torch
 
 from noodle.batching import split_windows
-from noodle.checkpoint import TOKENIZER, ModelDir
+from noodle.checkpoint import TOKENIZER
 from noodle.config import resolve_model_config
 from noodle.corpus import load_token_stream, read_lines, token_chunks
 from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import UsageError
+from noodle.footprint import require_training_memory
 from noodle.model import NoodleModel
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.tokenizer import TextTokenizer, learn_tokenizer, learned_vocabulary, load_tokenizer
 from noodle.train.loop import Trainer
 from noodle.train.resume import run_identity
-from noodle.train.run import RunRecord, prepare_output_dir, run_training, sample_from_best
+from noodle.train.run import (
+    RunRecord,
+    locked_output_dir,
+    prepare_output_dir,
+    run_training,
+    sample_from_best,
+)
 from noodle.train.settings import TrainSettings, TrainState
 
 SAMPLE_PROMPT = "Once upon a time"
@@ -89,6 +96,8 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     tokenizer = load_tokenizer(options.tokenizer) if to_learn is None else None
     vocabulary = to_learn if tokenizer is None else tokenizer.vocab_size
     preset, config = resolve_model_config(options.model, vocabulary)
+    name = f"model {preset}" if preset != "custom" else f"model {options.model}"
+    require_training_memory(config, name, settings.batch_size, amp_dtype, device)
     known = {"architecture": config.to_dict()}
     if tokenizer is not None:
         known["tokenizer"] = tokenizer.sha256
@@ -110,33 +119,33 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
         f"{config.ctx_len})"
     )
     # Only now, with every input checked, is OUTPUT_DIR created or written to.
-    out = ModelDir(options.output_dir)
-    record = RunRecord(
-        out,
-        config,
-        preset,
-        tokenizer,
-        "train",
-        options.corpus,
-        settings,
-        train_windows.batches_per_epoch(),
-    )
-    trainer = Trainer(
-        model,
-        train_windows,
-        val_windows,
-        settings,
-        out,
-        device,
-        amp_dtype,
-        reporter,
-        {**identity, "corpus": corpus_fingerprint(tokens)},
-        on_best=record.on_best,
-        parallel=parallel,
-    )
-    if not options.resume:
-        out.write_tokenizer(tokenizer)
-    state = run_training(trainer, record, options.resume, reporter)
+    with locked_output_dir(options.output_dir, options.resume, reporter) as out:
+        record = RunRecord(
+            out,
+            config,
+            preset,
+            tokenizer,
+            "train",
+            options.corpus,
+            settings,
+            train_windows.batches_per_epoch(),
+        )
+        trainer = Trainer(
+            model,
+            train_windows,
+            val_windows,
+            settings,
+            out,
+            device,
+            amp_dtype,
+            reporter,
+            {**identity, "corpus": corpus_fingerprint(tokens)},
+            on_best=record.on_best,
+            parallel=parallel,
+        )
+        if not options.resume:
+            out.write_tokenizer(tokenizer)
+        state = run_training(trainer, record, options.resume, reporter)
     del trainer, model  # see sample_from_best
     sample = sample_from_best(out.path, device, SAMPLE_PROMPT, settings.seed)
     print(SAMPLE_PROMPT + sample, flush=True)

@@ -17,13 +17,17 @@ SCHEDULES = ("cosine", "wsd")
 class RunDefaults:
     """The defaults of the options `noodle train` and `noodle finetune` share. Without
     --lr, the peak learning rate is the original's rule: `lr_at_batch_4` scaled linearly
-    with the batch size."""
+    with the batch size. Without --eval-batches, an evaluation reads `eval_windows`
+    sequences (examples) in batches of the training batch size, whatever that is: the
+    original's 50 batches of 8 (500 of 4 for fine-tuning). A larger batch makes steps
+    larger, not the validation sample (at batch 64, 50 batches would cost a tenth of the
+    run's time)."""
 
     max_epochs: int
     batch_size: int
     lr_at_batch_4: float
     eval_interval: int
-    eval_batches: int
+    eval_windows: int
     patience: int
     min_improvement: float
     max_steps: int | None = None
@@ -34,7 +38,7 @@ PRETRAIN_DEFAULTS = RunDefaults(
     batch_size=8,
     lr_at_batch_4=1e-4,
     eval_interval=200,
-    eval_batches=50,
+    eval_windows=400,
     patience=10,
     min_improvement=0.01,
 )
@@ -47,7 +51,7 @@ PRESET_RUN_DEFAULTS = {
         batch_size=16,
         lr_at_batch_4=5e-4,
         eval_interval=100,
-        eval_batches=20,
+        eval_windows=320,  # 20 batches of 16
         patience=10,
         min_improvement=0.01,
     ),
@@ -57,7 +61,7 @@ FINETUNE_DEFAULTS = RunDefaults(
     batch_size=4,
     lr_at_batch_4=2e-5,
     eval_interval=5000,
-    eval_batches=500,
+    eval_windows=2000,
     patience=3,
     min_improvement=0.005,
 )
@@ -89,6 +93,8 @@ class TrainSettings:
     compile: bool = False
     # Delete the resume state when the run finishes (it cannot be extended then).
     drop_resume_state: bool = False
+    # Also write the metrics as TensorBoard event files into this directory.
+    tensorboard_dir: str | None = None
     # CUDA graphs replay each step's ~200 kernels with one launch: small models are bound by
     # kernel-launch overhead otherwise (somen at batch 8 spends most of its step on the CPU).
     compile_mode: str = "reduce-overhead"
