@@ -260,8 +260,8 @@ TRAIN_CASES = {
     "mistyped-preset": BadInput(
         lambda i: i.train("--model", "sobaa"),
         2,
-        r"unknown model preset 'sobaa'; did you mean 'soba'\? \(choose somen, soba, udon or a "
-        r"CONFIG\.json path\)$",
+        r"unknown model preset 'sobaa'; did you mean 'soba'\? \(choose somen, soba, udon, "
+        r"harusame or a CONFIG\.json path\)$",
     ),
     "preset-too-large-for-the-machine": BadInput(
         lambda i: i.train("--model", "udon"),
