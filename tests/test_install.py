@@ -14,7 +14,6 @@ import zipfile
 from tests.conftest import REPO
 
 CI_MARKER = "# --- README: set-up (CPU machine) ---"
-ENVIRONMENT_ASSIGNMENT = re.compile(r"[A-Z_][A-Z0-9_]*=")
 
 
 def readme_setup_commands() -> list[list[str]]:
@@ -25,28 +24,26 @@ def readme_setup_commands() -> list[list[str]]:
 
 
 def ci_commands() -> list[list[str]]:
-    """The commands .ci/run runs from its set-up marker on, as words, without the variables
-    some of them set for themselves (an environment, not another command)."""
+    """The commands .ci/run runs from its set-up marker on, as words."""
     script = (REPO / ".ci" / "run").read_text()
     assert CI_MARKER in script
-    commands = []
-    for line in script.partition(CI_MARKER)[2].splitlines():
-        words = shlex.split(line, comments=True)
-        while words and ENVIRONMENT_ASSIGNMENT.match(words[0]):
-            words.pop(0)
-        if words:
-            commands.append(words)
-    return commands
+    lines = script.partition(CI_MARKER)[2].splitlines()
+    return [words for line in lines if (words := shlex.split(line, comments=True))]
 
 
 def test_ci_runs_exactly_the_readme_set_up_and_test_commands():
     readme = readme_setup_commands()
     assert ci_commands() == readme
-    # The CPU route installs PyTorch's CPU build from PyTorch's index, then noodle.
-    assert readme[0][:3] == ["pip", "install", "torch==2.13.0"]
-    assert readme[0][3:] == ["--index-url", "https://download.pytorch.org/whl/cpu"]
-    assert readme[1] == ["pip", "install", "-e", ".[dev]"]
-    assert readme[-1] == ["python", "-m", "pytest"]
+    # Two lines: one installs (PyTorch's CPU build from PyTorch's index, then noodle), one
+    # runs the tests.
+    assert readme == [
+        [
+            *("pip", "install", "torch==2.13.0"),
+            *("--index-url", "https://download.pytorch.org/whl/cpu"),
+            *("&&", "pip", "install", "-e", ".[dev]"),
+        ],
+        ["python", "-m", "pytest"],
+    ]
 
 
 def site_packages() -> list[str]:
