@@ -4,10 +4,13 @@ belong in benchmarks/RESULTS.md, not here."""
 from __future__ import annotations
 
 import json
+import lzma
+import re
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.conftest import ONE_THREAD, REPO, TINY_CONFIG, noodle_env
+from tests.conftest import ONE_THREAD, REPO, TINY_CONFIG, noodle_env, story_corpus
 
 
 def run_script(*args: object) -> subprocess.CompletedProcess:
@@ -64,3 +67,96 @@ def test_train_e2e_times_a_real_run_against_the_step_on_cpu(tmp_path, corpus_fil
     assert run["steps"] == 30 and run["evals"] == 3 and run["tokens_per_s"] > 0
     assert report["step"]["rows"][0]["batch"] == 4
     assert "after" in result.stdout and "of step" in result.stdout
+
+
+def quality_data(directory: Path) -> list[str]:
+    """The two original corpus files quality.py splits, small: 20 books of stories, xz
+    compressed and separated by <|endoftext|> lines, and a file of story paragraphs."""
+    directory.mkdir()
+    books = [story_corpus(30, seed=book) for book in range(20)]
+    with lzma.open(directory / "gutenberg-train.txt.xz", "wt", encoding="utf-8") as out:
+        out.write("<|endoftext|>\n".join(books))
+    lines = story_corpus(300, seed=99).splitlines()
+    paragraphs = [" ".join(lines[i : i + 3]) for i in range(0, len(lines), 3)]
+    (directory / "tinystories-sample.txt").write_text("\n\n".join(paragraphs) + "\n")
+    return books
+
+
+def test_quality_trains_scores_and_summarizes_rows_on_cpu(tmp_path, tiny_config, tiny_tokenizer):
+    books = quality_data(tmp_path / "data")
+    rows = {
+        "compare": ["base"],
+        "defaults": {"model": str(tiny_config), "batch_size": 4, "eval_interval": 10},
+        "rows": [
+            {"name": "base", "lr": 3e-3},
+            {
+                "name": "muon",
+                "corpora": ["gutenberg"],
+                "optimizer": "muon",
+                "schedule": "wsd",
+                "lr": 3e-3,
+                "dropout": {"gutenberg": 0.1},
+            },
+        ],
+    }
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    out, work = tmp_path / "quality.json", tmp_path / "work"
+    result = run_script(
+        *("benchmarks/quality.py", tmp_path / "rows.json", "--data", tmp_path / "data"),
+        *("--work", work, "--tokenizer", tiny_tokenizer, "--device", "cpu"),
+        *("--time-budget", 0.3, "--eval-subset", 8, "--checkpoints", 3, "--json", out),
+    )
+    assert result.returncode == 0, result.stderr
+    # Every tenth book (the 10th and the 20th) is the held-out test text, whole.
+    assert (work / "gutenberg-test.txt").read_text() == "<|endoftext|>\n".join(
+        [books[9], books[19]]
+    )
+    kept = [book for i, book in enumerate(books) if i % 10 != 9]
+    assert (work / "gutenberg-train.txt").read_text() == "<|endoftext|>\n".join(kept)
+    test_story = (work / "tinystories-test.txt").read_text()
+    assert (
+        test_story
+        and test_story.split("\n\n")[0] not in (work / "tinystories-train.txt").read_text()
+    )
+
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["row"], r["corpus"]) for r in runs] == [
+        ("base", "tinystories"),
+        ("base", "gutenberg"),
+        ("muon", "gutenberg"),
+    ]
+    for run in runs:
+        assert run["steps"] == run["planned_steps"] > 0 and run["train_s"] > 0
+        assert 0 < run["heldout_bpb"] < 10 and run["best_val_loss"] > 0
+        assert [point[0] for point in run["curve"]][-1] == run["steps"]
+    assert (runs[2]["optimizer"], runs[2]["schedule"], runs[2]["dropout"]) == ("muon", "wsd", 0.1)
+    assert runs[0]["dropout"] == 0.0  # the tiny CONFIG.json's own
+
+    table = result.stdout.splitlines()
+    assert sum(line.startswith("| base | ") for line in table) == 2 + 2  # runs and summary
+    assert any(line.endswith("| vs base | time to base's best |") for line in table)
+    (summary,) = [line for line in table if line.startswith("| muon | gutenberg | 1 | 1.")]
+    assert re.search(r"± \d\.\d+ \| [+-]\d+\.\d% \| (\d+%|not reached) \|$", summary)
+
+
+def test_quality_refuses_an_unknown_setting_before_running(tmp_path):
+    result = run_script(
+        *("benchmarks/quality.py", "--row", '{"name": "x", "learning_rate": 1}'),
+        *("--device", "cpu", "--data", tmp_path),
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: row 'x': unknown setting(s) learning_rate (known: ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_time_to_reach_reads_the_mean_curves():
+    from benchmarks.quality import crossing_time, time_to_reach
+
+    curve = [[10, 1.0, 3.0], [20, 2.0, 2.0], [30, 3.0, 1.5]]
+    assert crossing_time(curve, 2.5) == 1.5  # halfway between the first two checkpoints
+    assert crossing_time(curve, 3.5) == 1.0 and crossing_time(curve, 1.0) is None
+    reference = [{"curve": [[10, 2.0, 2.5], [20, 4.0, 2.0]]}]
+    seeds = [{"curve": curve}, {"curve": [[10, 1.0, 2.0], [20, 2.0, 2.0], [30, 3.0, 1.5]]}]
+    # Mean curve (1, 2.5), (2, 2.0): it reaches 2.0 at 2 s, the reference needed 4 s.
+    assert time_to_reach(seeds, reference) == "50%"
+    assert time_to_reach(reference, seeds) == "not reached"
