@@ -29,6 +29,7 @@ row, the change and the time needed to reach that row's best.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -89,7 +90,9 @@ def expand_rows(document: dict, only: list[str] | None, seeds: list[int] | None)
                 and (corpus in value if isinstance(value, dict) else True)
             }
             fixed = {key: values.pop(key) for key in RUN_KEYS & set(values)}
-            for seed in seeds or merged.get("seeds", [1]):
+            row_seeds = merged.get("seeds", [1])
+            row_seeds = row_seeds.get(corpus, [1]) if isinstance(row_seeds, dict) else row_seeds
+            for seed in seeds or row_seeds:
                 runs.append(Run(row["name"], corpus, seed, **fixed, options=values))
     return runs
 
@@ -266,6 +269,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-compiled", type=Path, help="save them here at the end")
     parser.add_argument("--compare", help="measure against these rows (default: the file's)")
     parser.add_argument(
+        "--plan", action="store_true", help="list the runs and a time estimate; run nothing"
+    )
+    parser.add_argument(
         "--report", type=Path, help="print the table and summary of an earlier --json; run nothing"
     )
     return parser.parse_args(argv)
@@ -275,21 +281,43 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def start_preparing(names: list[str], args: argparse.Namespace) -> dict[str, subprocess.Popen]:
-    """One background process per corpus (see quality_corpora), on half the cores, so
-    that a run timed meanwhile keeps cores of its own."""
-    threads = str(max(1, (os.cpu_count() or 2) // 2))
-    env = {**os.environ, "RAYON_NUM_THREADS": threads, "PYTHONPATH": str(REPO)}
-    script = Path(__file__).with_name("quality_corpora.py")
-    command = [sys.executable, str(script), "--data", str(args.data), "--work", str(args.work)]
-    command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
-    return {name: subprocess.Popen([*command, name], env=env) for name in names}
+class Preparing:
+    """The corpora, prepared by one background process each (see quality_corpora) on half
+    the cores, so that a run timed meanwhile keeps cores of its own; each is loaded once
+    it is ready."""
+
+    def __init__(self, names: list[str], args: argparse.Namespace) -> None:
+        threads = str(max(1, (os.cpu_count() or 2) // 2))
+        env = {**os.environ, "RAYON_NUM_THREADS": threads, "PYTHONPATH": str(REPO)}
+        script = Path(__file__).with_name("quality_corpora.py")
+        command = [sys.executable, str(script), "--data", str(args.data), "--work", str(args.work)]
+        command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+        self.processes = {name: subprocess.Popen([*command, name], env=env) for name in names}
+        self.loaded: dict[str, CorpusData] = {}
+
+    def load(self, name: str, bench: Bench) -> CorpusData:
+        if name not in self.loaded:
+            if self.processes[name].wait() != 0:
+                raise NoodleError(f"preparing corpus {name} failed (see above)")
+            self.loaded[name] = bench.load(name)
+        return self.loaded[name]
+
+    def wait(self) -> None:
+        for process in self.processes.values():
+            process.wait()
 
 
-def overhead(results: list[dict]) -> float:
-    """Seconds the last run cost beyond its training time (compiling aside, the next
-    one's likely cost)."""
-    return results[-1]["wall_s"] - results[-1]["train_s"] if results else 5.0
+def expected_seconds(run: Run, args: argparse.Namespace, results: list[dict]) -> float:
+    """What `run` will likely cost: its training time, the least any run cost beyond
+    that, and, for a model, dropout or batch size no run has had yet, what the first run
+    cost beyond it (compiling)."""
+    if not results:
+        return 0.0 if args.steps else args.time_budget * run.time_fraction
+    training = results[-1]["train_s"] if args.steps else args.time_budget * run.time_fraction
+    beyond = [r["wall_s"] - r["train_s"] for r in results]
+    graph = (run.model, run.dropout, run.options.get("batch_size"))
+    seen = {(r["model"], r["dropout_given"], r["batch_size_given"]) for r in results}
+    return training + min(beyond) + (beyond[0] if graph not in seen else 0.0)
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -297,7 +325,7 @@ def run_all(args: argparse.Namespace) -> None:
     runs, compare = load_runs(args)
     os.environ["XDG_CACHE_HOME"] = str(args.work / "cache")  # one token cache for all
     corpora = [name for name in CORPORA if any(run.corpus == name for run in runs)]
-    preparing = start_preparing(corpora, args)
+    preparing = Preparing(corpora, args)
     if args.load_compiled and args.load_compiled.is_file():
         torch.compiler.load_cache_artifacts(args.load_compiled.read_bytes())
     options = BenchOptions(
@@ -318,19 +346,13 @@ def run_all(args: argparse.Namespace) -> None:
     print(f"{header['device']} | torch {header['torch']} | {len(runs)} runs of {budget}")
     print("\n".join(TABLE_HEADER), flush=True)
     results: list[dict] = []
-    loaded: dict[str, CorpusData] = {}
     try:
         for run in runs:
-            expected = 0.0 if args.steps else args.time_budget * run.time_fraction
             elapsed = time.perf_counter() - started
-            if args.deadline and elapsed + expected + overhead(results) > args.deadline:
+            if args.deadline and elapsed + expected_seconds(run, args, results) > args.deadline:
                 print(f"deadline: not run: {run.row} {run.corpus} seed {run.seed}")
                 continue
-            if run.corpus not in loaded:
-                if preparing[run.corpus].wait() != 0:
-                    raise NoodleError(f"preparing corpus {run.corpus} failed (see above)")
-                loaded[run.corpus] = bench.load(run.corpus)
-            results.append(bench.run(run, loaded[run.corpus]))
+            results.append(bench.run(run, functools.partial(preparing.load, run.corpus, bench)))
             print(table_row(results[-1]), flush=True)
             if args.json:
                 args.json.write_text(json.dumps({**header, "runs": results}, default=str))
@@ -339,8 +361,7 @@ def run_all(args: argparse.Namespace) -> None:
         saved = torch.compiler.save_cache_artifacts() if args.save_compiled else None
         if saved:
             args.save_compiled.write_bytes(saved[0])
-        for process in preparing.values():
-            process.wait()
+        preparing.wait()
         print("\n" + "\n".join(summarize(results, compare)))
         print(f"{len(results)} runs in {time.perf_counter() - started:.0f} s", flush=True)
 
@@ -354,11 +375,39 @@ def report(args: argparse.Namespace) -> None:
     print("\n".join([*TABLE_HEADER, *map(table_row, results), "", *summarize(results, compare)]))
 
 
+# Guesses for the plan, from the H200 (README: the graphs compile in about a minute).
+COMPILE_GUESS_S, BEYOND_TRAINING_GUESS_S = 60.0, 3.0
+
+
+def plan(args: argparse.Namespace) -> None:
+    """The runs asked for, with their settings, and a guess at the seconds they take."""
+    runs, _ = load_runs(args)
+    graphs = set()
+    for run in runs:
+        settings = run.settings()
+        graphs.add((run.model, run.dropout, settings.batch_size))
+        print(
+            f"{run.row} | {run.corpus} | seed {run.seed} | {settings.optimizer} "
+            f"{settings.schedule} lr {settings.lr:.3g} batch {settings.batch_size} "
+            f"dropout {'default' if run.dropout is None else run.dropout} | "
+            f"{run.time_fraction * args.time_budget:g} s"
+        )
+    training = sum(run.time_fraction * args.time_budget for run in runs)
+    total = training + len(runs) * BEYOND_TRAINING_GUESS_S + len(graphs) * COMPILE_GUESS_S
+    print(
+        f"{len(runs)} runs, {training:.0f} s of training, {len(graphs)} sets of graphs to "
+        f"compile: about {total:.0f} s, besides starting the machine (a guess: runs that "
+        "stop early take less)"
+    )
+
+
 def main() -> None:
     args = parse_args()
     try:
         if args.report:
             report(args)
+        elif args.plan:
+            plan(args)
         else:
             run_all(args)
     except NoodleError as exc:

@@ -277,26 +277,29 @@ class Bench:
 
         return bits_per_byte
 
-    def run(self, run: Run, data: CorpusData) -> dict:
-        """Train `run` on `data` for its budget, then score its best weights."""
+    def run(self, run: Run, corpus: Callable[[], CorpusData]) -> dict:
+        """Train `run` for its budget, then score its best weights. `corpus()` gives the
+        data, waiting for it if need be: the step timing (and so the compiling) comes
+        first where the dropout is known without the data."""
         started = time.perf_counter()
         preset, config = resolve_model_config(run.model, self.tokenizer.vocab_size)
         if run.dropout is None:
-            config = data_sized_config(preset, config, len(data.train_tokens))
+            config = data_sized_config(preset, config, len(corpus().train_tokens))
         else:
             config = replace(config, dropout=run.dropout)
         settings = replace(
             run.settings(), compile=self.compile, max_epochs=10**9, save_interval_s=math.inf
         )
+        step_s = None if self.options.steps else self.step_time(config, settings)
+        steps = self.options.steps or max(
+            1, int(self.options.time_budget * run.time_fraction / step_s)
+        )
+        data = corpus()
         train, validation = split_windows(
             data.train_tokens, config.ctx_len, settings.batch_size, run.seed
         )
         if "eval_batches" not in run.options:
             settings = replace(settings, eval_batches=whole_batches(settings, validation))
-        step_s = None if self.options.steps else self.step_time(config, settings)
-        steps = self.options.steps or max(
-            1, int(self.options.time_budget * run.time_fraction / step_s)
-        )
         settings = replace(settings, max_steps=steps)
         out = BenchDir(self.scratch / "run")
         record = RunRecord(
@@ -393,6 +396,8 @@ def describe(
         "decay_fraction": settings.decay_fraction,
         "weight_decay": settings.weight_decay,
         "options": run.options,
+        "dropout_given": run.dropout,
+        "batch_size_given": run.options.get("batch_size"),
         "planned_steps": settings.max_steps,
         "timed_step_ms": None if step_s is None else round(1000 * step_s, 3),
     }

@@ -121,8 +121,8 @@ def test_quality_trains_scores_and_summarizes_rows_on_cpu(tmp_path, tiny_config,
 
     runs = json.loads(out.read_text())["runs"]
     assert [(r["row"], r["corpus"]) for r in runs] == [
-        ("base", "tinystories"),
         ("base", "gutenberg"),
+        ("base", "tinystories"),
         ("muon", "gutenberg"),
     ]
     for run in runs:
@@ -137,6 +137,14 @@ def test_quality_trains_scores_and_summarizes_rows_on_cpu(tmp_path, tiny_config,
     assert any(line.endswith("| vs base | time to base's best |") for line in table)
     (summary,) = [line for line in table if line.startswith("| muon | gutenberg | 1 | 1.")]
     assert re.search(r"± \d\.\d+ \| [+-]\d+\.\d% \| (\d+%|not reached) \|$", summary)
+
+    # The saved runs summarized again against another row, with nothing trained.
+    again = run_script("benchmarks/quality.py", "--report", out, "--compare", "muon")
+    assert again.returncode == 0, again.stderr
+    assert any(
+        line.endswith("| vs muon | time to muon's best |") for line in again.stdout.splitlines()
+    )
+    assert "| muon | gutenberg | 1 | " in again.stdout and "| +0.0% | 100% |" in again.stdout
 
 
 def test_quality_refuses_an_unknown_setting_before_running(tmp_path):
