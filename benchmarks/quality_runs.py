@@ -365,10 +365,16 @@ class Bench:
         return result
 
 
+SCRATCH_NEEDED = 4 << 30  # bytes: a few model directories of the larger presets
+
+
 def scratch_root() -> str | None:
-    """Memory-backed storage where there is some: the runs' files are written and dropped."""
+    """Memory-backed storage where there is room (containers often give /dev/shm 64 MB):
+    the runs' files are written, fsynced and dropped. Else the default temporary folder."""
     shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > SCRATCH_NEEDED:
+        return str(shm)
+    return None
 
 
 def whole_batches(settings: TrainSettings, validation: TokenWindows) -> int:
