@@ -49,7 +49,7 @@ from noodle.train.settings import PRETRAIN_DEFAULTS, TrainSettings
 REPO = Path(__file__).resolve().parent.parent
 # A run sets these itself; a row cannot.
 CONTROLLED = {"max_steps", "max_epochs", "seed", "compile", "save_every", "save_interval_s"}
-CONTROLLED |= {"tensorboard_dir"}
+CONTROLLED |= {"tensorboard_dir", "drop_resume_state"}
 RUN_KEYS = {"model", "dropout", "time_fraction"}
 ROW_KEYS = {"name", "corpora", "seeds", *RUN_KEYS}
 

@@ -8,8 +8,8 @@ real training steps timed on random tokens (after 15 untimed ones, which compile
 the first run of each architecture, batch size and optimizer.
 
 A run's training time counts its training steps only: it is measured from its first log
-(step 10), without its evaluations and held-out checkpoints, and its first 10 steps are
-counted at the run's own rate. At checkpoints, the held-out bits per byte is measured on
+(step 1), without its evaluations and held-out checkpoints, and its first step is counted
+at the run's own rate. At checkpoints, the held-out bits per byte is measured on
 an evenly spread subset of the test text, outside the timed span, on the same clock.
 """
 
@@ -43,7 +43,7 @@ from noodle.tokenizer import load_tokenizer
 from noodle.train.loop import Trainer
 from noodle.train.pretrain import data_sized_config
 from noodle.train.run import RunRecord, run_training
-from noodle.train.settings import PRETRAIN_DEFAULTS, TrainSettings
+from noodle.train.settings import PRESET_RUN_DEFAULTS, PRETRAIN_DEFAULTS, TrainSettings
 
 CALIBRATION_WARMUP, CALIBRATION_STEPS = 15, 30
 # Calibration trains a model that is thrown away; a small rate keeps its steps finite.
@@ -64,22 +64,14 @@ class Run:
     options: dict = field(default_factory=dict)
 
     def settings(self) -> TrainSettings:
-        """What `noodle train --model MODEL` runs with given these options (the others at
-        their defaults, the learning rate and batch size from the model's recipe)."""
-        defaults = {
-            name: value for name, (_, value) in training_option_types(PRETRAIN_DEFAULTS).items()
-        }
-        given = {key: value for key, value in self.options.items() if key in defaults}
-        extra = {key: value for key, value in self.options.items() if key not in defaults}
-        values = {**defaults, **given, "seed": self.seed}
-        return replace(training_settings(PRETRAIN_DEFAULTS, values, self.model), **extra)
-
-
-class BenchDir(ModelDir):
-    """A run's model directory. The benchmark never resumes, so no resume state is written."""
-
-    def save_resume_state(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
-        pass
+        """What `noodle train --model MODEL` runs with given these options: the others at
+        the preset's defaults (see PRESET_RUN_DEFAULTS), as the command line does."""
+        defaults = PRESET_RUN_DEFAULTS.get(self.model, PRETRAIN_DEFAULTS)
+        values = {name: value for name, (_, value) in training_option_types(defaults).items()}
+        given = {key: value for key, value in self.options.items() if key in values}
+        extra = {key: value for key, value in self.options.items() if key not in values}
+        settings = training_settings(defaults, {**values, **given, "seed": self.seed})
+        return replace(settings, **extra)
 
 
 class CompileOnce(Parallel):
@@ -244,7 +236,7 @@ class Bench:
             )
             data = TokenWindows(random.astype(np.int64), config.ctx_len, batch)
             model = self.fresh_model(config, settings.seed)
-            trainer = self.trainer(model, data, data, settings, BenchDir(self.scratch / "timing"))
+            trainer = self.trainer(model, data, data, settings, ModelDir(self.scratch / "timing"))
             for index in range(steps):
                 if index == CALIBRATION_WARMUP:
                     synchronize(self.device)
@@ -301,7 +293,7 @@ class Bench:
         if "eval_batches" not in run.options:
             settings = replace(settings, eval_batches=whole_batches(settings, validation))
         settings = replace(settings, max_steps=steps)
-        out = BenchDir(self.scratch / "run")
+        out = ModelDir(self.scratch / "run")
         record = RunRecord(
             out,
             config,
