@@ -24,7 +24,7 @@ from noodle.checkpoint import load_model
 from noodle.corpus import load_token_stream
 from noodle.device import autocast, select_device, select_dtype
 from noodle.errors import NoodleError
-from noodle.model import IGNORE
+from noodle.loss import IGNORE
 from noodle.progress import Reporter
 from noodle.tokenizer import TextTokenizer
 

@@ -81,6 +81,12 @@ class TrainSettings:
     # CUDA graphs replay each step's ~200 kernels with one launch: small models are bound by
     # kernel-launch overhead otherwise (somen at batch 8 spends most of its step on the CPU).
     compile_mode: str = "reduce-overhead"
+    # The training loss computed with its gradients this many positions at a time, never
+    # holding the logits of a whole batch (noodle.loss); 0 makes all the logits and uses
+    # F.cross_entropy. The same arithmetic either way. None: loss.FUSED_CHUNK when the
+    # model is compiled, else 0 (uncompiled, the fused form's separate passes cost more
+    # than they save).
+    loss_chunk: int | None = None
 
 
 @dataclass
