@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from noodle.instructions import Instruction, format_block
 from noodle.tokenizer import TextTokenizer, load_tokenizer
+from tests.stories import story_corpus
 from tests.tiny_runs import TinyRun
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,21 +28,6 @@ TINY_CONFIG = {
     "ctx_len": 64,
     "dropout": 0.0,
 }
-
-NAMES = ["tom", "lily", "ben", "mia", "sam", "anna"]
-THINGS = ["red ball", "big dog", "little cat", "blue kite", "green frog", "toy car"]
-PLACES = ["park", "garden", "house", "forest", "beach", "school"]
-
-
-def story_corpus(lines: int, seed: int = 0) -> str:
-    """Simple, learnable text: a handful of sentence shapes over a small vocabulary."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(lines):
-        name, thing, place = rng.choice(NAMES), rng.choice(THINGS), rng.choice(PLACES)
-        out.append(f"once upon a time {name} found a {thing} in the {place}. {name} was happy.")
-    return "\n".join(out) + "\n"
-
 
 # Question/answer pairs a tiny model can learn in a few dozen fine-tuning steps.
 PAIRS = [

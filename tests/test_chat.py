@@ -21,15 +21,8 @@ from noodle.errors import NoodleError
 from noodle.inference import generate
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import load_tokenizer
-from tests.conftest import (
-    NAMES,
-    PLACES,
-    THINGS,
-    TINY_CONFIG,
-    run_noodle,
-    story_corpus,
-    write_small_tokenizer,
-)
+from tests.conftest import TINY_CONFIG, run_noodle, story_corpus, write_small_tokenizer
+from tests.stories import NAMES, PLACES, THINGS
 
 # Subprocesses run on one thread too, for the reason one_torch_thread gives.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
