@@ -78,6 +78,7 @@ VARIANTS = {
     "plain": Variant({"loss_chunk": 0}),  # all the logits, F.cross_entropy (the old step)
     "chunk256": Variant({"loss_chunk": 256}),
     "chunk1024": Variant({"loss_chunk": 1024}),
+    "whole": Variant({"loss_chunk": 1 << 30}),  # the fused loss in one chunk
     "coordinate": Variant(inductor={"coordinate_descent_tuning": True}),
     "no-cudagraphs": Variant({"compile_mode": "default"}),
     "dropout0.1": Variant(dropout=0.1),

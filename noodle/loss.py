@@ -2,14 +2,17 @@
 
 `output_cross_entropy` is what the model's forward pass returns with targets. Its plain
 form makes the logits of every position, (tokens x vocabulary), and F.cross_entropy then
-keeps them for the backward pass, which writes their gradient, as large again. The fused
-form (`FusedOutputCrossEntropy`, chosen with `chunk` > 0) computes the loss and the
-gradients of the output layer's input, weight and bias in the forward pass, a chunk of
-`chunk` positions at a time: each chunk's logits live only while its loss and logit
-gradient are made, nothing of the vocabulary's width is kept for the backward pass, and
-the float32 copy of the logits never exists. The same arithmetic in the same precision:
-logits in the compute dtype, log-sum-exp and softmax in float32, matrix products of the
-logit gradient in the compute dtype (see tests/test_loss.py).
+keeps them for the backward pass, which writes their gradient, as large again, and reads
+that gradient once more for the bias's. The fused form (`FusedOutputCrossEntropy`, chosen
+with `chunk` > 0) computes the loss and the gradients of the output layer's input, weight
+and bias in the forward pass, `chunk` positions at a time: nothing of the vocabulary's
+width is kept for the backward pass, the float32 copy of the logits never exists, and the
+bias's gradient comes out of the weight's matrix product. Run eagerly, each chunk's logits
+live only while its loss and logit gradient are made; compiled, the scheduler may keep
+several chunks' logits at once (inductor on CPU makes every chunk's logit gradient in one
+kernel after the last chunk's log-softmax). The same arithmetic in the same precision:
+logits in the compute dtype, log-softmax in float32, matrix products of the logit
+gradient in the compute dtype (see tests/test_loss.py).
 """
 
 from __future__ import annotations
