@@ -220,13 +220,8 @@ def measure(
     data = TokenWindows(
         random_tokens((warmup + steps) * row.batch * config.ctx_len + 1), config.ctx_len, row.batch
     )
-    settings = replace(
-        TrainSettings(),
-        batch_size=row.batch,
-        compile=compile_model,
-        compile_mode=compile_mode,
-        **variant.settings,
-    )
+    chosen = {"batch_size": row.batch, "compile": compile_model, "compile_mode": compile_mode}
+    settings = replace(TrainSettings(), **{**chosen, **variant.settings})
     with tempfile.TemporaryDirectory() as tmp, torch._inductor.config.patch(variant.inductor):
         trainer = Trainer(
             model,
