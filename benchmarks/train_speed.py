@@ -16,6 +16,8 @@ what each row was expected to give on an NVIDIA H200 before it was measured.
     PYTHONPATH=. python benchmarks/train_speed.py --device cuda --nanogpt .devdata/nanogpt \\
         --dropout 0 --variants gpt2:16:plain,gpt2:16:whole,somen:64:plain
     PYTHONPATH=. python benchmarks/train_speed.py --device cpu --shapes tiny:2 --steps 2
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/train_speed.py --device cpu \
+        --shapes harusame:16,somen:8 --compile off --steps 5 --warmup 2
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ SHAPES = {
         n_layers=28, emb_dim=1024, n_heads=8, head_dim=128, hidden_dim=4096, ctx_len=1024
     ),
     "soba": PRESETS["soba"],
+    # With the 4,096-token vocabulary it learns from its corpus (--tokenizer bpe:4096).
+    "harusame": replace(PRESETS["harusame"], vocab_size=4096),
 }
 # Dense bf16 tensor-core peak of an H100/H200 SXM, the reference the nanoGPT MFU figures use.
 PEAK_FLOPS = {"cuda": 989e12}
@@ -158,8 +162,8 @@ class Row:
         return cls(parts[0], int(parts[1]), variant)
 
 
-def random_tokens(count: int) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 50277, count).astype(np.uint16)
+def random_tokens(count: int, vocab_size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, vocab_size, count).astype(np.uint16)
 
 
 def row_result(
@@ -218,7 +222,9 @@ def measure(
     torch.manual_seed(0)
     model = NoodleModel(config).to(device)
     data = TokenWindows(
-        random_tokens((warmup + steps) * row.batch * config.ctx_len + 1), config.ctx_len, row.batch
+        random_tokens((warmup + steps) * row.batch * config.ctx_len + 1, config.vocab_size),
+        config.ctx_len,
+        row.batch,
     )
     chosen = {"batch_size": row.batch, "compile": compile_model, "compile_mode": compile_mode}
     settings = replace(TrainSettings(), **{**chosen, **variant.settings})
@@ -292,7 +298,7 @@ def measure_nanogpt(
     amp_dtype = select_dtype("auto", device)
     length = config.ctx_len
     tokens = torch.from_numpy(
-        random_tokens((warmup + steps) * row.batch * length + 1).astype(np.int64)
+        random_tokens((warmup + steps) * row.batch * length + 1, config.vocab_size).astype(np.int64)
     )
     losses = []
 

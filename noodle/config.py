@@ -6,9 +6,11 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from noodle.errors import NoodleError, UsageError
+from noodle.errors import NoodleError, UsageError, did_you_mean
 
 VOCAB_MULTIPLE = 128
+# 40 TB of float32 weights: beyond any machine, so a config past it is a typo.
+MAX_PARAMETERS = 10**13
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class ModelConfig:
             raise NoodleError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.rope_base, (int, float)) or self.rope_base <= 1:
             raise NoodleError(f"model config: rope_base must be > 1, got {self.rope_base!r}")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise NoodleError(
+                f"model config: {self.parameter_count():,} parameters is beyond any machine "
+                f"(at most {MAX_PARAMETERS:,}); check n_layers, emb_dim and hidden_dim"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,8 +72,17 @@ PRESETS: dict[str, ModelConfig] = {
     "udon": ModelConfig(
         n_layers=50, emb_dim=6656, n_heads=52, head_dim=128, hidden_dim=26624, ctx_len=4096
     ),
+    # A first model in minutes on a laptop CPU. With the 50K-token vocabulary a model this
+    # small spends most of its time in the embedding and output layers, so it learns its
+    # own small tokenizer from the corpus (PRESET_TOKENIZERS). Its short runs underfit:
+    # dropout would only slow them down.
+    "harusame": ModelConfig(
+        n_layers=4, emb_dim=128, n_heads=4, head_dim=32, hidden_dim=512, ctx_len=128, dropout=0.0
+    ),
 }
 DEFAULT_PRESET = "somen"
+# The `--tokenizer` of a preset that does not use the bundled one (see tokenizer.py).
+PRESET_TOKENIZERS = {"harusame": "bpe:4096"}
 
 ARCHITECTURE_KEYS = frozenset(f.name for f in fields(ModelConfig))
 # model.json carries these beside the architecture; a CONFIG.json may be a copy of one.
@@ -125,7 +141,8 @@ def resolve_model_config(spec: str, tokenizer_vocab: int) -> tuple[str, ModelCon
         name = "custom"
     else:
         raise UsageError(
-            f"unknown model preset {spec!r} (choose {', '.join(PRESETS)} or a CONFIG.json path)"
+            f"unknown model preset {spec!r}{did_you_mean(spec, PRESETS)} (choose "
+            f"{', '.join(PRESETS)} or a CONFIG.json path)"
         )
     if not explicit_vocab:
         return name, replace(config, vocab_size=padded_vocab_size(tokenizer_vocab))

@@ -8,15 +8,27 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import ModelDir, load_model
-from noodle.device import select_device, select_dtype
+from noodle.checkpoint import load_weights, open_model_dir
+from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
-from noodle.instructions import examples_fingerprint, load_examples, split_examples
+from noodle.footprint import require_training_memory
+from noodle.instructions import (
+    RESPONSE_HEADER,
+    examples_fingerprint,
+    load_examples,
+    split_examples,
+)
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.train.loop import Trainer
 from noodle.train.resume import run_identity
-from noodle.train.run import RunRecord, prepare_output_dir, run_training, sample_from_best
+from noodle.train.run import (
+    RunRecord,
+    locked_output_dir,
+    prepare_output_dir,
+    run_training,
+    sample_from_best,
+)
 from noodle.train.settings import TrainSettings, TrainState
 
 
@@ -36,7 +48,11 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     parallel = Parallel.from_environment()
     device = select_device(options.backend, parallel.local_rank)
     amp_dtype = select_dtype(options.dtype, device)
-    base = load_model(options.model, device)
+    files = open_model_dir(options.model)
+    require_training_memory(
+        files.config, f"model {files.directory}", settings.batch_size, amp_dtype, device
+    )
+    base = load_weights(files, device)
     if Path(options.output_dir).resolve() == base.directory.resolve():
         raise NoodleError(
             f"{options.output_dir} is the base model's directory; fine-tune into another one"
@@ -54,51 +70,54 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     )
 
     # Only now, with every input checked, is OUTPUT_DIR created or written to.
-    out = ModelDir(options.output_dir)
-    record = RunRecord(
-        out,
-        config,
-        base.metadata.get("preset", "custom"),
-        tokenizer,
-        "finetune",
-        options.input,
-        settings,
-        train_data.batches_per_epoch(),
-        extra={
-            "base_model": str(base.directory.resolve()),
-            "base_training": base.metadata.get("training"),
-            "examples": len(examples),
-            "skipped_blocks": skipped,
-        },
-    )
-    if not options.resume:
-        out.write_tokenizer(tokenizer)
-    reporter.info(
-        f"fine-tuning {base.directory}: {base.model.parameter_count():,} parameters | device "
-        f"{device} | precision {str(amp_dtype).removeprefix('torch.')} | "
-        f"{len(examples):,} examples ({len(train_data.examples):,} training / "
-        f"{len(val_data.examples):,} validation)"
-    )
-    fingerprint = {**identity, "examples": examples_fingerprint(examples)}
-    torch.manual_seed(settings.seed)
-    trainer = Trainer(
-        base.model,
-        train_data,
-        val_data,
-        settings,
-        out,
-        device,
-        amp_dtype,
-        reporter,
-        fingerprint,
-        on_best=record.on_best,
-        parallel=parallel,
-    )
-    state = run_training(trainer, record, options.resume, reporter)
+    with locked_output_dir(options.output_dir, options.resume, reporter) as out:
+        record = RunRecord(
+            out,
+            config,
+            base.metadata.get("preset", "custom"),
+            tokenizer,
+            "finetune",
+            options.input,
+            settings,
+            train_data.batches_per_epoch(),
+            extra={
+                "base_model": str(base.directory.resolve()),
+                "base_training": base.metadata.get("training"),
+                "examples": len(examples),
+                "skipped_blocks": skipped,
+            },
+        )
+        if not options.resume:
+            out.write_tokenizer(tokenizer)
+        reporter.info(
+            f"fine-tuning {base.directory}: {base.model.parameter_count():,} parameters | "
+            f"device {describe_device(device)} | "
+            f"precision {str(amp_dtype).removeprefix('torch.')} | "
+            f"{len(examples):,} examples ({len(train_data.examples):,} training / "
+            f"{len(val_data.examples):,} validation)"
+        )
+        fingerprint = {**identity, "examples": examples_fingerprint(examples)}
+        torch.manual_seed(settings.seed)
+        trainer = Trainer(
+            base.model,
+            train_data,
+            val_data,
+            settings,
+            out,
+            device,
+            amp_dtype,
+            reporter,
+            fingerprint,
+            on_best=record.on_best,
+            parallel=parallel,
+        )
+        state = run_training(trainer, record, options.resume, reporter)
 
     first = val_data.examples[0]
     prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
-    reporter.info(f"sample reply to the validation prompt {prompt!r}:")
+    reporter.info(
+        f"sample reply to the validation prompt {prompt.removesuffix(RESPONSE_HEADER)!r}:"
+    )
     del trainer, base  # see sample_from_best
     print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
     return state

@@ -23,14 +23,14 @@ import torch
 from torch import nn
 
 from noodle.batching import Batch, to_device
-from noodle.checkpoint import METRICS, ModelDir, unwrap
+from noodle.checkpoint import METRICS, BestWeights, ModelDir, unwrap
 from noodle.device import autocast
 from noodle.errors import Interrupted, NoodleError
 from noodle.evaluation import evaluate
 from noodle.loss import FUSED_CHUNK
 from noodle.memory import release_free_memory
 from noodle.parallel import Parallel
-from noodle.progress import Reporter, Task, format_duration
+from noodle.progress import Reporter, Task
 from noodle.train.metrics import MetricsLog, StepStats
 from noodle.train.optim import LossScale, OptimizerStep, Schedule, StepOutcome, build_optimizers
 from noodle.train.resume import (
@@ -59,18 +59,21 @@ class EvalData(Protocol):
 class SignalCatcher:
     """Turns the first SIGINT/SIGTERM into a flag the training loop checks between steps, so
     the step in progress finishes and the resume state can be saved; a second one
-    interrupts at once (every file on disk stays consistent either way)."""
+    interrupts at once (every file on disk stays consistent either way). `on_first(signum)`
+    acknowledges the first at once, from the signal handler."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, on_first: Callable[[int], None] = lambda signum: None) -> None:
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
+        self.on_first = on_first
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:
             raise Interrupted(signum)
         self.received = signum
+        self.on_first(signum)
 
     def __enter__(self) -> SignalCatcher:
         for sig in self.SIGNALS:
@@ -130,6 +133,8 @@ class Trainer:
         self.metrics = MetricsLog(out.file(METRICS), settings.tensorboard_dir)
         self.writer = Writer(background=device.type != "cpu")
         self.last_save = time.monotonic()
+        # The step of weights saved without an evaluation (see save_unevaluated_weights).
+        self.unevaluated_weights_step: int | None = None
 
     # -- resume state -----------------------------------------------------------------
 
@@ -165,7 +170,7 @@ class Trainer:
         self.metrics.truncate(self.state.step, self.reporter)
         self.reporter.info(
             f"resuming at step {self.state.step} (epoch {self.state.epoch + 1}, "
-            f"best validation loss {self.state.best_loss:.4f})"
+            f"{self.state.best_description()})"
         )
         if self.schedule.total_steps != schedule.total_steps:
             self.reporter.info(
@@ -173,15 +178,29 @@ class Trainer:
                 f"rate goes on from {self.schedule.factor(self.state.step):.3g} x the peak"
             )
 
-    def save_best_weights(self) -> None:
+    def save_weights(
+        self, best: BestWeights | None = None, then: Callable[[], None] = lambda: None
+    ) -> None:
+        """Write the current weights as the model's (the best of evaluation `best`, if any),
+        then call `then`."""
         tensors = self.writer.snapshot(unwrap(self.model).state_dict())
-        state, out, on_best = replace(self.state), self.out, self.on_best
+        out = self.out
 
         def write() -> None:
-            out.write_weights(tensors)
-            on_best(state)
+            out.write_weights(tensors, best)
+            then()
 
         self.writer.submit(write)
+
+    def save_best_weights(self) -> None:
+        state, on_best = replace(self.state), self.on_best
+        self.save_weights(BestWeights(state.best_step, state.best_loss), lambda: on_best(state))
+
+    def save_unevaluated_weights(self) -> None:
+        """A run interrupted before its first evaluation has no best weights: it keeps its
+        current ones, so that chat, eval and info have a model to load."""
+        self.save_weights()
+        self.unevaluated_weights_step = self.state.step
 
     # -- logging --------------------------------------------------------------------------
 
@@ -207,7 +226,7 @@ class Trainer:
 
     def log(self, lr: float, task: Task) -> None:
         state = self.state
-        mean_loss, seconds_per_step, tokens_per_second, longest = self.stats.take_window(state)
+        mean_loss, _, tokens_per_second, longest = self.stats.take_window(state)
         self.metrics.record(
             kind="train",
             step=state.step,
@@ -223,9 +242,8 @@ class Trainer:
         task.update(
             completed=state.step,
             loss=f"{mean_loss:.4f}",
-            lr=f"{lr:.2e}",
             tok_s=f"{tokens_per_second:,.0f}",
-            eta=format_duration((self.schedule.total_steps - state.step) * seconds_per_step),
+            lr=f"{lr:.2e}",
         )
 
     # -- evaluation -------------------------------------------------------------------
@@ -298,10 +316,16 @@ class Trainer:
         the saved run stopped). SIGINT/SIGTERM save the resume state and raise Interrupted."""
         settings, state = self.settings, self.state
         self.model.train()
-        task = self.reporter.start_task("training", total=self.schedule.total_steps)
-        task.update(completed=state.step)
+        task = self.reporter.start_task(
+            "training", total=self.schedule.total_steps, completed=state.step
+        )
         self.stats.restart_clock()
-        with SignalCatcher() as signals:
+
+        def acknowledge(signum: int) -> None:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            task.announce(f"{name}: stopping after this step")
+
+        with SignalCatcher(on_first=acknowledge) as signals:
             try:
                 if state.step == 0:  # so that a run that dies before its first save resumes
                     self.save_resume_state()
@@ -317,18 +341,24 @@ class Trainer:
                     state.step += 1
                     state.batch_index += 1
                     state.tokens_seen += inputs.numel()
+                    task.update(completed=state.step)
                     epoch_done = state.batch_index >= self.batches_per_epoch
                     last = state.step >= self.schedule.total_steps
-                    logged = state.step % settings.log_interval == 0 or epoch_done or last
+                    # Step 1 too, so that the first loss shows at once (a CPU step can take
+                    # seconds).
+                    first = state.step == 1
+                    logged = state.step % settings.log_interval == 0 or first or epoch_done or last
                     if logged:
                         self.log(lr_factor * settings.lr, task)
                     evaluated = state.step % settings.eval_interval == 0 or epoch_done or last
                     if evaluated:
                         self.run_evaluation()
                     if signals.received is not None:
+                        if state.best_step == 0:
+                            self.save_unevaluated_weights()
                         self.save_resume_state()
                         self.writer.wait()
-                        task.finish()
+                        task.stop("interrupted")
                         raise Interrupted(signals.received, resume_step=state.step)
                     if (logged or evaluated) and self.save_due():
                         self.save_resume_state()

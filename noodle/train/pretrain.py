@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -10,21 +11,30 @@ import numpy as np
 import torch
 
 from noodle.batching import split_windows
-from noodle.checkpoint import ModelDir
+from noodle.checkpoint import TOKENIZER
 from noodle.config import resolve_model_config
-from noodle.corpus import load_token_stream, token_chunks
-from noodle.device import select_device, select_dtype
+from noodle.corpus import load_token_stream, read_lines, token_chunks
+from noodle.device import describe_device, select_device, select_dtype
+from noodle.errors import UsageError
+from noodle.footprint import require_training_memory
 from noodle.model import NoodleModel
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
-from noodle.tokenizer import load_tokenizer
+from noodle.tokenizer import TextTokenizer, learn_tokenizer, learned_vocabulary, load_tokenizer
 from noodle.train.loop import Trainer
 from noodle.train.resume import run_identity
-from noodle.train.run import RunRecord, prepare_output_dir, run_training, sample_from_best
+from noodle.train.run import (
+    RunRecord,
+    locked_output_dir,
+    prepare_output_dir,
+    run_training,
+    sample_from_best,
+)
 from noodle.train.settings import TrainSettings, TrainState
 
 SAMPLE_PROMPT = "Once upon a time"
 FINGERPRINT_CHUNK = 1 << 24  # tokens hashed at a time
+LINES_PER_UPDATE = 4096  # of the progress of learning a tokenizer
 
 
 @dataclass
@@ -50,16 +60,51 @@ def corpus_fingerprint(tokens: np.ndarray) -> str:
     return digest.hexdigest()[:32]
 
 
+def run_tokenizer(options: TrainOptions, vocabulary: int, reporter: Reporter) -> TextTokenizer:
+    """The tokenizer `--tokenizer bpe:N` stands for: learned from the corpus, or when
+    resuming, the one the run learned (kept in OUTPUT_DIR)."""
+    if options.resume:
+        return load_tokenizer(Path(options.output_dir) / TOKENIZER)
+    task = reporter.start_task("learning the tokenizer", total=None, unit="bytes")
+
+    def lines() -> Iterator[str]:
+        read = 0
+        for count, line in enumerate(read_lines(options.corpus, reporter), 1):
+            read += len(line.encode("utf-8"))
+            if count % LINES_PER_UPDATE == 0:
+                task.update(read)
+            yield line
+        task.update(read)
+
+    tokenizer = learn_tokenizer(lines(), vocabulary)
+    task.finish(vocabulary=tokenizer.vocab_size)
+    return tokenizer
+
+
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     parallel = Parallel.from_environment()
     device = select_device(options.backend, parallel.local_rank)
     amp_dtype = select_dtype(options.dtype, device)
     compile_model = device.type == "cuda" if options.compile is None else options.compile
     settings = replace(options.settings, compile=compile_model)
-    tokenizer = load_tokenizer(options.tokenizer)
-    preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
+    to_learn = learned_vocabulary(options.tokenizer)
+    if to_learn is not None and options.corpus == "-":
+        raise UsageError(
+            f"--tokenizer {options.tokenizer} reads the corpus twice (to learn the tokenizer, "
+            "then to tokenize it): give a file or URL, not standard input"
+        )
+    tokenizer = load_tokenizer(options.tokenizer) if to_learn is None else None
+    vocabulary = to_learn if tokenizer is None else tokenizer.vocab_size
+    preset, config = resolve_model_config(options.model, vocabulary)
+    name = f"model {preset}" if preset != "custom" else f"model {options.model}"
+    require_training_memory(config, name, settings.batch_size, amp_dtype, device)
+    known = {"architecture": config.to_dict()}
+    if tokenizer is not None:
+        known["tokenizer"] = tokenizer.sha256
+    prepare_output_dir(options.output_dir, options.resume, run_identity(settings, **known))
+    if tokenizer is None:
+        tokenizer = run_tokenizer(options, to_learn, reporter)
     identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
-    prepare_output_dir(options.output_dir, options.resume, identity)
     tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
     train_windows, val_windows = split_windows(
         tokens, config.ctx_len, settings.batch_size, settings.seed
@@ -67,39 +112,40 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     torch.manual_seed(settings.seed)
     model = NoodleModel(config).to(device)
     reporter.info(
-        f"model {preset}: {model.parameter_count():,} parameters | device {device} | "
-        f"precision {str(amp_dtype).removeprefix('torch.')} | corpus {len(tokens):,} tokens "
+        f"model {preset}: {model.parameter_count():,} parameters | device "
+        f"{describe_device(device)} | precision {str(amp_dtype).removeprefix('torch.')} | "
+        f"corpus {len(tokens):,} tokens "
         f"({train_windows.count:,} training / {val_windows.count:,} validation windows of "
         f"{config.ctx_len})"
     )
     # Only now, with every input checked, is OUTPUT_DIR created or written to.
-    out = ModelDir(options.output_dir)
-    record = RunRecord(
-        out,
-        config,
-        preset,
-        tokenizer,
-        "train",
-        options.corpus,
-        settings,
-        train_windows.batches_per_epoch(),
-    )
-    trainer = Trainer(
-        model,
-        train_windows,
-        val_windows,
-        settings,
-        out,
-        device,
-        amp_dtype,
-        reporter,
-        {**identity, "corpus": corpus_fingerprint(tokens)},
-        on_best=record.on_best,
-        parallel=parallel,
-    )
-    if not options.resume:
-        out.write_tokenizer(tokenizer)
-    state = run_training(trainer, record, options.resume, reporter)
+    with locked_output_dir(options.output_dir, options.resume, reporter) as out:
+        record = RunRecord(
+            out,
+            config,
+            preset,
+            tokenizer,
+            "train",
+            options.corpus,
+            settings,
+            train_windows.batches_per_epoch(),
+        )
+        trainer = Trainer(
+            model,
+            train_windows,
+            val_windows,
+            settings,
+            out,
+            device,
+            amp_dtype,
+            reporter,
+            {**identity, "corpus": corpus_fingerprint(tokens)},
+            on_best=record.on_best,
+            parallel=parallel,
+        )
+        if not options.resume:
+            out.write_tokenizer(tokenizer)
+        state = run_training(trainer, record, options.resume, reporter)
     del trainer, model  # see sample_from_best
     sample = sample_from_best(out.path, device, SAMPLE_PROMPT, settings.seed)
     print(SAMPLE_PROMPT + sample, flush=True)

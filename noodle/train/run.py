@@ -3,23 +3,50 @@ directory's checks, model.json kept current with the run, and the closing steps.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import MODEL_JSON, ModelDir, check_output_dir, load_model, model_metadata
+from noodle.checkpoint import (
+    METRICS,
+    MODEL_JSON,
+    RESUME,
+    WEIGHTS,
+    BestWeights,
+    ModelDir,
+    check_output_dir,
+    load_model,
+    model_metadata,
+)
 from noodle.config import ModelConfig
 from noodle.errors import Interrupted, NoodleError
 from noodle.inference import Session, generate
 from noodle.memory import release_free_memory
-from noodle.progress import Reporter
+from noodle.progress import Reporter, plural
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
+from noodle.train.lock import RunLock
 from noodle.train.loop import Trainer
 from noodle.train.resume import check_resumable
 from noodle.train.settings import TrainSettings, TrainState
 
 SAMPLE_TOKENS = 60
+
+
+def holds_saved_run(path: Path) -> bool:
+    """Whether OUTPUT_DIR holds anything a run saved (weights or a resume state): model.json
+    alone is the start of a run that died before its first save, with nothing to lose."""
+    return (path / WEIGHTS).exists() or (path / RESUME).exists()
+
+
+def check_new_run(path: Path) -> None:
+    if (path / MODEL_JSON).exists() and holds_saved_run(path):
+        raise NoodleError(
+            f"{path} already holds a model; continue its run with --resume or choose another "
+            "output directory"
+        )
 
 
 def prepare_output_dir(path: Path, resume: bool, identity: dict) -> None:
@@ -34,16 +61,38 @@ def prepare_output_dir(path: Path, resume: bool, identity: dict) -> None:
         if not path.is_dir():
             raise NoodleError(f"nothing to resume: {path} does not exist")
         check_resumable(ModelDir(path), identity)
-    elif (path / MODEL_JSON).exists():
-        raise NoodleError(
-            f"{path} already holds a model; continue its run with --resume or choose another "
-            "output directory"
-        )
+    else:
+        check_new_run(path)
+
+
+@contextlib.contextmanager
+def locked_output_dir(path: Path, resume: bool, reporter: Reporter) -> Iterator[ModelDir]:
+    """OUTPUT_DIR, created, with its run lock held (see `lock.RunLock`) for the `with`.
+
+    What `prepare_output_dir` checked is checked again under the lock: another run may have
+    finished there in the meantime. A new run takes over a directory where a run died
+    before its first save.
+    """
+    out = ModelDir(path)
+    with RunLock(out.path):
+        if not resume:
+            check_new_run(out.path)
+            if (out.path / MODEL_JSON).exists():
+                reporter.info(
+                    f"{out.path} holds a run that stopped before its first save: replaced"
+                )
+                out.file(METRICS).unlink(missing_ok=True)
+        yield out
 
 
 class RunRecord:
     """Writes OUTPUT_DIR/model.json: the architecture and tokenizer being trained and a
-    training summary of the run so far, so the directory always says what it holds."""
+    training summary of the run so far, so the directory always says what it holds.
+
+    The summary's best validation loss and step are those of the weights on disk (`best`),
+    updated only once new best weights are written: a save that fails leaves model.json
+    describing the previous ones, which are still there.
+    """
 
     def __init__(
         self,
@@ -61,16 +110,27 @@ class RunRecord:
         self.kind, self.source, self.settings = kind, source, settings
         self.batches_per_epoch = batches_per_epoch
         self.extra = extra or {}
+        self.best = out.read_best_weights()
 
-    def summary(self, state: TrainState, status: str) -> dict:
+    def summary(self, state: TrainState, status: str, unevaluated_step: int | None) -> dict:
+        """The training summary; `unevaluated_step` is the step of weights saved without an
+        evaluation (on an interruption before the first one), if any."""
+        if self.best:
+            weights, weights_step = "best", self.best.step
+        elif unevaluated_step is not None:
+            weights, weights_step = "unevaluated", unevaluated_step
+        else:
+            weights, weights_step = None, None
         return {
             "kind": self.kind,
             "status": status,
             "steps": state.step,
             "epochs": state.epochs_done(self.batches_per_epoch),
             "tokens_seen": state.tokens_seen,
-            "best_val_loss": None if state.best_step == 0 else state.best_loss,
-            "best_step": state.best_step,
+            "best_val_loss": self.best.val_loss if self.best else None,
+            "best_step": self.best.step if self.best else 0,
+            "weights": weights,
+            "weights_step": weights_step,
             "source": self.source,
             "batch_size": self.settings.batch_size,
             "lr": self.settings.lr,
@@ -79,12 +139,13 @@ class RunRecord:
             **self.extra,
         }
 
-    def write(self, state: TrainState, status: str) -> None:
-        summary = self.summary(state, status)
+    def write(self, state: TrainState, status: str, unevaluated_step: int | None = None) -> None:
+        summary = self.summary(state, status, unevaluated_step)
         self.out.write_metadata(model_metadata(self.config, self.preset, self.tokenizer, summary))
 
     def on_best(self, state: TrainState) -> None:
-        """For Trainer's `on_best`: the saved weights are the best so far."""
+        """For Trainer's `on_best`: the best weights of `state` are on disk."""
+        self.best = BestWeights(state.best_step, state.best_loss)
         self.write(state, "training")
 
 
@@ -100,17 +161,36 @@ def run_training(
     try:
         state = trainer.run()
     except (Interrupted, KeyboardInterrupt):
-        record.write(trainer.state, "interrupted")
+        record.write(trainer.state, "interrupted", trainer.unevaluated_weights_step)
         raise
     except Exception:
-        record.write(trainer.state, "failed")
+        # The failure may be the disk itself (full): it is the error to report.
+        with contextlib.suppress(NoodleError):
+            record.write(trainer.state, "failed")
         raise
     record.write(state, "finished")
     reporter.info(
-        f"done: {state.step} steps, {state.tokens_seen:,} tokens, best validation loss "
-        f"{state.best_loss:.4f} at step {state.best_step} -> {record.out.path}"
+        f"done: {plural(state.step, 'step')}, {state.tokens_seen:,} tokens, "
+        f"{state.best_description()} -> {record.out.path}"
     )
+    report_resume_state(record.out, trainer.settings.drop_resume_state, reporter)
     return state
+
+
+def report_resume_state(out: ModelDir, drop: bool, reporter: Reporter) -> None:
+    """Say what the resume state costs at the end of a run, or drop it (`drop`): chat and
+    eval never need it, only extending the run with --resume does."""
+    resume_mb = out.file(RESUME).stat().st_size / 1e6
+    if drop:
+        out.file(RESUME).unlink()
+        reporter.info(f"dropped the resume state ({resume_mb:,.0f} MB): the run cannot be extended")
+        return
+    total_mb = sum(path.stat().st_size for path in out.path.iterdir() if path.is_file()) / 1e6
+    reporter.info(
+        f"{out.path} holds {total_mb:,.0f} MB, {resume_mb:,.0f} MB of it the resume state "
+        f"({RESUME}), needed only to extend this run with --resume: delete it to keep the "
+        "model alone (or train with --drop-resume-state)"
+    )
 
 
 def sample_from_best(directory: Path, device: torch.device, prompt: str, seed: int) -> str:
