@@ -161,7 +161,9 @@ def test_quality_trains_scores_and_summarizes_rows_on_cpu(tmp_path, tiny_config,
     table = result.stdout.splitlines()
     assert sum(line.startswith("| base | ") for line in table) == 2 + 2  # runs and summary
     assert any(line.endswith("| vs base | time to base's best |") for line in table)
-    (summary,) = [line for line in table if line.startswith("| muon | gutenberg | 1 | 1.")]
+    (summary,) = [
+        line for line in table if line.startswith("| muon | gutenberg | 1 | ") and "±" in line
+    ]
     assert re.search(r"± \d\.\d+ \| [+-]\d+\.\d% \| (\d+%|not reached) \|$", summary)
 
     # The saved runs summarized again against another row, with nothing trained.
