@@ -31,7 +31,7 @@ from noodle.loss import FUSED_CHUNK
 from noodle.memory import release_free_memory
 from noodle.parallel import Parallel
 from noodle.progress import Reporter, Task
-from noodle.train.metrics import MetricsLog, StepStats
+from noodle.train.metrics import MetricsLog, StatsReading, StepStats
 from noodle.train.optim import LossScale, OptimizerStep, Schedule, StepOutcome, build_optimizers
 from noodle.train.resume import (
     TrainingParts,
@@ -133,6 +133,7 @@ class Trainer:
         self.metrics = MetricsLog(out.file(METRICS), settings.tensorboard_dir)
         self.writer = Writer(background=device.type != "cpu")
         self.last_save = time.monotonic()
+        self.pending_log: tuple[StatsReading, dict] | None = None
         # The step of weights saved without an evaluation (see save_unevaluated_weights).
         self.unevaluated_weights_step: int | None = None
 
@@ -225,35 +226,47 @@ class Trainer:
         )
 
     def log(self, lr: float, task: Task) -> None:
+        """Log the steps since the last log. On a GPU their statistics are copied to the
+        host without waiting and written once they arrive (see `finish_log`): waiting would
+        leave the GPU idle while the next step is prepared."""
+        self.finish_log(task)
         state = self.state
-        mean_loss, _, tokens_per_second, longest = self.stats.take_window(state)
+        record = {"step": state.step, "epoch": state.epoch, "lr": lr}
+        record["tokens_seen"] = state.tokens_seen
+        self.pending_log = (self.stats.take_window(), record)
+
+    def finish_log(self, task: Task, wait: bool = True) -> None:
+        """Write the pending log record, if any (if `wait` is false, only once its
+        statistics have arrived)."""
+        if self.pending_log is None or not (wait or self.pending_log[0].ready()):
+            return
+        reading, record = self.pending_log
+        self.pending_log = None
+        mean_loss, tokens_per_second, nonfinite, _, longest = reading.result()
         self.metrics.record(
             kind="train",
-            step=state.step,
-            epoch=state.epoch,
+            **record,
             loss=mean_loss,
-            lr=lr,
             tokens_per_second=round(tokens_per_second, 1),
-            tokens_seen=state.tokens_seen,
-            nonfinite_steps=state.nonfinite_steps,
+            nonfinite_steps=nonfinite,
         )
         self.raise_if_diverged(longest)
         self.metrics.flush()
         task.update(
-            completed=state.step,
             loss=f"{mean_loss:.4f}",
             tok_s=f"{tokens_per_second:,.0f}",
-            lr=f"{lr:.2e}",
+            lr=f"{record['lr']:.2e}",
         )
 
     # -- evaluation -------------------------------------------------------------------
 
     def run_evaluation(self) -> None:
         state, settings = self.state, self.settings
-        # The evaluation's logits cannot reuse the blocks the training step freed (see
-        # memory.release_free_memory): hand those pages back rather than hold both, at the
-        # price of faulting them in again once per evaluation.
-        release_free_memory()
+        # On a CPU the evaluation's logits cannot reuse the blocks the training step freed
+        # (see memory.release_free_memory): hand those pages back rather than hold both, at
+        # the price of faulting them in again once per evaluation.
+        if self.device.type == "cpu":
+            release_free_memory()
         loss = evaluate(
             self.step_model,
             self.eval_data.eval_batches(settings.eval_batches),
@@ -350,10 +363,14 @@ class Trainer:
                     logged = state.step % settings.log_interval == 0 or first or epoch_done or last
                     if logged:
                         self.log(lr_factor * settings.lr, task)
+                    else:
+                        self.finish_log(task, wait=False)
                     evaluated = state.step % settings.eval_interval == 0 or epoch_done or last
                     if evaluated:
+                        self.finish_log(task)
                         self.run_evaluation()
                     if signals.received is not None:
+                        self.finish_log(task)
                         if state.best_step == 0:
                             self.save_unevaluated_weights()
                         self.save_resume_state()
@@ -361,9 +378,11 @@ class Trainer:
                         task.stop("interrupted")
                         raise Interrupted(signals.received, resume_step=state.step)
                     if (logged or evaluated) and self.save_due():
+                        self.finish_log(task)
                         self.save_resume_state()
                 # The final state, so that a finished run can be extended (--resume with a
                 # larger --max-steps or --max-epochs).
+                self.finish_log(task)
                 self.save_resume_state()
             finally:
                 self.metrics.close()
