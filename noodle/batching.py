@@ -32,6 +32,11 @@ class TokenWindows:
         self.tokens, self.ctx_len, self.batch_size, self.seed = tokens, ctx_len, batch_size, seed
         self.count = max(0, (len(tokens) - 1) // ctx_len)
         self._order: tuple[int, np.ndarray] | None = None
+        self.share = (0, 1)  # see take_share
+
+    def take_share(self, rank: int, ranks: int) -> None:
+        """From now on `get` returns process `rank`'s share of each batch (of `ranks`)."""
+        self.share = (rank, ranks)
 
     def batches_per_epoch(self) -> int:
         return self.count // self.batch_size
@@ -50,7 +55,7 @@ class TokenWindows:
 
     def get(self, epoch: int, index: int) -> Batch:
         chosen = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
-        return self.windows(chosen)
+        return self.windows(share_of(chosen, *self.share))
 
     def eval_batches(self, max_batches: int) -> Iterator[Batch]:
         """Evenly spaced windows, at most max_batches batches, the same ones every time."""
@@ -58,6 +63,13 @@ class TokenWindows:
         chosen = np.linspace(0, self.count - 1, num=limit).round().astype(np.int64)
         for start in range(0, limit, self.batch_size):
             yield self.windows(chosen[start : start + self.batch_size])
+
+
+def share_of(chosen: np.ndarray, rank: int, ranks: int) -> np.ndarray:
+    """Process `rank`'s contiguous share of a global batch's items: every process reads its
+    own windows of the same shuffled order, together the whole batch."""
+    size = len(chosen) // ranks
+    return chosen[rank * size : (rank + 1) * size]
 
 
 def minimum_corpus_tokens(ctx_len: int, batch_size: int) -> int:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import signal
 
+# The signals that stop a run cleanly: the step in progress finishes and the run is saved.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class NoodleError(Exception):
     """A bad input or a failed run: one line `error: ...` on stderr and exit code 1."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import ModelDir, load_model
+from noodle.checkpoint import WEIGHTS, ModelDir, SavedTensors, open_model_dir
 from noodle.device import select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.instructions import examples_fingerprint, load_examples, split_examples
@@ -33,10 +33,19 @@ class FinetuneOptions:
 
 def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     settings = options.settings
-    parallel = Parallel.from_environment()
+    parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
+    parallel.check(settings.batch_size, settings.grad_accum, settings.optimizer)
     device = select_device(options.backend, parallel.local_rank)
+    with parallel.processes(device) as connected:
+        return finetune_with(options, connected, device, reporter)
+
+
+def finetune_with(
+    options: FinetuneOptions, parallel: Parallel, device: torch.device, reporter: Reporter
+) -> TrainState:
+    settings = options.settings
     amp_dtype = select_dtype(options.dtype, device)
-    base = load_model(options.model, device)
+    base = open_model_dir(options.model)
     if Path(options.output_dir).resolve() == base.directory.resolve():
         raise NoodleError(
             f"{options.output_dir} is the base model's directory; fine-tune into another one"
@@ -52,6 +61,12 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     train_data, val_data = split_examples(
         examples, settings.batch_size, pad_id, settings.seed, options.input
     )
+    parallel = parallel.shard_if_needed(
+        config.parameter_count(), device, settings.optimizer, reporter
+    )
+    compile_mode = settings.compile_mode if settings.compile else None
+    weights = SavedTensors(base.directory / WEIGHTS, "unreadable weights")
+    model = parallel.build_model(config, device, settings.seed, amp_dtype, compile_mode, weights)
 
     # Only now, with every input checked, is OUTPUT_DIR created or written to.
     out = ModelDir(options.output_dir)
@@ -70,19 +85,21 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
             "examples": len(examples),
             "skipped_blocks": skipped,
         },
+        writes=parallel.is_main,
     )
-    if not options.resume:
+    if not options.resume and parallel.is_main:
         out.write_tokenizer(tokenizer)
     reporter.info(
-        f"fine-tuning {base.directory}: {base.model.parameter_count():,} parameters | device "
-        f"{device} | precision {str(amp_dtype).removeprefix('torch.')} | "
-        f"{len(examples):,} examples ({len(train_data.examples):,} training / "
+        f"fine-tuning {base.directory}: {config.parameter_count():,} parameters | device "
+        f"{device}{parallel.description()} | precision {str(amp_dtype).removeprefix('torch.')} "
+        f"| {len(examples):,} examples ({len(train_data.examples):,} training / "
         f"{len(val_data.examples):,} validation)"
     )
     fingerprint = {**identity, "examples": examples_fingerprint(examples)}
     torch.manual_seed(settings.seed)
+    parallel.seed_streams(settings.seed)
     trainer = Trainer(
-        base.model,
+        model,
         train_data,
         val_data,
         settings,
@@ -96,9 +113,10 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     )
     state = run_training(trainer, record, options.resume, reporter)
 
-    first = val_data.examples[0]
-    prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
-    reporter.info(f"sample reply to the validation prompt {prompt!r}:")
-    del trainer, base  # see sample_from_best
-    print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
+    del trainer, model  # see sample_from_best
+    if parallel.samples:
+        first = val_data.examples[0]
+        prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
+        reporter.info(f"sample reply to the validation prompt {prompt!r}:")
+        print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
     return state

@@ -14,7 +14,6 @@ from noodle.checkpoint import ModelDir
 from noodle.config import resolve_model_config
 from noodle.corpus import load_token_stream, token_chunks
 from noodle.device import select_device, select_dtype
-from noodle.model import NoodleModel
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.tokenizer import load_tokenizer
@@ -51,8 +50,17 @@ def corpus_fingerprint(tokens: np.ndarray) -> str:
 
 
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
-    parallel = Parallel.from_environment()
+    settings = options.settings
+    parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
+    parallel.check(settings.batch_size, settings.grad_accum, settings.optimizer)
     device = select_device(options.backend, parallel.local_rank)
+    with parallel.processes(device) as connected:
+        return train_with(options, connected, device, reporter)
+
+
+def train_with(
+    options: TrainOptions, parallel: Parallel, device: torch.device, reporter: Reporter
+) -> TrainState:
     amp_dtype = select_dtype(options.dtype, device)
     compile_model = device.type == "cuda" if options.compile is None else options.compile
     settings = replace(options.settings, compile=compile_model)
@@ -60,17 +68,21 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
     identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
     prepare_output_dir(options.output_dir, options.resume, identity)
-    tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
+    with parallel.main_first():  # one process per machine fills the token cache
+        tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
     train_windows, val_windows = split_windows(
         tokens, config.ctx_len, settings.batch_size, settings.seed
     )
-    torch.manual_seed(settings.seed)
-    model = NoodleModel(config).to(device)
+    parallel = parallel.shard_if_needed(
+        config.parameter_count(), device, settings.optimizer, reporter
+    )
+    compile_mode = settings.compile_mode if settings.compile else None
+    model = parallel.build_model(config, device, settings.seed, amp_dtype, compile_mode)
     reporter.info(
-        f"model {preset}: {model.parameter_count():,} parameters | device {device} | "
-        f"precision {str(amp_dtype).removeprefix('torch.')} | corpus {len(tokens):,} tokens "
-        f"({train_windows.count:,} training / {val_windows.count:,} validation windows of "
-        f"{config.ctx_len})"
+        f"model {preset}: {model.parameter_count():,} parameters | device {device}"
+        f"{parallel.description()} | precision {str(amp_dtype).removeprefix('torch.')} | "
+        f"corpus {len(tokens):,} tokens ({train_windows.count:,} training / "
+        f"{val_windows.count:,} validation windows of {config.ctx_len})"
     )
     # Only now, with every input checked, is OUTPUT_DIR created or written to.
     out = ModelDir(options.output_dir)
@@ -83,6 +95,7 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
         options.corpus,
         settings,
         train_windows.batches_per_epoch(),
+        writes=parallel.is_main,
     )
     trainer = Trainer(
         model,
@@ -97,10 +110,11 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
         on_best=record.on_best,
         parallel=parallel,
     )
-    if not options.resume:
+    if not options.resume and parallel.is_main:
         out.write_tokenizer(tokenizer)
     state = run_training(trainer, record, options.resume, reporter)
     del trainer, model  # see sample_from_best
-    sample = sample_from_best(out.path, device, SAMPLE_PROMPT, settings.seed)
-    print(SAMPLE_PROMPT + sample, flush=True)
+    if parallel.samples:
+        sample = sample_from_best(out.path, device, SAMPLE_PROMPT, settings.seed)
+        print(SAMPLE_PROMPT + sample, flush=True)
     return state

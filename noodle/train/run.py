@@ -56,11 +56,13 @@ class RunRecord:
         settings: TrainSettings,
         batches_per_epoch: int,
         extra: dict | None = None,
+        writes: bool = True,
     ) -> None:
         self.out, self.config, self.preset, self.tokenizer = out, config, preset, tokenizer
         self.kind, self.source, self.settings = kind, source, settings
         self.batches_per_epoch = batches_per_epoch
         self.extra = extra or {}
+        self.writes = writes  # only the first process of a run writes
 
     def summary(self, state: TrainState, status: str) -> dict:
         return {
@@ -80,6 +82,8 @@ class RunRecord:
         }
 
     def write(self, state: TrainState, status: str) -> None:
+        if not self.writes:
+            return
         summary = self.summary(state, status)
         self.out.write_metadata(model_metadata(self.config, self.preset, self.tokenizer, summary))
 
