@@ -113,7 +113,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k[:, :, :readable], v[:, :, :readable], attn_mask=cached.visible
             )
-        return self.proj(y.transpose(1, 2).reshape(batch, length, -1))
+        return self.proj(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -29,7 +30,7 @@ from torch import nn
 
 from noodle.batching import Batch
 from noodle.config import ModelConfig
-from noodle.errors import STOP_SIGNALS, Interrupted, UsageError
+from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError, UsageError
 from noodle.model import IGNORE, NoodleModel
 from noodle.progress import Reporter
 
@@ -162,7 +163,12 @@ class Parallel:
             backend = "nccl"
         else:
             backend = "gloo"
-        if "MASTER_ADDR" in os.environ:  # started by torchrun
+        if self.world_size > 1:  # torchrun's variables say where the processes meet
+            if "MASTER_ADDR" not in os.environ:
+                raise NoodleError(
+                    f"WORLD_SIZE is {self.world_size} but MASTER_ADDR is not set: start the "
+                    "processes of a run with torchrun"
+                )
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         else:  # one process asked for FSDP: a group of one
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -225,9 +231,11 @@ class Parallel:
         self.shard(model, device, amp_dtype)
         model.to_empty(device=device)
         # On CUDA, DTensor's random-number tracker draws every shard from one stream; on
-        # other devices each process draws its shards from a stream of its own.
+        # other devices (where it warns that it cannot) each process draws its shards from
+        # a stream of its own.
         torch.manual_seed(stream_seed(seed, self.rank))
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "DTensor random operators", UserWarning)
             model.reset_parameters()
         if weights is not None:
             self.load_state(model, weights, weights.__getitem__)
