@@ -122,8 +122,7 @@ def memory_plan(
         activations = per_block * config.n_layers
     logits = (2 + 4 + 4) * tokens * config.vocab_size  # bfloat16, float32 and its gradient
     total = states + gathered + activations + logits
-    values = (states, gathered, activations, logits, total)
-    return Plan(*(round(value / GB, 1) for value in values))
+    return Plan(*(value / GB for value in (states, gathered, activations, logits, total)))
 
 
 def plans(config: ModelConfig, gpus: int, batch: int) -> dict[str, Plan]:
@@ -192,8 +191,8 @@ def print_plans(title: str, table: dict[str, Plan]) -> None:
     print(f"{'':<34}{'states':>8}{'gathered':>10}{'activ.':>8}{'logits':>8}{'total GB':>10}")
     for name, plan in table.items():
         print(
-            f"{name:<34}{plan.states_gb:>8}{plan.gathered_gb:>10}{plan.activations_gb:>8}"
-            f"{plan.logits_gb:>8}{plan.total_gb:>10}"
+            f"{name:<34}{plan.states_gb:>8.1f}{plan.gathered_gb:>10.1f}"
+            f"{plan.activations_gb:>8.1f}{plan.logits_gb:>8.1f}{plan.total_gb:>10.1f}"
         )
 
 
@@ -240,8 +239,9 @@ def main() -> None:
     for name, row in results["check"].items():
         measured, planned = row["measured"], row["planned"]
         print(
-            f"  {name:<32} states {measured['states_gb']} GB (planned {planned['states_gb']})"
-            f" | peak {measured['peak_gb']} GB (planned {planned['total_gb']})"
+            f"  {name:<32} states {measured['states_gb']} GB (planned "
+            f"{planned['states_gb']:.2f}) | peak {measured['peak_gb']} GB (planned "
+            f"{planned['total_gb']:.2f})"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
