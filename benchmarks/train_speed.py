@@ -95,8 +95,7 @@ def measure(
             if index == warmup:
                 synchronize(device)
                 started = time.perf_counter()
-            inputs, targets = trainer.device_batch(0, index)
-            loss, _ = trainer.train_step(inputs, targets, lr_factor=1.0)
+            loss, _, _ = trainer.train_step(trainer.train_data.get(0, index), lr_factor=1.0)
         synchronize(device)
         elapsed = time.perf_counter() - started
     tokens_per_s = steps * batch * config.ctx_len / elapsed

@@ -175,11 +175,11 @@ class Parallel:
         connected = replace(self, host_group=dist.new_group(backend="gloo", timeout=HOST_WAIT))
         try:
             yield connected
-        except Interrupted:  # a stop all processes agreed on: they are in step
-            dist.destroy_process_group()
+        except Interrupted:
+            dist.destroy_process_group()  # a stop every process agreed on: all are here
             raise
-        # After any other failure the other processes may be waiting in a collective, and
-        # tearing the group down could wait too: the process exits and torchrun ends them.
+        # Any other failure leaves the group as it is: the other processes may be waiting
+        # in a collective, which tearing it down could wait for too; torchrun ends them.
         dist.destroy_process_group()
 
     @contextlib.contextmanager

@@ -281,7 +281,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------
 
     def train_step(
-        self, batch: Batch, lr_factor: float, received: int | None
+        self, batch: Batch, lr_factor: float, received: int | None = None
     ) -> tuple[torch.Tensor, StepOutcome, torch.Tensor | None]:
         """One optimizer step at `lr_factor` times each group's peak learning rate, on this
         process's share of the global batch in `grad_accum` micro-batches. Returns the loss
