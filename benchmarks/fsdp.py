@@ -37,8 +37,9 @@ import torch
 
 from noodle.config import ModelConfig, resolve_model_config
 from noodle.device import autocast, select_device, select_dtype
+from noodle.footprint import TRAINING_BYTES_PER_PARAMETER
 from noodle.model import NoodleModel
-from noodle.parallel import MULTICAST_OFF, TRAINING_BYTES_PER_PARAMETER, Parallel
+from noodle.parallel import MULTICAST_OFF, Parallel
 from noodle.tokenizer import load_tokenizer
 from noodle.train.optim import build_optimizers
 from noodle.train.settings import TrainSettings

@@ -72,7 +72,7 @@ def measure(
     torch.manual_seed(0)
     model = NoodleModel(config).to(device)
     windows = (warmup + steps) * batch
-    tokens = np.random.default_rng(0).integers(0, 50277, windows * config.ctx_len + 1)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, windows * config.ctx_len + 1)
     data = TokenWindows(tokens.astype(np.uint16), config.ctx_len, batch)
     settings = replace(
         TrainSettings(), batch_size=batch, compile=compile_model, compile_mode=compile_mode

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
 
-from noodle.checkpoint import load_model
+from noodle.checkpoint import load_weights, open_model_dir
 from noodle.device import select_device
+from noodle.footprint import require_inference_memory
 from noodle.inference import Session
+from noodle.instructions import format_prompt
 from noodle.precision import prepare_for_inference, select_inference_dtype, uses_packed_float16
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
@@ -73,8 +75,32 @@ class TextStream:
         return text
 
 
-def open_session(options: ChatOptions) -> tuple[Session, str]:
-    """Load the model in its inference precision; returns the session and a description."""
+@dataclass
+class Conversation:
+    """A loaded model's session and how a user's lines become its turns.
+
+    A base model continues text: a line is its tokens, on a new line after the first turn.
+    A fine-tuned model (model.json's training kind "finetune") reads a line as fine-tuning
+    built its prompts (`instructions.format_prompt`), so its reply starts where a trained
+    response starts; a later turn follows the end-of-text that ended each training example.
+    """
+
+    session: Session
+    about: str  # model, size, device and precision, for the terminal's banner
+    follows_instructions: bool
+
+    def turn(self, line: str) -> list[int]:
+        tokenizer, started = self.session.tokenizer, bool(self.session.history)
+        if self.follows_instructions:
+            ids = tokenizer.encode(format_prompt(line))
+            return [tokenizer.eot_id, *ids] if started else ids
+        ids = tokenizer.encode(f"\n{line}" if started else line)
+        # An empty first turn starts the conversation at a document boundary.
+        return ids if ids or started else [tokenizer.eot_id]
+
+
+def open_session(options: ChatOptions) -> Conversation:
+    """Load the model in its inference precision (refused beforehand if it cannot fit)."""
     device = select_device(options.backend)
     compile_decode = options.compile_decode
     if compile_decode is None:
@@ -83,7 +109,9 @@ def open_session(options: ChatOptions) -> tuple[Session, str]:
     precision = str(dtype).removeprefix("torch.")
     if uses_packed_float16(dtype, device, compile_decode):
         precision = "float16 weights, float32 arithmetic"
-    loaded = load_model(options.model, device)
+    files = open_model_dir(options.model)
+    require_inference_memory(files.config, f"model {files.directory}", "to chat", device)
+    loaded = load_weights(files, device)
     parameters = loaded.model.parameter_count()
     prepare_for_inference(loaded.model, dtype, compile_decode)
     session = Session(loaded.model, loaded.tokenizer, compile_decode)
@@ -93,22 +121,25 @@ def open_session(options: ChatOptions) -> tuple[Session, str]:
         f"{loaded.metadata.get('preset', 'custom')} · "
         f"{parameters:,} parameters · {device} · {precision}"
     )
-    return session, description
+    training = loaded.metadata.get("training")
+    finetuned = isinstance(training, dict) and training.get("kind") == "finetune"
+    return Conversation(session, description, finetuned)
 
 
 def reply(
     session: Session,
-    text: str,
+    ids: list[int],
     options: ChatOptions,
     generator: torch.Generator,
     write: Callable[[str], None],
 ) -> None:
-    """Generate the answer to `text`, handing it to `write` piece by piece as it comes.
+    """Generate the answer to the turn `ids`, handing it to `write` piece by piece as it
+    comes.
 
     On Ctrl-C the history is cut back to the text already shown: the token being shown
     when it came, and those of a character still incomplete, are discarded.
     """
-    session.push_text(text)
+    session.push(ids)
     shown = len(session.history)
     stream = TextStream(session.tokenizer)
     try:
@@ -125,11 +156,6 @@ def reply(
     write(stream.flush())
 
 
-def turn_text(session: Session, line: str) -> str:
-    """What a user's line adds to the conversation: later turns start on a new line."""
-    return f"\n{line}" if session.history else line
-
-
 def write_stdout(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -140,16 +166,34 @@ def write_stdout_one_line(text: str) -> None:
 
 
 def answer_once(
-    session: Session, prompt: str, options: ChatOptions, generator: torch.Generator
+    conversation: Conversation, prompt: str, options: ChatOptions, generator: torch.Generator
 ) -> None:
-    reply(session, prompt, options, generator, write_stdout)
+    reply(conversation.session, conversation.turn(prompt), options, generator, write_stdout)
     write_stdout("\n")
 
 
-def answer_lines(session: Session, options: ChatOptions, generator: torch.Generator) -> None:
+def input_lines() -> Iterator[str]:
+    """Standard input's lines, decoded; a line that is not valid UTF-8 is used with its bad
+    bytes replaced (U+FFFD), and a warning."""
+    for number, raw in enumerate(sys.stdin.buffer, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            print(
+                f"warning: input line {number}: invalid UTF-8 replaced with U+FFFD",
+                file=sys.stderr,
+                flush=True,
+            )
+            yield raw.decode("utf-8", errors="replace")
+
+
+def answer_lines(
+    conversation: Conversation, options: ChatOptions, generator: torch.Generator
+) -> None:
     """Piped mode: every input line is a turn; every reply is one line of output."""
-    for line in sys.stdin:
-        reply(session, turn_text(session, line.strip()), options, generator, write_stdout_one_line)
+    for line in input_lines():
+        turn = conversation.turn(line.strip())
+        reply(conversation.session, turn, options, generator, write_stdout_one_line)
         write_stdout("\n")
 
 
@@ -165,34 +209,33 @@ def read_line(console: Console) -> str | None:
             return None
 
 
-def converse(
-    session: Session, options: ChatOptions, generator: torch.Generator, about: str
-) -> None:
+def converse(conversation: Conversation, options: ChatOptions, generator: torch.Generator) -> None:
     """Terminal mode: banner, `> ` prompt, streamed replies; Ctrl-C stops a reply."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for input())
     console = Console(stderr=True, highlight=False)
     console.print(f"\n[bold]{BANNER}[/]\n")
-    console.print(f"[dim]{about}\nCtrl-C stops a reply, Ctrl-D exits.[/]\n")
+    console.print(f"[dim]{conversation.about}\nCtrl-C stops a reply, Ctrl-D exits.[/]\n")
     while (line := read_line(console)) is not None:
         if not line.strip():
             continue
         # Ctrl-C ends the reply; the next turn goes on from what was shown.
         with contextlib.suppress(KeyboardInterrupt):
-            reply(session, turn_text(session, line.strip()), options, generator, write_stdout)
+            turn = conversation.turn(line.strip())
+            reply(conversation.session, turn, options, generator, write_stdout)
         write_stdout("\n")
 
 
 def chat(options: ChatOptions) -> None:
-    session, about = open_session(options)
-    generator = torch.Generator(device=session.device)
+    conversation = open_session(options)
+    generator = torch.Generator(device=conversation.session.device)
     if options.seed is None:
         generator.seed()
     else:
         generator.manual_seed(options.seed)
     if options.prompt is not None:
-        answer_once(session, options.prompt, options, generator)
+        answer_once(conversation, options.prompt, options, generator)
     elif sys.stdin.isatty():
-        converse(session, options, generator, about)
+        converse(conversation, options, generator)
     else:
-        answer_lines(session, options, generator)
+        answer_lines(conversation, options, generator)

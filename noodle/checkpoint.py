@@ -4,6 +4,7 @@ resume state, each written atomically so a crash leaves the old file or the new 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -12,13 +13,13 @@ from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
 
 from noodle import __version__
 from noodle.config import ModelConfig, config_from_dict, read_json_file
 from noodle.errors import NoodleError
 from noodle.files import atomic_write, atomic_write_bytes, atomic_write_json
-from noodle.model import NoodleModel
+from noodle.model import NoodleModel, weight_shapes
 from noodle.tokenizer import TextTokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -83,6 +84,41 @@ def write_safetensors(
         handle.write(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+# A safetensors header is JSON of a few hundred bytes per tensor; more than this is damage.
+MAX_HEADER_BYTES = 100 << 20
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked to describe exactly the data the file
+    holds, read without mapping the file (a mapping as large as a big model's weights can
+    be refused by the kernel on a machine with less memory)."""
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError("not a safetensors file: no header")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError("not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file: its header is not a JSON object")
+    try:
+        end = max(
+            (entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+            default=0,
+        )
+    except (KeyError, IndexError, TypeError):
+        raise ValueError("not a safetensors file: a tensor without data offsets") from None
+    if end != size - 8 - length:
+        raise ValueError(
+            f"data not fully covered: the header describes {end:,} bytes of data, the file "
+            f"holds {size - 8 - length:,}"
+        )
+    return header
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -108,6 +144,14 @@ def check_output_dir(path: str | Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class BestWeights:
+    """The evaluation whose weights are saved as the model's: its step and validation loss."""
+
+    step: int
+    val_loss: float
+
+
 class ModelDir:
     """Writes one model directory. Creating it fails cleanly if the path is a file."""
 
@@ -127,9 +171,27 @@ class ModelDir:
     def write_tokenizer(self, tokenizer: TextTokenizer) -> None:
         atomic_write_bytes(self.file(TOKENIZER), tokenizer.raw)
 
-    def write_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Write contiguous CPU `tensors` (a state dict) as the model's weights."""
-        atomic_write(self.file(WEIGHTS), lambda handle: write_safetensors(handle, tensors))
+    def write_weights(
+        self, tensors: dict[str, torch.Tensor], best: BestWeights | None = None
+    ) -> None:
+        """Write contiguous CPU `tensors` (a state dict) as the model's weights, with which
+        evaluation of a run they are the best of, if any (see `read_best_weights`)."""
+        metadata = {}
+        if best is not None:
+            metadata = {"best_step": str(best.step), "best_val_loss": repr(best.val_loss)}
+        atomic_write(
+            self.file(WEIGHTS), lambda handle: write_safetensors(handle, tensors, metadata)
+        )
+
+    def read_best_weights(self) -> BestWeights | None:
+        """Which evaluation the weights on disk are the best of, from their own file (so it
+        holds even if a crash came between writing them and model.json); None without
+        weights or that record."""
+        try:
+            metadata = read_safetensors_header(self.file(WEIGHTS))["__metadata__"]
+            return BestWeights(int(metadata["best_step"]), float(metadata["best_val_loss"]))
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
 
     def remove_temporary_files(self) -> None:
         """Delete what writes killed mid-way (SIGKILL, power cut) left behind; call only when
@@ -248,33 +310,48 @@ def model_tokenizer(directory: Path, metadata: dict, spec: str | Path) -> TextTo
 
 def check_weights_match(path: Path, config: ModelConfig, spec: str | Path) -> None:
     """Refuse a weights file that is unreadable or whose tensors are not those of `config`.
-    Reads the file's header only (safetensors checks that the data covers the file)."""
+    Reads the file's header only (see `read_safetensors_header`), and walks the config's
+    tensors no further than the file's: a model.json that names a billion layers costs no
+    more to check than one that names two."""
     try:
-        with safe_open(path, framework="pt") as reader:
-            names = list(reader.keys())
-            shapes = {name: tuple(reader.get_slice(name).get_shape()) for name in names}
-    except (SafetensorError, OSError) as exc:
+        header = read_safetensors_header(path)
+        shapes = {
+            name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise NoodleError(f"model {spec}: unreadable weights ({exc})") from None
-    with torch.device("meta"):  # shapes without memory, whatever the model's size
-        expected = {name: tuple(t.shape) for name, t in NoodleModel(config).state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = [name for name in expected if name in shapes and shapes[name] != expected[name]]
-    if missing:
-        detail = f"missing {missing[0]}"
-    elif unexpected:
-        detail = f"unexpected {unexpected[0]}"
-    elif wrong:
-        detail = f"{wrong[0]} is {shapes[wrong[0]]}, expected {expected[wrong[0]]}"
+    expected = set()
+    for name, shape in weight_shapes(config):
+        if name not in shapes:
+            detail = f"missing {name}"
+            break
+        if shapes[name] != shape:
+            detail = f"{name} is {shapes[name]}, expected {shape}"
+            break
+        expected.add(name)
     else:
-        return
+        unexpected = [name for name in shapes if name not in expected]
+        if not unexpected:
+            return
+        detail = f"unexpected {unexpected[0]}"
     raise NoodleError(f"model {spec}: weights do not match model.json ({detail})")
+
+
+def check_format_version(metadata: object, path: Path) -> None:
+    """Refuse a model.json written by a newer noodle, whose layout this one may misread."""
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise NoodleError(
+            f"{path}: format version {version} is newer than this noodle ({__version__}) reads "
+            f"(version {FORMAT_VERSION}); upgrade noodle to use this model"
+        )
 
 
 def open_model_dir(spec: str | Path) -> ModelFiles:
     """Check a model directory (MODEL) as far as possible without reading its weights."""
     directory = model_directory(spec)
     metadata = read_json_file(directory / MODEL_JSON)
+    check_format_version(metadata, directory / MODEL_JSON)
     config, _ = config_from_dict(metadata, str(directory / MODEL_JSON))
     tokenizer = model_tokenizer(directory, metadata, spec)
     if tokenizer.vocab_size > config.vocab_size:
@@ -286,14 +363,20 @@ def open_model_dir(spec: str | Path) -> ModelFiles:
     return ModelFiles(directory, metadata, config, tokenizer)
 
 
-def load_model(spec: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a model directory; never executes pickled code."""
-    files = open_model_dir(spec)
+def load_weights(files: ModelFiles, device: torch.device | str = "cpu") -> LoadedModel:
+    """The model of a checked directory (see `open_model_dir`); never executes pickled code."""
     try:
-        weights = load_safetensors((files.directory / WEIGHTS).read_bytes())
+        # Tensors read from the mapped file: no second copy of the whole file in memory.
+        weights = load_file(files.directory / WEIGHTS)
     except (SafetensorError, OSError) as exc:
-        raise NoodleError(f"model {spec}: unreadable weights ({exc})") from None
+        raise NoodleError(f"model {files.directory}: unreadable weights ({exc})") from None
     model = NoodleModel(files.config)
     model.load_state_dict(weights)
+    del weights
     model.to(device).eval()
     return LoadedModel(model, files.config, files.tokenizer, files.metadata, files.directory)
+
+
+def load_model(spec: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a model directory; never executes pickled code."""
+    return load_weights(open_model_dir(spec), device)

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import inspect
 import json
+import math
 import os
 import shlex
 import signal
@@ -18,10 +19,11 @@ from types import FrameType
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from noodle import __version__
-from noodle.errors import Interrupted, NoodleError, UsageError
+from noodle.errors import Interrupted, NoodleError, UsageError, did_you_mean
 from noodle.progress import Reporter
 from noodle.train.settings import (
     FINETUNE_DEFAULTS,
@@ -32,8 +34,21 @@ from noodle.train.settings import (
     TrainSettings,
 )
 
+
+class InterruptibleGroup(TyperGroup):
+    """Hands a Ctrl-C in a command on as Interrupted: typer would turn the KeyboardInterrupt
+    into a silent exit 130."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted(signal.SIGINT) from None
+
+
 app = typer.Typer(
     name="noodle",
+    cls=InterruptibleGroup,
     help="Noodle: a small language model you train yourself.",
     no_args_is_help=True,
     add_completion=False,
@@ -97,9 +112,17 @@ def positive(name: str, value: int | float | None) -> None:
         raise UsageError(f"--{name} must be positive, got {value}")
 
 
+def finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise UsageError(f"--{name} must be a finite number, got {value}")
+
+
 def one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise UsageError(f"unknown --{name} {value!r} (choose {', '.join(choices)})")
+        raise UsageError(
+            f"unknown --{name} {value!r}{did_you_mean(value, choices)} "
+            f"(choose {', '.join(choices)})"
+        )
 
 
 def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, object]]:
@@ -246,8 +269,11 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
 
 def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
     """TrainSettings from the shared options' values; a minimum improvement of 0 (any drop
-    counts) is allowed, the other numbers must be positive. Without --lr, the original's
-    rule: `lr_at_batch_4` scaled linearly with the batch size."""
+    counts) is allowed, the other numbers must be positive, and every float finite. Without
+    --lr, the original's rule: `lr_at_batch_4` scaled linearly with the batch size."""
+    for name, value in values.items():
+        if isinstance(value, float):
+            finite(name.replace("_", "-"), value)
     min_improvement, save_every = values.pop("min_improvement"), values.pop("save_every")
     for name, value in values.items():
         if not isinstance(value, str | bool):
@@ -420,11 +446,14 @@ def prepare_instructions(
     destination: Annotated[
         Path, typer.Argument(help="Instruction file to write.", show_default=False)
     ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite DESTINATION if it already exists.")
+    ] = False,
 ) -> None:
     """Turn a JSON/JSONL instruction set into an instruction file for `noodle finetune`."""
     from noodle.instructions import prepare_instructions as prepare
 
-    run_with_reporter(lambda reporter: prepare(source, destination, reporter))
+    run_with_reporter(lambda reporter: prepare(source, destination, reporter, force))
 
 
 @app.command(name="eval")
@@ -635,9 +664,9 @@ def sigterm_raises_interrupted() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: one `error: ...` line and a non-zero exit for every failure."""
     args = sys.argv[1:] if argv is None else argv
-    command = typer.main.get_command(app)
     try:
         with sigterm_raises_interrupted():
+            command = typer.main.get_command(app)
             code = command.main(args=args, prog_name="noodle", standalone_mode=False)
     except TyperException as exc:  # typer's (vendored click's) usage errors carry exit code 2
         fail(exc.format_message(), exc.exit_code)

@@ -6,9 +6,11 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from noodle.errors import NoodleError, UsageError
+from noodle.errors import NoodleError, UsageError, did_you_mean
 
 VOCAB_MULTIPLE = 128
+# 40 TB of float32 weights: beyond any machine, so a config past it is a typo.
+MAX_PARAMETERS = 10**13
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class ModelConfig:
             raise NoodleError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.rope_base, (int, float)) or self.rope_base <= 1:
             raise NoodleError(f"model config: rope_base must be > 1, got {self.rope_base!r}")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise NoodleError(
+                f"model config: {self.parameter_count():,} parameters is beyond any machine "
+                f"(at most {MAX_PARAMETERS:,}); check n_layers, emb_dim and hidden_dim"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,7 +132,8 @@ def resolve_model_config(spec: str, tokenizer_vocab: int) -> tuple[str, ModelCon
         name = "custom"
     else:
         raise UsageError(
-            f"unknown model preset {spec!r} (choose {', '.join(PRESETS)} or a CONFIG.json path)"
+            f"unknown model preset {spec!r}{did_you_mean(spec, PRESETS)} (choose "
+            f"{', '.join(PRESETS)} or a CONFIG.json path)"
         )
     if not explicit_vocab:
         return name, replace(config, vocab_size=padded_vocab_size(tokenizer_vocab))

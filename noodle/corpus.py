@@ -33,6 +33,7 @@ from typing import BinaryIO, NamedTuple, TypeVar
 
 import numpy as np
 
+from noodle.decoding import as_text
 from noodle.errors import NoodleError
 from noodle.files import atomic_write
 from noodle.progress import Reporter
@@ -60,10 +61,12 @@ class TextBlock(NamedTuple):
     nbytes: int  # bytes read from the source for this block (for progress)
     lines: list[str]  # each with its newline, except a last line that has none
     replaced: int  # invalid UTF-8 sequences replaced with U+FFFD
+    blank: bool  # nothing but whitespace
 
 
-def decode_lines(data: bytes) -> tuple[list[str], int]:
-    """Lines of `data`, each with its newline, and the count of invalid UTF-8 sequences."""
+def decode_lines(data: bytes) -> tuple[list[str], int, bool]:
+    """Lines of `data`, each with its newline, the count of invalid UTF-8 sequences, and
+    whether `data` is nothing but (ASCII) whitespace."""
     try:
         text, replaced = data.decode("utf-8"), 0
     except UnicodeDecodeError:
@@ -74,7 +77,7 @@ def decode_lines(data: bytes) -> tuple[list[str], int]:
     lines = [line + "\n" for line in lines]
     if last:
         lines.append(last)
-    return lines, replaced
+    return lines, replaced, not data or data.isspace()
 
 
 def cut_point(data: bytes, max_line_bytes: int) -> int:
@@ -213,18 +216,27 @@ def tokenize_to_file(
     reporter: Reporter,
     block_bytes: int = BLOCK_BYTES,
 ) -> int:
-    """Stream `source` through the tokenizer into `out`; returns the number of tokens."""
+    """Stream the text of `source` (decompressed if need be) through the tokenizer into
+    `out`; returns the number of tokens. Text that is only whitespace gets a warning."""
+    source = as_text(source)
     count = replaced = 0
+    blank = True
     task = reporter.start_task("tokenizing", total=source.size, unit="bytes")
     for block, ids in tokenize_blocks(source.stream, tokenizer, block_bytes):
         ids.tofile(out)
         count += len(ids)
         replaced += block.replaced
+        blank = blank and block.blank
         task.advance(block.nbytes, tokens=count)
     task.finish(tokens=count)
     warn_replaced(reporter, source.name, replaced)
     if count == 0:
         raise NoodleError(f"corpus {source.name} is empty")
+    if blank:
+        reporter.warn(
+            f"corpus {source.name} holds no text, only whitespace ({count:,} tokens of spaces "
+            "and line breaks): a model learns nothing from it"
+        )
     out.flush()
     return count
 
@@ -280,7 +292,8 @@ def read_lines(spec: str, reporter: Reporter, what: str = "corpus") -> Iterator[
     """The lines of any corpus source (newlines kept), streamed; invalid UTF-8 is replaced.
     `what` names the source in messages."""
     replaced = 0
-    with parse_source(spec, what).open() as opened:
+    with parse_source(spec, what).open() as raw:
+        opened = as_text(raw, what)
         for block in prefetch(text_blocks(opened.stream)):
             replaced += block.replaced
             yield from block.lines

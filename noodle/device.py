@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from noodle.errors import NoodleError, UsageError
+from noodle.errors import NoodleError, UsageError, did_you_mean
 from noodle.memory import keep_freed_memory
 
 BACKENDS = ("auto", "cpu", "cuda", "mps")
@@ -19,7 +19,9 @@ def select_device(backend: str | None, local_rank: int = 0) -> torch.device:
     GPU `local_rank` (a process's own GPU when torchrun starts one per GPU)."""
     name = (backend or os.environ.get("NOODLE_BACKEND") or "auto").lower()
     if name not in BACKENDS:
-        raise UsageError(f"unknown backend {name!r} (choose {', '.join(BACKENDS)})")
+        raise UsageError(
+            f"unknown backend {name!r}{did_you_mean(name, BACKENDS)} (choose {', '.join(BACKENDS)})"
+        )
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -51,7 +53,10 @@ def select_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.float16
         return torch.float32
     if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r} (choose auto, {', '.join(DTYPES)})")
+        raise UsageError(
+            f"unknown dtype {dtype!r}{did_you_mean(dtype, DTYPES)} (choose auto, "
+            f"{', '.join(DTYPES)})"
+        )
     return DTYPES[dtype]
 
 

@@ -20,10 +20,11 @@ import torch
 from tokenizers import decoders
 
 from noodle.batching import Batch, TokenWindows, to_device
-from noodle.checkpoint import load_model
+from noodle.checkpoint import load_weights, open_model_dir
 from noodle.corpus import load_token_stream
 from noodle.device import autocast, select_device, select_dtype
 from noodle.errors import NoodleError
+from noodle.footprint import require_inference_memory
 from noodle.model import IGNORE
 from noodle.progress import Reporter
 from noodle.tokenizer import TextTokenizer
@@ -171,7 +172,11 @@ def evaluate_model(
 ) -> EvalResult:
     device = select_device(backend)
     amp_dtype = select_dtype(dtype, device)
-    loaded = load_model(model_spec, device)
+    files = open_model_dir(model_spec)
+    require_inference_memory(
+        files.config, f"model {files.directory}", "to evaluate", device, batch_size
+    )
+    loaded = load_weights(files, device)
     tokens = load_token_stream(corpus, loaded.tokenizer, reporter, use_cache)
     windows = corpus_windows(tokens, loaded.config.ctx_len, batch_size, corpus)
     reporter.info(

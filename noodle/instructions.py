@@ -42,10 +42,16 @@ HEADER = re.compile(r"^###[ \t]*(Instruction|Input|Response)[ \t]*:[ \t]*", re.M
 ENCODE_CHUNK = 1024
 
 
+# Ends every prompt, so that the model can tell where its answer starts. No instruction or
+# input can hold this header line: the file format would read it as the response's start.
+RESPONSE_HEADER = "\n\n### Response:\n"
+
+
 def format_prompt(instruction: str, input: str = "") -> str:
-    """The text a fine-tuned model reads before its answer: the instruction, plus a newline
-    and the input when there is one. Training and chat must both build prompts here."""
-    return f"{instruction}\n{input}" if input else instruction
+    """The text a fine-tuned model reads before its answer: the instruction, a newline and
+    the input when there is one, then the response header. Fine-tuning and chat both build
+    prompts here."""
+    return (f"{instruction}\n{input}" if input else instruction) + RESPONSE_HEADER
 
 
 @dataclass(frozen=True)
@@ -359,18 +365,23 @@ def record_instruction(record: object) -> Instruction | str:
     return item
 
 
-def check_destination(source: Path, destination: Path) -> None:
-    """Refuse a destination that is a directory, or the input itself (the records would be
-    lost), before anything is read."""
+def check_destination(source: Path, destination: Path, overwrite: bool) -> None:
+    """Refuse a destination that is a directory, the input itself (the records would be
+    lost), or, unless `overwrite`, any existing file, before anything is read."""
     if destination.is_dir():
         raise NoodleError(f"{destination} is a directory, expected a file path")
     if destination.exists() and source.exists() and destination.samefile(source):
         raise NoodleError(f"{destination} is the input file; write the instruction file elsewhere")
+    if destination.exists() and not overwrite:
+        raise NoodleError(f"{destination} already exists; add --force to overwrite it")
 
 
-def prepare_instructions(source: Path, destination: Path, reporter: Reporter) -> int:
-    """Write the instruction file for a JSON/JSONL list of records; returns how many it holds."""
-    check_destination(source, destination)
+def prepare_instructions(
+    source: Path, destination: Path, reporter: Reporter, overwrite: bool = False
+) -> int:
+    """Write the instruction file for a JSON/JSONL list of records; returns how many it
+    holds. An existing destination is replaced only when `overwrite` is given."""
+    check_destination(source, destination, overwrite)
     records = read_records(source)
     if not isinstance(records, list):
         raise NoodleError(f"{source}: expected a JSON array of records or JSON Lines")

@@ -8,6 +8,7 @@ costs one position of work instead of a pass over the whole context.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -135,6 +136,31 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.ln1(x), cos, sin, cached))
         return x + self.dropout(self.down(F.gelu(self.up(self.ln2(x)))))
+
+
+def weight_shapes(config: ModelConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """The names and shapes of NoodleModel's state dict, in its order, from the config
+    alone: checking a weights file this way builds nothing, whatever the model's size."""
+    inner = config.n_heads * config.head_dim
+    yield "tok_emb.weight", (config.vocab_size, config.emb_dim)
+    for index in range(config.n_layers):
+        block = f"blocks.{index}."
+        yield f"{block}ln1.weight", (config.emb_dim,)
+        yield f"{block}ln1.bias", (config.emb_dim,)
+        yield f"{block}attn.qkv.weight", (3 * inner, config.emb_dim)
+        yield f"{block}attn.qkv.bias", (3 * inner,)
+        yield f"{block}attn.proj.weight", (config.emb_dim, inner)
+        yield f"{block}attn.proj.bias", (config.emb_dim,)
+        yield f"{block}ln2.weight", (config.emb_dim,)
+        yield f"{block}ln2.bias", (config.emb_dim,)
+        yield f"{block}up.weight", (config.hidden_dim, config.emb_dim)
+        yield f"{block}up.bias", (config.hidden_dim,)
+        yield f"{block}down.weight", (config.emb_dim, config.hidden_dim)
+        yield f"{block}down.bias", (config.emb_dim,)
+    yield "ln_f.weight", (config.emb_dim,)
+    yield "ln_f.bias", (config.emb_dim,)
+    yield "head.weight", (config.vocab_size, config.emb_dim)
+    yield "head.bias", (config.vocab_size,)
 
 
 class NoodleModel(nn.Module):

@@ -31,6 +31,7 @@ from torch import nn
 from noodle.batching import Batch
 from noodle.config import ModelConfig
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError, UsageError
+from noodle.footprint import available_memory, require_training_memory, size_text, training_need
 from noodle.model import IGNORE, NoodleModel
 from noodle.progress import Reporter
 
@@ -42,11 +43,6 @@ MULTICAST_OFF = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-# Training a float32 parameter with AdamW holds 16 bytes: the weight, its gradient and two
-# moments. Past this share of a GPU the rest is too small for the activations, and a run
-# of several processes shards the model (FSDP) by itself.
-TRAINING_BYTES_PER_PARAMETER = 16
-UNSHARDED_SHARE_OF_GPU = 0.75
 # Processes wait this long for each other's host work (tokenizing a corpus into the shared
 # cache, writing the resume state), far longer than a collective of the training step may.
 HOST_WAIT = timedelta(hours=6)
@@ -110,7 +106,7 @@ class Parallel:
     def check(self, batch_size: int, grad_accum: int, optimizer: str) -> None:
         """Refuse, before anything is read or written, a global batch that the processes and
         micro-batches cannot share evenly, and Muon on sharded matrices."""
-        parts = self.world_size * grad_accum
+        parts = self.batch_parts(grad_accum)
         if batch_size % parts:
             shared = f"{self.world_size} processes" if self.world_size > 1 else ""
             split = f"{grad_accum} micro-batches" if grad_accum > 1 else ""
@@ -126,29 +122,64 @@ class Parallel:
                 "each; use --optimizer adamw with FSDP, or Muon without --fsdp"
             )
 
+    def batch_parts(self, grad_accum: int) -> int:
+        """How many parts a global batch is split into: a share per process, each in
+        `grad_accum` micro-batches (a part is what a process holds at a time)."""
+        return self.world_size * grad_accum
+
     def shard_if_needed(
-        self, parameters: int, device: torch.device, optimizer: str, reporter: Reporter
+        self,
+        config: ModelConfig,
+        micro_batch: int,
+        optimizer: str,
+        amp_dtype: torch.dtype,
+        device: torch.device,
+        reporter: Reporter,
     ) -> Parallel:
-        """This run with FSDP turned on when the model and its optimizer state would not
-        leave room for activations on one GPU, and there are several to share it."""
+        """This run with FSDP turned on when a GPU would not hold the whole model with its
+        optimizer state and the activations of `micro_batch` sequences (see `footprint`),
+        and there are several GPUs to share it."""
         if self.fsdp or self.world_size == 1 or device.type != "cuda":
             return self
-        needed = parameters * TRAINING_BYTES_PER_PARAMETER
-        memory = torch.cuda.get_device_properties(device).total_memory
-        if needed <= UNSHARDED_SHARE_OF_GPU * memory:
+        bytes_each = torch.finfo(amp_dtype).bits // 8
+        checkpointing = self.activation_checkpointing
+        need = training_need(config, micro_batch, bytes_each, checkpointing=checkpointing).total
+        available = available_memory(device)
+        if available is None or need <= available:
             return self
+        why = (
+            f"the model, its optimizer state and a micro-batch need {size_text(need)}, and a "
+            f"GPU has {size_text(available)} free"
+        )
         if optimizer == "muon":
             raise UsageError(
-                f"the model and its optimizer state need {needed / 1e9:.0f} GB, more than one "
-                f"GPU's {memory / 1e9:.0f} GB allows, so it must be sharded (FSDP), and Muon "
-                "orthogonalises whole matrices, which sharding splits; use --optimizer adamw"
+                f"{why}: the model must be sharded (FSDP), and Muon orthogonalises whole "
+                "matrices, which sharding splits; use --optimizer adamw"
             )
-        reporter.info(
-            f"the model and its optimizer state need {needed / 1e9:.0f} GB, more than one "
-            f"GPU's {memory / 1e9:.0f} GB allows: sharding it over {self.world_size} "
-            "processes (FSDP)"
-        )
+        reporter.info(f"{why}: sharding it over {self.world_size} processes (FSDP)")
         return replace(self, fsdp=True)
+
+    def require_memory(
+        self,
+        config: ModelConfig,
+        name: str,
+        micro_batch: int,
+        grad_accum: int,
+        amp_dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """Refuse a model this process's device cannot train (see `footprint`): its share of
+        the weights and their state, and the activations of `micro_batch` sequences."""
+        require_training_memory(
+            config,
+            name,
+            micro_batch,
+            amp_dtype,
+            device,
+            shards=self.world_size if self.fsdp else 1,
+            checkpointing=self.activation_checkpointing,
+            batch_parts=self.batch_parts(grad_accum),
+        )
 
     @contextlib.contextmanager
     def processes(self, device: torch.device) -> Iterator[Parallel]:

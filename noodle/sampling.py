@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,12 +21,17 @@ class SamplingSettings:
     repetition_penalty: float = 1.1
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature):
+            raise UsageError(f"temperature must be a finite number, got {self.temperature}")
         if self.top_k < 0:
             raise UsageError(f"top-k must be 0 (off) or positive, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UsageError(f"repetition penalty must be positive, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise UsageError(
+                "repetition penalty must be a positive finite number, got "
+                f"{self.repetition_penalty}"
+            )
 
 
 def apply_repetition_penalty(

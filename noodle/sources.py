@@ -1,12 +1,14 @@
-"""Where a corpus comes from: a local file, standard input, an http(s):// URL or
-hf://owner/repo/path (a file of a Hugging Face dataset), opened as a byte stream with what
-is known about it up front (name, size, and an identity for the token cache).
+"""Where a corpus comes from: a local file, standard input (or another pipe or device), an
+http(s):// URL or hf://owner/repo/path (a file of a Hugging Face dataset), opened as a byte
+stream with what is known about it up front (name, size, and an identity for the token cache).
 """
 
 from __future__ import annotations
 
 import http.client
 import os
+import re
+import stat
 import sys
 import urllib.error
 import urllib.parse
@@ -23,6 +25,8 @@ from noodle.errors import NoodleError, UsageError
 HTTP_TIMEOUT_S = 30.0
 HF_FORM = "hf://owner/repo/path/to/file"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+SUPPORTED = f"a local path, - for standard input, an http:// or https:// URL, or {HF_FORM}"
+SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 @dataclass
@@ -63,6 +67,25 @@ class StandardInput:
             identity=None,
             uncached_reason="standard input is never cached",
         )
+
+
+@dataclass(frozen=True)
+class LocalStream:
+    """A readable path that is not a regular file (a named pipe, /dev/stdin, a process
+    substitution such as <(zcat corpus.gz), a device): read once, as standard input is."""
+
+    path: Path
+
+    @contextmanager
+    def open(self) -> Iterator[OpenedSource]:
+        with self.path.open("rb") as stream:
+            yield OpenedSource(
+                str(self.path),
+                stream,
+                size=None,
+                identity=None,
+                uncached_reason="a pipe or device is read once and never cached",
+            )
 
 
 class SameHostAuthRedirects(urllib.request.HTTPRedirectHandler):
@@ -176,12 +199,12 @@ class WebFile:
         return ""
 
 
-Source = LocalFile | StandardInput | WebFile
+Source = LocalFile | StandardInput | LocalStream | WebFile
 
 
 def hf_url(spec: str) -> str:
     """The download URL of hf://owner/repo/path/to/file, a file of a Hugging Face dataset."""
-    parts = spec.removeprefix("hf://").split("/")
+    parts = spec.split("://", 1)[1].split("/")
     # `datasets` is a reserved name on the Hub (no owner has it), so the
     # hf://datasets/owner/repo/path form of huggingface_hub's file system is unambiguous.
     if parts[0] == "datasets":
@@ -196,15 +219,31 @@ def hf_url(spec: str) -> str:
     return f"{endpoint}/datasets/{owner}/{repo}/resolve/main/{'/'.join(path)}"
 
 
+def check_url(spec: str, what: str) -> None:
+    """Refuse an http(s) URL that cannot be requested at all (e.g. `http://[::1/x`)."""
+    try:
+        parts = urllib.parse.urlsplit(spec)
+        parts.port  # noqa: B018  (parsing the port is what checks it)
+    except ValueError as exc:
+        raise UsageError(f"{what} {spec}: invalid URL ({exc})") from None
+    if not parts.hostname:
+        raise UsageError(f"{what} {spec}: invalid URL (no host)")
+
+
 def parse_source(spec: str, what: str = "corpus") -> Source:
     """Check a CORPUS argument and return the source it names; `what` names the argument
     in error messages (e.g. "instruction file")."""
     if spec == "-":
         return StandardInput()
-    if spec.startswith(("http://", "https://")):
-        return WebFile(spec, spec)
-    if spec.startswith("hf://"):
-        return WebFile(hf_url(spec), spec, token=os.environ.get("HF_TOKEN") or None)
+    scheme = SCHEME.match(spec)
+    if scheme:
+        name = scheme.group(1).lower()
+        if name in ("http", "https"):
+            check_url(spec, what)
+            return WebFile(spec, spec)
+        if name == "hf":
+            return WebFile(hf_url(spec), spec, token=os.environ.get("HF_TOKEN") or None)
+        raise UsageError(f"{what} {spec}: {name}:// is not supported (give {SUPPORTED})")
     path = Path(spec)
     if not path.exists():
         raise NoodleError(f"{what} {spec}: no such file")
@@ -212,6 +251,9 @@ def parse_source(spec: str, what: str = "corpus") -> Source:
         raise NoodleError(f"{what} {spec} is a directory, expected a text file")
     if not os.access(path, os.R_OK):
         raise NoodleError(f"{what} {spec}: permission denied")
-    if path.stat().st_size == 0:
+    status = path.stat()
+    if not stat.S_ISREG(status.st_mode):
+        return LocalStream(path)
+    if status.st_size == 0:
         raise NoodleError(f"{what} {spec} is empty")
     return LocalFile(path)

@@ -9,18 +9,21 @@ bad-model case.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from noodle.cli import main
+from noodle.train.lock import RunLock
 from tests.conftest import PAIRS, run_noodle, story_corpus, write_instructions
 from tests.tiny_runs import TinyRun, directory_snapshot
 
@@ -57,6 +60,7 @@ class Inputs:
     root: Path
     run: TinyRun
     model: Path  # a copy of a trained model directory with its resume state
+    held: list[RunLock] = field(default_factory=list)  # run locks the test holds
 
     @property
     def new_dir(self) -> Path:
@@ -141,16 +145,38 @@ class Inputs:
         """`noodle chat` of the trained model on the CPU, answering one prompt."""
         return ["chat", model or self.model, "--prompt", "hi", "--backend", "cpu", *options]
 
+    def gzip_cut(self, name: str) -> Path:
+        """The story corpus gzip-compressed, with its second half missing."""
+        data = gzip.compress(story_corpus(600).encode())
+        return self.file(name, data[: len(data) // 2])
+
+    def hold_lock(self, directory: Path) -> Path:
+        """`directory`, created, with its run lock held by this process until the test ends."""
+        directory.mkdir(exist_ok=True)
+        self.held.append(RunLock(directory))
+        return directory
+
+    def aborted_start(self) -> Path:
+        """An output directory left by a run killed before its first save: model.json and
+        tokenizer.json only."""
+        directory = self.directory("aborted")
+        for name in ("model.json", "tokenizer.json"):
+            shutil.copy(self.model / name, directory / name)
+        return directory
+
     def prepare(self, source: Path, destination: Path | None = None) -> list[str]:
         """`noodle prepare-instructions` of `source`, by default into a new file."""
         return ["prepare-instructions", source, destination or self.root / "instructions.txt"]
 
 
 @pytest.fixture
-def inputs(tiny_run, trained_model, tmp_path) -> Inputs:
+def inputs(tiny_run, trained_model, tmp_path) -> Iterator[Inputs]:
     model = tmp_path / "model"
     shutil.copytree(trained_model, model)
-    return Inputs(tmp_path, tiny_run, model)
+    inputs = Inputs(tmp_path, tiny_run, model)
+    yield inputs
+    for lock in inputs.held:
+        lock.release()
 
 
 def unreadable(path: Path) -> Path:
@@ -189,9 +215,75 @@ TRAIN_CASES = {
         r"corpus too small: it has [\d,]+ tokens, but one training batch \(8 × 64\) and one "
         r"validation window need at least [\d,]+$",
     ),
+    "binary-corpus": BadInput(
+        lambda i: i.train(corpus=i.file("photo.txt", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" * 99)),
+        1,
+        r"corpus \S+photo\.txt is not text: binary data \(a NUL byte at offset 8\); give UTF-8 "
+        r"text, plain or compressed with gzip, xz, bzip2 or zstd$",
+    ),
+    "endless-zero-bytes": BadInput(
+        lambda i: i.train(corpus=Path("/dev/zero")),
+        1,
+        r"corpus /dev/zero is not text: binary data \(a NUL byte at offset 0\)",
+    ),
+    "utf16-corpus": BadInput(
+        lambda i: i.train(corpus=i.file("utf16.txt", story_corpus(5).encode("utf-16"))),
+        1,
+        r"utf16\.txt is not text: UTF-16 text \(convert it to UTF-8",
+    ),
+    "truncated-gzip-corpus": BadInput(
+        lambda i: i.train(corpus=i.gzip_cut("stories.gz")),
+        1,
+        r"corpus \S+stories\.gz: damaged or truncated gzip data \(Compressed file ended",
+    ),
+    "zstd-corpus-without-zstandard": BadInput(
+        lambda i: i.train(corpus=i.file("stories.zst", b"\x28\xb5\x2f\xfd" + b"\x01" * 64)),
+        1,
+        r"corpus \S+stories\.zst is zstd-compressed: reading zstd needs the zstandard package "
+        r"\(pip install zstandard, or decompress it first: zstd -d FILE\)$",
+    ),
+    "unsupported-url-scheme": BadInput(
+        lambda i: i.train(corpus="ftp://example.com/stories.txt"),
+        2,
+        r"corpus ftp://example\.com/stories\.txt: ftp:// is not supported \(give a local path, "
+        r"- for standard input, an http:// or https:// URL, or hf://owner/repo/path/to/file\)$",
+    ),
+    "malformed-url": BadInput(
+        lambda i: i.train(corpus="http://[::1/x"),
+        2,
+        r"corpus http://\[::1/x: invalid URL \(Invalid IPv6 URL\)$",
+    ),
     # The model, tokenizer and device options.
     "unknown-preset": BadInput(
         lambda i: i.train("--model", "spaghetti"), 2, r"unknown model preset 'spaghetti'"
+    ),
+    "mistyped-preset": BadInput(
+        lambda i: i.train("--model", "sobaa"),
+        2,
+        r"unknown model preset 'sobaa'; did you mean 'soba'\? \(choose somen, soba, udon or a "
+        r"CONFIG\.json path\)$",
+    ),
+    "preset-too-large-for-the-machine": BadInput(
+        lambda i: i.train("--model", "udon"),
+        1,
+        r"model udon \([\d,]+ parameters\) needs about [\d,.]+ GB to train at batch "
+        r"size 8 \(weights, gradients and optimizer state [\d,.]+ GB, activations [\d,.]+ GB\), "
+        r"but cpu has [\d,.]+ [GM]B available; (presets that fit: somen|no preset fits)",
+    ),
+    "config-too-wide-for-the-machine": BadInput(
+        lambda i: i.train("--model", i.config(emb_dim=10**7)),
+        1,
+        r"config\.json \([\d,]+ parameters\) needs about [\d,.]+ GB to train",
+    ),
+    "config-with-an-endless-context": BadInput(
+        lambda i: i.train("--model", i.config(ctx_len=10**12)),
+        1,
+        r"needs about [\d,.]+ GB to train at batch size 8 \(activations [\d,.]+ GB\)",
+    ),
+    "config-with-a-billion-layers": BadInput(
+        lambda i: i.train("--model", i.config(n_layers=10**9)),
+        1,
+        r"model config: [\d,]+ parameters is beyond any machine \(at most 10,000,000,000,000\)",
     ),
     "missing-config": BadInput(
         lambda i: i.train("--model", i.root / "none.json"), 1, r"none\.json: no such file$"
@@ -227,6 +319,24 @@ TRAIN_CASES = {
     "zero-batch-size": BadInput(
         lambda i: i.train("--batch-size", 0), 2, r"--batch-size must be positive, got 0"
     ),
+    **{
+        f"{option}-{value}": BadInput(
+            lambda i, option=option, value=value: i.train(f"--{option}", value),
+            2,
+            rf"--{option} must be a finite number, got {value}$",
+        )
+        for option, value in (
+            ("lr", "nan"),
+            ("lr", "inf"),
+            ("min-improvement", "nan"),
+            ("save-every", "inf"),
+        )
+    },
+    "unknown-optimizer": BadInput(
+        lambda i: i.train("--optimizer", "adam"),
+        2,
+        r"unknown --optimizer 'adam'; did you mean 'adamw'\? \(choose adamw, muon\)$",
+    ),
     "missing-argument": BadInput(lambda i: ["train", i.run.corpus], 2, r"Missing argument"),
     "unknown-option": BadInput(lambda i: i.train("--epochs", 3), 2, r"No such option: --epochs"),
     # OUTPUT_DIR.
@@ -235,6 +345,18 @@ TRAIN_CASES = {
     ),
     "output-dir-holds-a-model": BadInput(
         lambda i: i.train(out=i.model), 1, r"already holds a model; continue its run with --resume"
+    ),
+    "output-dir-in-use": BadInput(
+        lambda i: i.train(out=i.hold_lock(i.new_dir)),
+        1,
+        rf"\S+new-model is in use: another noodle run \(process {os.getpid()}\) is writing it; "
+        r"wait for it to end or choose another output directory$",
+    ),
+    "resume-a-run-that-never-saved": BadInput(
+        lambda i: i.train("--resume", out=i.aborted_start()),
+        1,
+        r"nothing to resume: \S+aborted/resume\.safetensors does not exist \(start without "
+        r"--resume\)$",
     ),
     # --resume.
     "resume-missing-dir": BadInput(
@@ -319,6 +441,12 @@ FINETUNE_CASES = {
     "resume-missing-dir": BadInput(
         lambda i: i.finetune("--resume"), 1, r"nothing to resume: \S+new-model does not exist$"
     ),
+    "lr-nan": BadInput(lambda i: i.finetune("--lr", "nan"), 2, r"--lr must be a finite number"),
+    "output-dir-in-use": BadInput(
+        lambda i: i.finetune(out=i.hold_lock(i.new_dir)),
+        1,
+        rf"\S+new-model is in use: another noodle run \(process {os.getpid()}\) is writing it",
+    ),
     "resume-without-resume-state": BadInput(
         lambda i: i.finetune("--resume", out=i.directory("empty")),
         1,
@@ -362,10 +490,21 @@ CHAT_CASES = {
     "top-p-above-one": BadInput(
         lambda i: i.chat("--top-p", 1.5), 2, r"top-p must be in \(0, 1\], got 1\.5$"
     ),
+    "temperature-nan": BadInput(
+        lambda i: i.chat("--temperature", "nan"),
+        2,
+        r"temperature must be a finite number, got nan$",
+    ),
+    "top-p-nan": BadInput(lambda i: i.chat("--top-p", "nan"), 2, r"top-p must be in \(0, 1\]"),
+    "infinite-repetition-penalty": BadInput(
+        lambda i: i.chat("--repetition-penalty", "inf"),
+        2,
+        r"repetition penalty must be a positive finite number, got inf$",
+    ),
     "zero-repetition-penalty": BadInput(
         lambda i: i.chat("--repetition-penalty", 0),
         2,
-        r"repetition penalty must be positive, got 0\.0$",
+        r"repetition penalty must be a positive finite number, got 0\.0$",
     ),
 }
 
@@ -412,6 +551,11 @@ PREPARE_CASES = {
         lambda i: i.prepare(i.file("records.jsonl", RECORD), i.file("out", "mine") / "qa.txt"),
         1,
         r"cannot create directory \S+out: File exists$",
+    ),
+    "output-exists": BadInput(
+        lambda i: i.prepare(i.file("records.jsonl", RECORD), i.file("qa.txt", "mine")),
+        1,
+        r"\S+qa\.txt already exists; add --force to overwrite it$",
     ),
     "output-is-the-input": BadInput(
         lambda i: i.prepare(i.file("records.jsonl", RECORD), i.root / "records.jsonl"),
@@ -543,6 +687,21 @@ BAD_MODELS = {
         lambda i: i.damage_metadata(n_layers=1).model,
         r"weights do not match model\.json \(unexpected blocks\.1\.",
     ),
+    "newer-format-version": BadModel(
+        lambda i: i.damage_metadata(format_version=99).model,
+        r"model\.json: format version 99 is newer than this noodle \(\S+\) reads \(version 1\); "
+        r"upgrade noodle to use this model$",
+    ),
+    "a-billion-layers": BadModel(
+        lambda i: i.damage_metadata(n_layers=10**9).model,
+        r"model config: [\d,]+ parameters is beyond any machine",
+    ),
+    # Within the cap: checking the weights walks model.json's tensors only as far as the
+    # file's, where building the model (even on the meta device) would take minutes.
+    "a-million-layers": BadModel(
+        lambda i: i.damage_metadata(n_layers=10**6).model,
+        r"weights do not match model\.json \(missing blocks\.2\.",
+    ),
     "vocabulary-smaller-than-the-tokenizer": BadModel(
         lambda i: i.damage_metadata(vocab_size=100).model,
         r"tokenizer has \d+ tokens but the model only 100$",
@@ -599,7 +758,12 @@ CASES = (
     | DEVICE_CASES
     | ARGUMENT_CASES
 )
-MARKS = {"train-unreadable-corpus": needs_non_root}
+MARKS = {
+    "train-unreadable-corpus": needs_non_root,
+    "train-zstd-corpus-without-zstandard": pytest.mark.skipif(
+        importlib.util.find_spec("zstandard") is not None, reason="zstandard is installed"
+    ),
+}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=MARKS.get(name, ())) for name in CASES])
@@ -671,3 +835,49 @@ def test_eval_replaces_invalid_utf8_with_a_warning_and_evaluates(inputs, capsys)
     assert code == 0, stderr
     assert invalid_utf8_warning(corpus) in stderr
     assert json.loads(stdout)["tokens"] > 0
+
+
+def test_a_directory_whose_run_died_before_its_first_save_is_taken_over(inputs, capsys):
+    directory = inputs.aborted_start()
+    (directory / "metrics.jsonl").write_text('{"kind": "train", "step": 3}\n')
+    args = inputs.train("--max-steps", 2, "--eval-interval", 2, "--eval-batches", 1, out=directory)
+
+    code, _, stderr = run_main(args, capsys)
+
+    assert code == 0, stderr
+    assert f"{directory} holds a run that stopped before its first save: replaced" in stderr
+    summary = json.loads((directory / "model.json").read_text())["training"]
+    assert summary["status"] == "finished" and summary["steps"] == 2
+    steps = [json.loads(line)["step"] for line in (directory / "metrics.jsonl").open()]
+    assert 3 not in steps  # the dead run's records are gone
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_resume_drops_a_damaged_metrics_line_with_a_warning(inputs, capsys):
+    metrics = inputs.model / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[1] = '{"kind": "train", "st\x00\x00 damaged\n'
+    metrics.write_text("".join(lines) + '{"kind": "tr')  # and a torn last line
+
+    code, _, stderr = run_main(inputs.resume("--max-steps", 14), capsys)
+
+    assert code == 0, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("warning:")] == [
+        f"warning: {metrics}: dropped 1 damaged line(s) (line 2)"
+    ]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"][-1] == 14
+    assert len(records) == len(lines) - 1 + 2  # kept, less the damaged one, plus steps 13-14
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_corpus_of_only_line_breaks_is_warned_about(inputs, capsys):
+    corpus = inputs.file("newlines.txt", "\n" * 20_000)
+
+    code, _, stderr = run_main(inputs.eval(corpus=corpus), capsys)
+
+    assert code == 0, stderr
+    assert (
+        f"warning: corpus {corpus} holds no text, only whitespace (" in stderr
+        and "tokens of spaces and line breaks): a model learns nothing from it" in stderr
+    )

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ONE_THREAD, REPO, noodle_env
+from tests.conftest import ONE_THREAD, REPO, TINY_CONFIG, noodle_env
 
 
 def run_script(*args: object) -> subprocess.CompletedProcess:
@@ -46,13 +46,16 @@ def test_decode_benchmark_generates_on_cpu():
     assert row[:2] == ["float32", "off"] and float(row[3]) > 0
 
 
-def test_train_e2e_times_a_real_run_against_the_step_on_cpu(tmp_path, tiny_config, corpus_file):
+def test_train_e2e_times_a_real_run_against_the_step_on_cpu(tmp_path, corpus_file, tiny_tokenizer):
     out = tmp_path / "e2e.json"
+    config = tmp_path / "tiny.json"  # a small vocabulary, for the tiny tokenizer
+    config.write_text(json.dumps({**TINY_CONFIG, "vocab_size": 512}))
     result = run_script(
         "benchmarks/train_e2e.py",
-        *(corpus_file, "--model", tiny_config, "--batch", 4, "--max-steps", 30),
+        *(corpus_file, "--model", config, "--batch", 4, "--max-steps", 30),
         *("--step-steps", 2, "--json", out),
-        *("--train-args", "--backend cpu --eval-interval 10 --eval-batches 2"),
+        "--train-args",
+        f"--backend cpu --eval-interval 10 --eval-batches 2 --tokenizer {tiny_tokenizer}",
         *("--step-args", "--device cpu --compile off --warmup 1"),
     )
     assert result.returncode == 0, result.stderr

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ from tests.conftest import (
     PLACES,
     THINGS,
     TINY_CONFIG,
+    noodle_command,
+    noodle_env,
     run_noodle,
     story_corpus,
     write_small_tokenizer,
@@ -67,7 +70,7 @@ def chat_cli(model: Path, *args: object, input: str | None = None):
 
 def chat_in_process(model: Path, *args: object, input: str, monkeypatch, capsys):
     """The same CLI entry point in this process: quicker when a test needs a second run."""
-    monkeypatch.setattr("sys.stdin", io.StringIO(input))
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(input.encode())))
     with pytest.raises(SystemExit) as exit:
         main(["chat", str(model), "--backend", "cpu", *map(str, args)])
     output = capsys.readouterr()
@@ -138,6 +141,21 @@ def test_piped_mode_prints_one_reply_per_input_line(trained_model, monkeypatch, 
     assert again.out == replies  # same seed, same sample
 
 
+def test_a_piped_line_that_is_not_utf8_is_replaced_with_a_warning(trained_model):
+    lines = b"once upon a time tom\nonce upon a time \xff\xfe lily\n"
+    result = subprocess.run(
+        noodle_command(("chat", trained_model, "--backend", "cpu", "--seed", 1)),
+        input=lines,
+        capture_output=True,
+        env=noodle_env(ONE_THREAD),
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+    assert result.stderr == b"warning: input line 2: invalid UTF-8 replaced with U+FFFD\n"
+
+
 def test_a_broken_model_is_one_error_line(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["chat", str(tmp_path / "missing"), "--prompt", "hi"])
@@ -152,7 +170,7 @@ def test_a_broken_model_is_one_error_line(tmp_path, monkeypatch, capsys):
 
 def next_token_probabilities(model: Path, dtype: str, ids: list[int]) -> torch.Tensor:
     """The cached session's next-token distribution after every prefix of `ids`."""
-    session, _ = open_session(ChatOptions(model=str(model), backend="cpu", dtype=dtype))
+    session = open_session(ChatOptions(model=str(model), backend="cpu", dtype=dtype)).session
     rows = []
     for token in ids:
         session.push([token])
@@ -199,12 +217,11 @@ def test_terminal_mode_streams_replies_and_ctrl_c_stops_only_the_reply(
     stdout = InterruptingStdout(interrupt_at=3)
     monkeypatch.setattr("sys.stdout", stdout)
     options = ChatOptions(model=str(trained_model), backend="cpu", settings=GREEDY, max_tokens=16)
-    session, about = open_session(options)
-    chat.converse(session, options, torch.Generator(), about)  # returns at Ctrl-D
+    chat.converse(open_session(options), options, torch.Generator())  # returns at Ctrl-D
 
     # Ctrl-C came while the third piece was being shown; the next turn goes on from
     # exactly what was shown before it.
-    fresh, _ = open_session(options)
+    fresh = open_session(options).session
     first = fresh.tokenizer.decode(list(generate(fresh, "once upon a time", 2, GREEDY)))
     second = fresh.tokenizer.decode(list(generate(fresh, "\nonce upon a time lily", 16, GREEDY)))
     assert stdout.getvalue() == f"{first}\n{second}\n"

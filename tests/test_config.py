@@ -5,7 +5,7 @@ import pytest
 
 from noodle.config import PRESETS, ModelConfig, config_from_dict, resolve_model_config
 from noodle.errors import NoodleError, UsageError
-from noodle.model import NoodleModel
+from noodle.model import NoodleModel, weight_shapes
 
 
 @pytest.mark.parametrize(("preset", "approx"), [("somen", 29e6), ("soba", 0.6e9), ("udon", 27e9)])
@@ -18,6 +18,14 @@ def test_presets_have_the_documented_sizes(preset, approx):
 def test_parameter_count_matches_the_real_model():
     config = PRESETS["somen"]
     assert NoodleModel(config).parameter_count() == config.parameter_count() == 28_965_504
+
+
+def test_weight_shapes_are_those_of_the_real_model():
+    config = ModelConfig(
+        n_layers=3, emb_dim=48, n_heads=3, head_dim=10, hidden_dim=80, ctx_len=16, vocab_size=200
+    )
+    state = {name: tuple(t.shape) for name, t in NoodleModel(config).state_dict().items()}
+    assert list(weight_shapes(config)) == list(state.items())
 
 
 def test_partial_config_takes_the_rest_from_somen(tmp_path):

@@ -5,8 +5,11 @@ HTTP sources are served by a real server on 127.0.0.1 started by the tests.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import socket
 import sys
 import threading
@@ -133,6 +136,44 @@ def test_invalid_utf8_is_replaced_and_warned(tmp_path, tokenizer, capsys, cache_
     tokens = load_token_stream(str(path), tokenizer, Reporter(interactive=False))
     assert tokens.tolist() == reference_ids(tokenizer, "good line\nbad \ufffd\ufffd bytes\nend\n")
     assert "2 invalid UTF-8 byte sequence(s) replaced" in capsys.readouterr().err
+
+
+COMPRESSORS = {
+    "gzip": lambda data: gzip.compress(data),
+    "xz": lambda data: lzma.compress(data),
+    "bzip2": lambda data: bz2.compress(data),
+    "zstd": lambda data: pytest.importorskip("zstandard").ZstdCompressor().compress(data),
+}
+
+
+@pytest.mark.parametrize("compression", COMPRESSORS)
+def test_a_compressed_corpus_is_read_as_its_text_whatever_its_name(
+    compression, tmp_path, tokenizer, capsys, cache_home
+):
+    text = TRICKY_TEXT * 50
+    half = len(text) // 2
+    # Two compressed streams one after the other, as `cat a.gz b.gz` makes: both are read.
+    compressed = b"".join(
+        COMPRESSORS[compression](part.encode()) for part in (text[:half], text[half:])
+    )
+    path = tmp_path / "corpus.txt"  # the name says nothing: the magic bytes decide
+    path.write_bytes(compressed)
+    tokens = load_token_stream(str(path), tokenizer, Reporter(interactive=False))
+    assert tokens.tolist() == reference_ids(tokenizer, text)
+    assert "".join(read_lines(str(path), Reporter(interactive=False))) == text
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_zstd_without_its_package_says_how_to_get_it(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if it were not installed
+    path = tmp_path / "corpus.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(64))
+    with pytest.raises(NoodleError) as error:
+        load_token_stream(str(path), tokenizer, Reporter(interactive=False), use_cache=False)
+    assert str(error.value) == (
+        f"corpus {path} is zstd-compressed: reading zstd needs the zstandard package "
+        "(pip install zstandard, or decompress it first: zstd -d FILE)"
+    )
 
 
 def test_local_tokens_are_cached_until_the_file_changes(tmp_path, tokenizer, capsys, cache_home):

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from noodle.chat import ChatOptions, open_session
 from noodle.checkpoint import load_model
 from noodle.inference import Session, generate
-from noodle.instructions import format_prompt
+from noodle.instructions import Instruction, format_prompt, tokenize_instructions
 from noodle.sampling import SamplingSettings
 from tests.conftest import ONE_THREAD, PAIRS, run_noodle, write_instructions
 from tests.tiny_runs import read_metrics
@@ -174,3 +176,38 @@ def test_finetune_rejects_a_batch_size_of_zero(trained_base, tmp_path, cli_in_pr
     )
     assert code == 2
     assert err.splitlines() == ["error: --batch-size must be positive, got 0"]
+
+
+def test_chat_asks_a_finetuned_model_exactly_as_finetuning_taught_it(finetuned, one_torch_thread):
+    """The distribution of a reply's first token through chat is the one fine-tuning trained
+    at the example's last prompt position, on the first turn and on a later one."""
+    loaded = load_model(finetuned)
+    tokenizer = loaded.tokenizer
+    conversation = open_session(ChatOptions(model=str(finetuned), backend="cpu", dtype="float32"))
+    session = conversation.session
+    for turn, (question, answer) in enumerate(PAIRS[:2]):
+        (example,), _ = tokenize_instructions(
+            [Instruction(question, "", answer)], tokenizer, loaded.config.ctx_len
+        )
+        inputs, _ = example.inputs_and_targets()
+        with torch.no_grad():
+            trained = loaded.model(torch.from_numpy(inputs)[None])[0, example.prompt_len - 1]
+
+        ids = conversation.turn(question)
+        prompt = example.tokens[: example.prompt_len].tolist()
+        # A later turn follows the end-of-text that ends every training example.
+        assert ids == ([tokenizer.eot_id] if turn else []) + prompt
+        session.push(ids)
+        if turn == 0:
+            torch.testing.assert_close(
+                session.logits().softmax(-1), trained.softmax(-1), rtol=0, atol=1e-5
+            )
+            reply = list(session.sample(30, SamplingSettings(temperature=0)))
+            assert tokenizer.decode(reply) == answer
+
+
+def test_chat_continues_a_base_model_s_text_plainly(trained_base):
+    conversation = open_session(ChatOptions(model=str(trained_base), backend="cpu"))
+    tokenizer = conversation.session.tokenizer
+    assert not conversation.follows_instructions
+    assert conversation.turn("once upon a time") == tokenizer.encode("once upon a time")

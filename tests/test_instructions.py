@@ -60,8 +60,11 @@ def test_input_section_is_optional_and_joins_the_prompt_after_a_newline():
         Instruction("Translate to French.", "good morning", "bonjour"),
     ]
     assert not parsed.skipped
-    assert parsed.instructions[0].prompt == format_prompt("Name a colour.") == "Name a colour."
-    assert parsed.instructions[1].prompt == "Translate to French.\ngood morning"
+    assert parsed.instructions[0].prompt == format_prompt("Name a colour.")
+    assert parsed.instructions[0].prompt == "Name a colour.\n\n### Response:\n"
+    assert parsed.instructions[1].prompt == (
+        "Translate to French.\ngood morning\n\n### Response:\n"
+    )
 
 
 def test_blocks_missing_a_section_are_skipped_and_counted():
@@ -135,9 +138,10 @@ def test_too_long_examples_lose_prompt_tokens_from_the_front(tokenizer):
     assert cut == 1
     assert len(example.tokens) == 17  # ctx_len inputs plus the last target
     assert example.tokens[-len(answer_ids) :].tolist() == answer_ids
+    # The prompt's end, with the response header that ends every prompt, is kept.
     assert (
         example.tokens[: example.prompt_len].tolist()
-        == tokenizer.encode(prompt)[-example.prompt_len :]
+        == tokenizer.encode(format_prompt(prompt))[-example.prompt_len :]
     )
     _, targets = example.inputs_and_targets()
     assert targets[targets != IGNORE].tolist() == answer_ids
@@ -226,6 +230,20 @@ def test_prepare_cli_writes_the_file(tmp_path):
     assert result.returncode == 0, result.stderr
     assert parse(out.read_text()).instructions == [Instruction("Hi", "", "Hello")]
     assert result.stderr == f"wrote 1 example(s) to {out}\n"
+
+
+def test_prepare_overwrites_a_file_only_with_force(tmp_path, cli_in_process):
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"instruction": "Bye", "output": "Goodbye"}) + "\n")
+    out = tmp_path / "instructions.txt"
+    out.write_text("mine")
+    code, _, err = cli_in_process("prepare-instructions", records, out)
+    assert code == 1
+    assert err == f"error: {out} already exists; add --force to overwrite it\n"
+    assert out.read_text() == "mine"
+    code, _, err = cli_in_process("prepare-instructions", records, out, "--force")
+    assert code == 0, err
+    assert parse(out.read_text()).instructions == [Instruction("Bye", "", "Goodbye")]
 
 
 def test_prepare_reports_malformed_json_with_its_line(tmp_path, cli_in_process):

@@ -141,6 +141,36 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(signum, runs, tiny
         assert summaries[0][key] == summaries[1][key], key
 
 
+def test_a_run_killed_before_its_first_evaluation_resumes_to_the_uninterrupted_weights(
+    runs, tiny_run, tmp_path
+):
+    """kill -9 (no chance to save anything) after the first logged steps, before the first
+    evaluation: the resume state saved before step 1 lets the run start again exactly."""
+    reference, _ = runs
+    out = tmp_path / "killed"
+    args = tiny_run.train_args(out, *OPTIONS)
+    process = start_noodle(*args, stderr=tmp_path / "killed.log", env=tiny_run.env)
+    try:
+        deadline = time.monotonic() + 120
+        while not read_metrics(out) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        process.kill()
+    assert json.loads((out / "model.json").read_text())["training"]["status"] == "training"
+
+    resumed = run_noodle(*args, "--resume", env=tiny_run.env)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 0 " in resumed.stderr
+    for name in ("resume.safetensors", "model.safetensors"):
+        expected, actual = saved_tensors(reference / name), saved_tensors(out / name)
+        assert expected.keys() == actual.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(tensor, actual[key]), f"{name}: {key} differs"
+
+
 def test_first_signal_is_a_flag_and_a_second_interrupts_at_once():
     with SignalCatcher() as signals:
         os.kill(os.getpid(), signal.SIGTERM)

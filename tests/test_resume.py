@@ -181,7 +181,7 @@ def test_a_failed_background_save_stops_the_run_with_its_error(tiny_run, tmp_pat
     trainer = tiny_run.trainer(tmp_path / "model", replace(SETTINGS, max_steps=30))
     trainer.writer = Writer(background=True)
 
-    def full_disk(tensors: dict) -> None:
+    def full_disk(tensors: dict, best: object) -> None:
         raise NoodleError(f"cannot write {tmp_path}/model/model.safetensors: No space left")
 
     trainer.out.write_weights = full_disk

@@ -8,15 +8,26 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import WEIGHTS, ModelDir, SavedTensors, open_model_dir
+from noodle.checkpoint import WEIGHTS, SavedTensors, open_model_dir
 from noodle.device import select_device, select_dtype
 from noodle.errors import NoodleError
-from noodle.instructions import examples_fingerprint, load_examples, split_examples
+from noodle.instructions import (
+    RESPONSE_HEADER,
+    examples_fingerprint,
+    load_examples,
+    split_examples,
+)
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.train.loop import Trainer
 from noodle.train.resume import run_identity
-from noodle.train.run import RunRecord, prepare_output_dir, run_training, sample_from_best
+from noodle.train.run import (
+    RunRecord,
+    locked_output_dir,
+    prepare_output_dir,
+    run_training,
+    sample_from_best,
+)
 from noodle.train.settings import TrainSettings, TrainState
 
 
@@ -46,11 +57,17 @@ def finetune_with(
     settings = options.settings
     amp_dtype = select_dtype(options.dtype, device)
     base = open_model_dir(options.model)
+    tokenizer, config = base.tokenizer, base.config
+    micro_batch = settings.batch_size // parallel.batch_parts(settings.grad_accum)
+    parallel = parallel.shard_if_needed(
+        config, micro_batch, settings.optimizer, amp_dtype, device, reporter
+    )
+    name = f"model {base.directory}"
+    parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device)
     if Path(options.output_dir).resolve() == base.directory.resolve():
         raise NoodleError(
             f"{options.output_dir} is the base model's directory; fine-tune into another one"
         )
-    tokenizer, config = base.tokenizer, base.config
     identity = run_identity(
         settings, architecture=config.to_dict(), base_model=str(base.directory.resolve())
     )
@@ -61,62 +78,65 @@ def finetune_with(
     train_data, val_data = split_examples(
         examples, settings.batch_size, pad_id, settings.seed, options.input
     )
-    parallel = parallel.shard_if_needed(
-        config.parameter_count(), device, settings.optimizer, reporter
-    )
     compile_mode = settings.compile_mode if settings.compile else None
     weights = SavedTensors(base.directory / WEIGHTS, "unreadable weights")
     model = parallel.build_model(config, device, settings.seed, amp_dtype, compile_mode, weights)
 
-    # Only now, with every input checked, is OUTPUT_DIR created or written to.
-    out = ModelDir(options.output_dir)
-    record = RunRecord(
-        out,
-        config,
-        base.metadata.get("preset", "custom"),
-        tokenizer,
-        "finetune",
-        options.input,
-        settings,
-        train_data.batches_per_epoch(),
-        extra={
-            "base_model": str(base.directory.resolve()),
-            "base_training": base.metadata.get("training"),
-            "examples": len(examples),
-            "skipped_blocks": skipped,
-        },
-        writes=parallel.is_main,
-    )
-    if not options.resume and parallel.is_main:
-        out.write_tokenizer(tokenizer)
-    reporter.info(
-        f"fine-tuning {base.directory}: {config.parameter_count():,} parameters | device "
-        f"{device}{parallel.description()} | precision {str(amp_dtype).removeprefix('torch.')} "
-        f"| {len(examples):,} examples ({len(train_data.examples):,} training / "
-        f"{len(val_data.examples):,} validation)"
-    )
-    fingerprint = {**identity, "examples": examples_fingerprint(examples)}
-    torch.manual_seed(settings.seed)
-    parallel.seed_streams(settings.seed)
-    trainer = Trainer(
-        model,
-        train_data,
-        val_data,
-        settings,
-        out,
-        device,
-        amp_dtype,
-        reporter,
-        fingerprint,
-        on_best=record.on_best,
-        parallel=parallel,
-    )
-    state = run_training(trainer, record, options.resume, reporter)
+    # Only now, with every input checked (by every process), is OUTPUT_DIR created or
+    # written to.
+    parallel.wait_for_all()
+    with locked_output_dir(
+        options.output_dir, options.resume, reporter, lock=parallel.is_main
+    ) as out:
+        record = RunRecord(
+            out,
+            config,
+            base.metadata.get("preset", "custom"),
+            tokenizer,
+            "finetune",
+            options.input,
+            settings,
+            train_data.batches_per_epoch(),
+            extra={
+                "base_model": str(base.directory.resolve()),
+                "base_training": base.metadata.get("training"),
+                "examples": len(examples),
+                "skipped_blocks": skipped,
+            },
+            writes=parallel.is_main,
+        )
+        if not options.resume and parallel.is_main:
+            out.write_tokenizer(tokenizer)
+        reporter.info(
+            f"fine-tuning {base.directory}: {config.parameter_count():,} parameters | device "
+            f"{device}{parallel.description()} | precision "
+            f"{str(amp_dtype).removeprefix('torch.')} | {len(examples):,} examples "
+            f"({len(train_data.examples):,} training / {len(val_data.examples):,} validation)"
+        )
+        fingerprint = {**identity, "examples": examples_fingerprint(examples)}
+        torch.manual_seed(settings.seed)
+        parallel.seed_streams(settings.seed)
+        trainer = Trainer(
+            model,
+            train_data,
+            val_data,
+            settings,
+            out,
+            device,
+            amp_dtype,
+            reporter,
+            fingerprint,
+            on_best=record.on_best,
+            parallel=parallel,
+        )
+        state = run_training(trainer, record, options.resume, reporter)
 
     del trainer, model  # see sample_from_best
     if parallel.samples:
         first = val_data.examples[0]
         prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
-        reporter.info(f"sample reply to the validation prompt {prompt!r}:")
+        reporter.info(
+            f"sample reply to the validation prompt {prompt.removesuffix(RESPONSE_HEADER)!r}:"
+        )
         print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
     return state

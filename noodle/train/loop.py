@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from noodle.batching import Batch, to_device
-from noodle.checkpoint import METRICS, ModelDir, unwrap
+from noodle.checkpoint import METRICS, BestWeights, ModelDir, unwrap
 from noodle.device import autocast, peak_memory
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError
 from noodle.evaluation import loss_sums
@@ -191,9 +191,10 @@ class Trainer:
     def save_best_weights(self) -> None:
         tensors = self.writer.snapshot(self.parallel.gathered(unwrap(self.model).state_dict()))
         state, out, on_best = replace(self.state), self.out, self.on_best
+        best = BestWeights(state.best_step, state.best_loss)
 
         def write() -> None:
-            out.write_weights(tensors)
+            out.write_weights(tensors, best)
             on_best(state)
 
         self.writer.submit(write)

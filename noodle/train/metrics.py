@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from noodle.errors import NoodleError
 from noodle.files import atomic_write_bytes
 from noodle.progress import Reporter
 from noodle.train.settings import TrainState
@@ -114,8 +115,11 @@ class MetricsLog:
             sink.flush()
         if not self.pending or self.path is None:
             return
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write("".join(self.pending))
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write("".join(self.pending))
+        except OSError as exc:
+            raise NoodleError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self.pending = []
 
     def close(self) -> None:

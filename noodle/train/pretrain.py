@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from noodle.batching import split_windows
-from noodle.checkpoint import ModelDir
 from noodle.config import resolve_model_config
 from noodle.corpus import load_token_stream, token_chunks
 from noodle.device import select_device, select_dtype
@@ -19,7 +18,13 @@ from noodle.progress import Reporter
 from noodle.tokenizer import load_tokenizer
 from noodle.train.loop import Trainer
 from noodle.train.resume import run_identity
-from noodle.train.run import RunRecord, prepare_output_dir, run_training, sample_from_best
+from noodle.train.run import (
+    RunRecord,
+    locked_output_dir,
+    prepare_output_dir,
+    run_training,
+    sample_from_best,
+)
 from noodle.train.settings import TrainSettings, TrainState
 
 SAMPLE_PROMPT = "Once upon a time"
@@ -66,15 +71,18 @@ def train_with(
     settings = replace(options.settings, compile=compile_model)
     tokenizer = load_tokenizer(options.tokenizer)
     preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
+    name = f"model {preset}" if preset != "custom" else f"model {options.model}"
+    micro_batch = settings.batch_size // parallel.batch_parts(settings.grad_accum)
+    parallel = parallel.shard_if_needed(
+        config, micro_batch, settings.optimizer, amp_dtype, device, reporter
+    )
+    parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device)
     identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
     prepare_output_dir(options.output_dir, options.resume, identity)
     with parallel.main_first():  # one process per machine fills the token cache
         tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
     train_windows, val_windows = split_windows(
         tokens, config.ctx_len, settings.batch_size, settings.seed
-    )
-    parallel = parallel.shard_if_needed(
-        config.parameter_count(), device, settings.optimizer, reporter
     )
     compile_mode = settings.compile_mode if settings.compile else None
     model = parallel.build_model(config, device, settings.seed, amp_dtype, compile_mode)
@@ -84,35 +92,39 @@ def train_with(
         f"corpus {len(tokens):,} tokens ({train_windows.count:,} training / "
         f"{val_windows.count:,} validation windows of {config.ctx_len})"
     )
-    # Only now, with every input checked, is OUTPUT_DIR created or written to.
-    out = ModelDir(options.output_dir)
-    record = RunRecord(
-        out,
-        config,
-        preset,
-        tokenizer,
-        "train",
-        options.corpus,
-        settings,
-        train_windows.batches_per_epoch(),
-        writes=parallel.is_main,
-    )
-    trainer = Trainer(
-        model,
-        train_windows,
-        val_windows,
-        settings,
-        out,
-        device,
-        amp_dtype,
-        reporter,
-        {**identity, "corpus": corpus_fingerprint(tokens)},
-        on_best=record.on_best,
-        parallel=parallel,
-    )
-    if not options.resume and parallel.is_main:
-        out.write_tokenizer(tokenizer)
-    state = run_training(trainer, record, options.resume, reporter)
+    # Only now, with every input checked (by every process), is OUTPUT_DIR created or
+    # written to.
+    parallel.wait_for_all()
+    with locked_output_dir(
+        options.output_dir, options.resume, reporter, lock=parallel.is_main
+    ) as out:
+        record = RunRecord(
+            out,
+            config,
+            preset,
+            tokenizer,
+            "train",
+            options.corpus,
+            settings,
+            train_windows.batches_per_epoch(),
+            writes=parallel.is_main,
+        )
+        trainer = Trainer(
+            model,
+            train_windows,
+            val_windows,
+            settings,
+            out,
+            device,
+            amp_dtype,
+            reporter,
+            {**identity, "corpus": corpus_fingerprint(tokens)},
+            on_best=record.on_best,
+            parallel=parallel,
+        )
+        if not options.resume and parallel.is_main:
+            out.write_tokenizer(tokenizer)
+        state = run_training(trainer, record, options.resume, reporter)
     del trainer, model  # see sample_from_best
     if parallel.samples:
         sample = sample_from_best(out.path, device, SAMPLE_PROMPT, settings.seed)

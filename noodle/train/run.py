@@ -3,11 +3,23 @@ directory's checks, model.json kept current with the run, and the closing steps.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import MODEL_JSON, ModelDir, check_output_dir, load_model, model_metadata
+from noodle.checkpoint import (
+    METRICS,
+    MODEL_JSON,
+    RESUME,
+    WEIGHTS,
+    BestWeights,
+    ModelDir,
+    check_output_dir,
+    load_model,
+    model_metadata,
+)
 from noodle.config import ModelConfig
 from noodle.errors import Interrupted, NoodleError
 from noodle.inference import Session, generate
@@ -15,11 +27,26 @@ from noodle.memory import release_free_memory
 from noodle.progress import Reporter
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
+from noodle.train.lock import RunLock
 from noodle.train.loop import Trainer
 from noodle.train.resume import check_resumable
 from noodle.train.settings import TrainSettings, TrainState
 
 SAMPLE_TOKENS = 60
+
+
+def holds_saved_run(path: Path) -> bool:
+    """Whether OUTPUT_DIR holds anything a run saved (weights or a resume state): model.json
+    alone is the start of a run that died before its first save, with nothing to lose."""
+    return (path / WEIGHTS).exists() or (path / RESUME).exists()
+
+
+def check_new_run(path: Path) -> None:
+    if (path / MODEL_JSON).exists() and holds_saved_run(path):
+        raise NoodleError(
+            f"{path} already holds a model; continue its run with --resume or choose another "
+            "output directory"
+        )
 
 
 def prepare_output_dir(path: Path, resume: bool, identity: dict) -> None:
@@ -34,16 +61,44 @@ def prepare_output_dir(path: Path, resume: bool, identity: dict) -> None:
         if not path.is_dir():
             raise NoodleError(f"nothing to resume: {path} does not exist")
         check_resumable(ModelDir(path), identity)
-    elif (path / MODEL_JSON).exists():
-        raise NoodleError(
-            f"{path} already holds a model; continue its run with --resume or choose another "
-            "output directory"
-        )
+    else:
+        check_new_run(path)
+
+
+@contextlib.contextmanager
+def locked_output_dir(
+    path: Path, resume: bool, reporter: Reporter, lock: bool = True
+) -> Iterator[ModelDir]:
+    """OUTPUT_DIR, created, with its run lock held (see `lock.RunLock`) for the `with`.
+
+    What `prepare_output_dir` checked is checked again under the lock: another run may have
+    finished there in the meantime. A new run takes over a directory where a run died
+    before its first save. Without `lock` (the processes of a run other than the first,
+    which holds it for them all) the directory is only opened.
+    """
+    out = ModelDir(path)
+    if not lock:
+        yield out
+        return
+    with RunLock(out.path):
+        if not resume:
+            check_new_run(out.path)
+            if (out.path / MODEL_JSON).exists():
+                reporter.info(
+                    f"{out.path} holds a run that stopped before its first save: replaced"
+                )
+                out.file(METRICS).unlink(missing_ok=True)
+        yield out
 
 
 class RunRecord:
     """Writes OUTPUT_DIR/model.json: the architecture and tokenizer being trained and a
-    training summary of the run so far, so the directory always says what it holds."""
+    training summary of the run so far, so the directory always says what it holds.
+
+    The summary's best validation loss and step are those of the weights on disk (`best`),
+    updated only once new best weights are written: a save that fails leaves model.json
+    describing the previous ones, which are still there.
+    """
 
     def __init__(
         self,
@@ -63,6 +118,7 @@ class RunRecord:
         self.batches_per_epoch = batches_per_epoch
         self.extra = extra or {}
         self.writes = writes  # only the first process of a run writes
+        self.best = out.read_best_weights()
 
     def summary(self, state: TrainState, status: str) -> dict:
         return {
@@ -71,8 +127,8 @@ class RunRecord:
             "steps": state.step,
             "epochs": state.epochs_done(self.batches_per_epoch),
             "tokens_seen": state.tokens_seen,
-            "best_val_loss": None if state.best_step == 0 else state.best_loss,
-            "best_step": state.best_step,
+            "best_val_loss": self.best.val_loss if self.best else None,
+            "best_step": self.best.step if self.best else 0,
             "source": self.source,
             "batch_size": self.settings.batch_size,
             "lr": self.settings.lr,
@@ -88,7 +144,8 @@ class RunRecord:
         self.out.write_metadata(model_metadata(self.config, self.preset, self.tokenizer, summary))
 
     def on_best(self, state: TrainState) -> None:
-        """For Trainer's `on_best`: the saved weights are the best so far."""
+        """For Trainer's `on_best`: the best weights of `state` are on disk."""
+        self.best = BestWeights(state.best_step, state.best_loss)
         self.write(state, "training")
 
 
@@ -107,7 +164,9 @@ def run_training(
         record.write(trainer.state, "interrupted")
         raise
     except Exception:
-        record.write(trainer.state, "failed")
+        # The failure may be the disk itself (full): it is the error to report.
+        with contextlib.suppress(NoodleError):
+            record.write(trainer.state, "failed")
         raise
     record.write(state, "finished")
     reporter.info(

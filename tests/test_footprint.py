@@ -1,0 +1,63 @@
+"""Memory estimates from a config alone, and the refusal that says what would fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from noodle.config import PRESETS, ModelConfig
+from noodle.errors import NoodleError
+from noodle.footprint import MemoryNeed, inference_need, require_memory, training_need
+
+CPU = torch.device("cpu")
+GB = 10**9
+
+
+def test_training_needs_sixteen_bytes_a_parameter_and_activations_per_sequence():
+    config = PRESETS["somen"]
+    need = training_need(config, batch_size=8, activation_bytes=4)
+    assert need.fixed["weights, gradients and optimizer state"] == 16 * config.parameter_count()
+    assert need.total == sum(need.fixed.values()) + 8 * need.per_sequence
+    halved = training_need(config, batch_size=8, activation_bytes=2)
+    assert halved.per_sequence < need.per_sequence  # bfloat16 activations
+
+
+def test_chat_needs_the_weights_twice_on_the_cpu_and_a_key_value_cache():
+    config = PRESETS["soba"]
+    on_cpu, on_gpu = (inference_need(config, "to chat", cpu) for cpu in (True, False))
+    assert on_cpu.fixed["weights"] == 2 * on_gpu.fixed["weights"] == 8 * config.parameter_count()
+    assert on_cpu.fixed["key/value cache"] == 2 * 28 * 1024 * 16 * 128 * 4
+
+
+def test_what_fits_is_refused_never():
+    require_memory(PRESETS["udon"], lambda c: training_need(c, 8, 4), "model udon", CPU, 10**15)
+    require_memory(PRESETS["udon"], lambda c: training_need(c, 8, 4), "model udon", CPU, None)
+
+
+def test_a_refusal_says_what_it_needs_what_there_is_and_what_would_fit():
+    config = PRESETS["soba"]
+    need = training_need(config, 8, 4)
+    available = sum(need.fixed.values()) + 3 * need.per_sequence + 1
+    with pytest.raises(NoodleError) as refused:
+        require_memory(config, lambda c: training_need(c, 8, 4), "model soba", CPU, available)
+    message = str(refused.value)
+    assert message.startswith(
+        f"model soba ({config.parameter_count():,} parameters) needs about "
+        f"{need.total / GB:,.1f} GB to train at batch size 8 (weights, gradients and optimizer "
+        f"state {need.fixed['weights, gradients and optimizer state'] / GB:,.1f} GB, activations "
+    )
+    assert message.endswith(
+        f"but cpu has {available / GB:,.1f} GB available; --batch-size 3 would fit; presets "
+        f"that fit: somen ({training_need(PRESETS['somen'], 8, 4).total / GB:,.1f} GB)"
+    )
+
+
+def test_when_nothing_fits_it_says_so():
+    config = ModelConfig(vocab_size=50304)
+    with pytest.raises(NoodleError, match=r"available; no preset fits$"):
+        require_memory(config, lambda c: inference_need(c, "to chat", True), "model x", CPU, 1000)
+
+
+def test_largest_batch_counts_what_is_left_after_the_fixed_part():
+    need = MemoryNeed("to train", {"weights": 100}, per_sequence=30, batch_size=8)
+    assert [need.largest_batch(available) for available in (90, 129, 130, 400)] == [0, 0, 1, 10]
