@@ -138,14 +138,15 @@ class Parallel:
     ) -> Parallel:
         """This run with FSDP turned on when a GPU would not hold the whole model with its
         optimizer state and the activations of `micro_batch` sequences (see `footprint`),
-        and there are several GPUs to share it."""
+        and there are several GPUs to share it. The processes decide together: their GPUs'
+        free memory may differ a little, and they must all shard or none."""
         if self.fsdp or self.world_size == 1 or device.type != "cuda":
             return self
         bytes_each = torch.finfo(amp_dtype).bits // 8
         checkpointing = self.activation_checkpointing
         need = training_need(config, micro_batch, bytes_each, checkpointing=checkpointing).total
         available = available_memory(device)
-        if available is None or need <= available:
+        if not self.any(available is not None and need > available, device):
             return self
         why = (
             f"the model, its optimizer state and a micro-batch need {size_text(need)}, and a "
