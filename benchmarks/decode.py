@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, help="CPU threads (default: PyTorch's, one per core)"
+        "--threads", type=int, help="CPU threads (default: noodle's, one per free core)"
     )
     return parser.parse_args()
 
@@ -78,9 +78,9 @@ def time_generation(
 
 def main() -> None:
     args = parse_args()
+    device = select_device(args.device)  # on the CPU, noodle's thread count (see device.py)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = select_device(args.device)
     tokenizer = load_tokenizer()
     config = PRESETS[args.preset]
     compile_modes = {

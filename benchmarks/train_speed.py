@@ -5,6 +5,8 @@ clipping, NaN guard) that `noodle train` runs, on random tokens.
 
     PYTHONPATH=. python benchmarks/train_speed.py --device cuda
     PYTHONPATH=. python benchmarks/train_speed.py --device cpu --shapes tiny:2 --steps 2
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/train_speed.py --device cpu \
+        --shapes harusame:16,somen:8 --compile off --steps 5 --warmup 2
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ SHAPES = {
         n_layers=12, emb_dim=768, n_heads=12, head_dim=64, hidden_dim=3072, ctx_len=1024
     ),
     "soba": PRESETS["soba"],
+    # With the 4,096-token vocabulary it learns from its corpus (--tokenizer bpe:4096).
+    "harusame": replace(PRESETS["harusame"], vocab_size=4096),
 }
 # Dense bf16 tensor-core peak of an H100 SXM, the reference the nanoGPT MFU figures use.
 PEAK_FLOPS = {"cuda": 989e12}

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from rich.console import Console
 
-from noodle.checkpoint import load_weights, open_model_dir
-from noodle.device import select_device
+from noodle.checkpoint import load_weights, open_model_dir, unfinished_run_warning
+from noodle.device import describe_device, select_device
 from noodle.footprint import require_inference_memory
 from noodle.inference import Session
 from noodle.instructions import format_prompt
@@ -112,6 +112,9 @@ def open_session(options: ChatOptions) -> Conversation:
     files = open_model_dir(options.model)
     require_inference_memory(files.config, f"model {files.directory}", "to chat", device)
     loaded = load_weights(files, device)
+    warning = unfinished_run_warning(loaded.directory, loaded.metadata)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     parameters = loaded.model.parameter_count()
     prepare_for_inference(loaded.model, dtype, compile_decode)
     session = Session(loaded.model, loaded.tokenizer, compile_decode)
@@ -119,7 +122,7 @@ def open_session(options: ChatOptions) -> Conversation:
         session.warm_up(options.settings)
     description = (
         f"{loaded.metadata.get('preset', 'custom')} · "
-        f"{parameters:,} parameters · {device} · {precision}"
+        f"{parameters:,} parameters · {describe_device(device)} · {precision}"
     )
     training = loaded.metadata.get("training")
     finetuned = isinstance(training, dict) and training.get("kind") == "finetune"

@@ -280,6 +280,39 @@ class ModelFiles:
     tokenizer: TextTokenizer
 
 
+def run_status(training: dict) -> str:
+    """The status of the run that made a model, as its training summary records it, in
+    words: "finished at step 900", "interrupted at step 37", ..."""
+    status, steps = training.get("status"), training.get("steps")
+    at = f" at step {steps:,}" if isinstance(steps, int) else ""
+    if status == "training":
+        # model.json is rewritten at each new best and at the end: a killed run stays here.
+        return f"training (or killed; last recorded{at})"
+    return f"{status}{at}" if isinstance(status, str) else "unknown"
+
+
+def weights_description(training: dict) -> str:
+    """Which weights model.safetensors holds, as the training summary records it."""
+    step = training.get("weights_step") or training.get("best_step")
+    if training.get("weights") == "unevaluated":
+        return f"the weights of step {step:,}, saved when the run stopped before any evaluation"
+    loss = training.get("best_val_loss")
+    if isinstance(loss, (int, float)) and isinstance(step, int):
+        return f"the best weights so far (step {step:,}, validation loss {loss:.4f})"
+    return "the saved weights"
+
+
+def unfinished_run_warning(directory: Path, metadata: dict) -> str | None:
+    """For chat and eval: a warning when the weights come from a run that did not finish."""
+    training = metadata.get("training")
+    if not isinstance(training, dict) or training.get("status") in (None, "finished"):
+        return None
+    return (
+        f"{directory}: the run is not finished, it is {run_status(training)}; these are "
+        f"{weights_description(training)}"
+    )
+
+
 def model_directory(spec: str | Path) -> Path:
     """A model directory from MODEL: the directory itself or a file inside it."""
     path = Path(spec)
@@ -289,10 +322,28 @@ def model_directory(spec: str | Path) -> Path:
         raise NoodleError(f"model {spec}: no such directory")
     if not path.is_dir():
         raise NoodleError(f"model {spec}: expected a model directory, model.json or {WEIGHTS}")
-    for name in (MODEL_JSON, WEIGHTS):
-        if not (path / name).is_file():
-            raise NoodleError(f"model {spec}: {name} is missing from {path}")
+    if not (path / MODEL_JSON).is_file():
+        raise NoodleError(f"model {spec}: {MODEL_JSON} is missing from {path}")
+    if not (path / WEIGHTS).is_file():
+        raise NoodleError(f"model {spec}: {WEIGHTS} is missing from {path}{why_no_weights(path)}")
     return path
+
+
+def why_no_weights(directory: Path) -> str:
+    """Why a directory has no weights, when model.json tells: its run has saved none yet."""
+    try:
+        training = json.loads((directory / MODEL_JSON).read_text(encoding="utf-8"))["training"]
+        status, best_step = training["status"], training.get("best_step")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if best_step or status == "finished":
+        return ""
+    if status == "training":
+        return (
+            " (its run is still training, or was killed; it writes its first weights at its "
+            "first evaluation)"
+        )
+    return f" (its run was {run_status(training)}, before its first evaluation)"
 
 
 def model_tokenizer(directory: Path, metadata: dict, spec: str | Path) -> TextTokenizer:

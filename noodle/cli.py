@@ -19,15 +19,17 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from noodle import __version__
+from noodle.config import PRESET_TOKENIZERS
 from noodle.errors import Interrupted, NoodleError, UsageError, did_you_mean
 from noodle.progress import Reporter
 from noodle.train.settings import (
     FINETUNE_DEFAULTS,
     OPTIMIZERS,
+    PRESET_RUN_DEFAULTS,
     PRETRAIN_DEFAULTS,
     SCHEDULES,
     RunDefaults,
@@ -35,7 +37,17 @@ from noodle.train.settings import (
 )
 
 
-class InterruptibleGroup(TyperGroup):
+class HelpFlag:
+    """--help shown without the `<bool>` value typer's help would give it."""
+
+    def get_help_option(self, ctx: typer.Context) -> object:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class InterruptibleGroup(HelpFlag, TyperGroup):
     """Hands a Ctrl-C in a command on as Interrupted: typer would turn the KeyboardInterrupt
     into a silent exit 130."""
 
@@ -46,14 +58,36 @@ class InterruptibleGroup(TyperGroup):
             raise Interrupted(signal.SIGINT) from None
 
 
+class NoodleCommand(HelpFlag, TyperCommand):
+    """A command whose usage line names its arguments as its help does: `CORPUS OUTPUT_DIR`
+    where typer writes `{corpus} {output_dir}`."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.display_name_raw
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
 app = typer.Typer(
     name="noodle",
     cls=InterruptibleGroup,
     help="Noodle: a small language model you train yourself.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def command(name: str | None = None) -> Callable[[Callable], Callable]:
+    return app.command(name=name, cls=NoodleCommand)
+
+
+def flag(*declarations: str, help: str, **extra: object) -> typer.models.OptionInfo:
+    """An on/off option (typer's help would give it a `<bool>` value it does not take)."""
+    return typer.Option(*declarations, help=help, metavar="", **extra)
+
 
 Backend = Annotated[
     str | None,
@@ -81,6 +115,7 @@ InferenceDtype = Annotated[
 Corpus = Annotated[
     str,
     typer.Argument(
+        metavar="CORPUS",
         help="Text corpus: a local file, - for standard input, an http(s):// URL or "
         "hf://owner/repo/path/to/file (a file of a Hugging Face dataset; HF_TOKEN is sent "
         "when set). Streamed, never read whole.",
@@ -90,16 +125,20 @@ Corpus = Annotated[
 ModelArg = Annotated[
     str,
     typer.Argument(
+        metavar="MODEL",
         help="Model directory (or the model.json / model.safetensors inside it).",
         show_default=False,
     ),
 ]
 OutputDir = Annotated[
-    Path, typer.Argument(help="Directory to write the model into.", show_default=False)
+    Path,
+    typer.Argument(
+        metavar="OUTPUT_DIR", help="Directory to write the model into.", show_default=False
+    ),
 ]
 Resume = Annotated[
     bool,
-    typer.Option(
+    flag(
         "--resume",
         help="Continue the interrupted run in OUTPUT_DIR exactly where it stopped (give the "
         "same inputs and options; only --max-epochs/--max-steps may change).",
@@ -136,7 +175,7 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             Annotated[
                 int | None, typer.Option(help="Stop after this many steps, whatever the epochs.")
             ],
-            None,
+            defaults.max_steps,
         ),
         "batch_size": (
             Annotated[int, typer.Option(help="Sequences per optimizer step.")],
@@ -251,6 +290,19 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             Annotated[int, typer.Option(help="Seed for weights, data order and dropout.")],
             TrainSettings.seed,
         ),
+        "drop_resume_state": (
+            Annotated[
+                bool,
+                flag(
+                    "--drop-resume-state",
+                    help="Delete the resume state (three times the model's size: the "
+                    "latest weights and the optimizer's moments) when the run finishes: the "
+                    "directory keeps what chat and eval need, and the run can no longer be "
+                    "extended with --resume.",
+                ),
+            ],
+            False,
+        ),
         "tensorboard_dir": (
             Annotated[
                 str | None,
@@ -275,6 +327,7 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
         if isinstance(value, float):
             finite(name.replace("_", "-"), value)
     min_improvement, save_every = values.pop("min_improvement"), values.pop("save_every")
+    drop_resume_state = values.pop("drop_resume_state")
     for name, value in values.items():
         if not isinstance(value, str | bool):
             positive(name.replace("_", "-"), value)
@@ -292,17 +345,29 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
         from noodle.train.tensorboard_sink import check_tensorboard
 
         check_tensorboard(values["tensorboard_dir"])
-    return TrainSettings(min_improvement=min_improvement, save_interval_s=60 * save_every, **values)
+    return TrainSettings(
+        min_improvement=min_improvement,
+        save_interval_s=60 * save_every,
+        drop_resume_state=drop_resume_state,
+        **values,
+    )
 
 
-def with_training_options(defaults: RunDefaults) -> Callable[[Callable], Callable]:
-    """Give a command the options `train` and `finetune` share (with `defaults`); the
-    command receives them as one TrainSettings, its `settings` parameter."""
+def with_training_options(
+    defaults: RunDefaults, preset_defaults: dict[str, RunDefaults] | None = None
+) -> Callable[[Callable], Callable]:
+    """Give a command the options `train` and `finetune` share (with `defaults`, or for a
+    `--model` preset in `preset_defaults` with that preset's for the options not given);
+    the command receives them as one TrainSettings, its `settings` parameter."""
     options = training_option_types(defaults)
+    preset_defaults = preset_defaults or {}
 
     def decorate(command: Callable) -> Callable:
         own = inspect.signature(command, eval_str=True).parameters
         parameters = [p for name, p in own.items() if name != "settings"]
+        parameters.append(
+            inspect.Parameter("context", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        )
         parameters += [
             inspect.Parameter(
                 name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind
@@ -311,9 +376,13 @@ def with_training_options(defaults: RunDefaults) -> Callable[[Callable], Callabl
         ]
 
         @functools.wraps(command)
-        def run(**values: object) -> None:
+        def run(context: typer.Context, **values: object) -> None:
             shared = {name: values.pop(name) for name in options}
-            command(settings=training_settings(defaults, shared), **values)
+            chosen = preset_defaults.get(str(values.get("model")), defaults)
+            for name, (_, default) in training_option_types(chosen).items():
+                if context.get_parameter_source(name).name == "DEFAULT":
+                    shared[name] = default
+            command(settings=training_settings(chosen, shared), **values)
 
         run.__signature__ = inspect.Signature(parameters)
         run.__annotations__ = {p.name: p.annotation for p in parameters}
@@ -341,23 +410,34 @@ def run_with_reporter(work: Callable[[Reporter], object]) -> None:
         reporter.close()
 
 
-@app.command()
-@with_training_options(PRETRAIN_DEFAULTS)
+@command()
+@with_training_options(PRETRAIN_DEFAULTS, PRESET_RUN_DEFAULTS)
 def train(
     corpus: Corpus,
     output_dir: OutputDir,
     settings: TrainSettings,
     model: Annotated[
-        str, typer.Option(help="Preset (somen, soba, udon) or a CONFIG.json in model.json form.")
+        str,
+        typer.Option(
+            help="Preset (somen, soba, udon; harusame: a first model in minutes on a CPU, with "
+            "its own defaults: --tokenizer bpe:4096 --max-steps 1000 --batch-size 16 --lr 2e-3 "
+            "--eval-interval 100 --eval-batches 20) or a CONFIG.json in model.json form."
+        ),
     ] = "somen",
     resume: Resume = False,
     tokenizer: Annotated[
-        Path | None,
-        typer.Option(help="A tokenizer.json to use instead of the bundled GPT-NeoX-20B one."),
+        str | None,
+        typer.Option(
+            help="gpt-neox (the bundled GPT-NeoX-20B tokenizer), a tokenizer.json, or bpe:N to "
+            "learn an N-token byte-level BPE from the corpus first (a small vocabulary makes a "
+            "small model several times faster; the corpus is read twice, so not from "
+            "standard input). Default: the preset's, else gpt-neox.",
+            show_default=False,
+        ),
     ] = None,
     cache: Annotated[
         bool,
-        typer.Option(
+        flag(
             "--cache/--no-cache",
             help="Keep the tokenized corpus in $XDG_CACHE_HOME/noodle (default ~/.cache/noodle) "
             "so the next run on the same corpus starts at once.",
@@ -365,7 +445,7 @@ def train(
     ] = True,
     compile: Annotated[
         bool | None,
-        typer.Option(
+        flag(
             "--compile/--no-compile",
             help="torch.compile the model. Default: on for CUDA, off elsewhere.",
             show_default=False,
@@ -382,7 +462,7 @@ def train(
         corpus=corpus,
         output_dir=output_dir,
         model=model,
-        tokenizer=str(tokenizer) if tokenizer else None,
+        tokenizer=tokenizer or PRESET_TOKENIZERS.get(model),
         backend=backend,
         dtype=dtype,
         resume=resume,
@@ -393,12 +473,13 @@ def train(
     run_with_reporter(lambda reporter: run_train(options, reporter))
 
 
-@app.command()
+@command()
 @with_training_options(FINETUNE_DEFAULTS)
 def finetune(
     model: Annotated[
         str,
         typer.Argument(
+            metavar="MODEL",
             help="Base model directory (or the model.json / model.safetensors inside it).",
             show_default=False,
         ),
@@ -406,6 +487,7 @@ def finetune(
     input: Annotated[
         str,
         typer.Argument(
+            metavar="INPUT",
             help="Instruction file: ### Instruction: / ### Input: / ### Response: blocks "
             "separated by <|endoftext|> (see `noodle prepare-instructions`).",
             show_default=False,
@@ -433,22 +515,22 @@ def finetune(
     run_with_reporter(lambda reporter: run_finetune(options, reporter))
 
 
-@app.command(name="prepare-instructions")
+@command(name="prepare-instructions")
 def prepare_instructions(
     source: Annotated[
         Path,
         typer.Argument(
+            metavar="IN",
             help="JSON array or JSON Lines of records with instruction, input or context, "
             "and output or response (Alpaca and Dolly field names).",
             show_default=False,
         ),
     ],
     destination: Annotated[
-        Path, typer.Argument(help="Instruction file to write.", show_default=False)
+        Path,
+        typer.Argument(metavar="OUT", help="Instruction file to write.", show_default=False),
     ],
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite DESTINATION if it already exists.")
-    ] = False,
+    force: Annotated[bool, flag("--force", help="Overwrite OUT if it already exists.")] = False,
 ) -> None:
     """Turn a JSON/JSONL instruction set into an instruction file for `noodle finetune`."""
     from noodle.instructions import prepare_instructions as prepare
@@ -456,16 +538,16 @@ def prepare_instructions(
     run_with_reporter(lambda reporter: prepare(source, destination, reporter, force))
 
 
-@app.command(name="eval")
+@command(name="eval")
 def evaluate(
     model: ModelArg,
     corpus: Corpus,
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+        bool, flag("--json", help="Print one JSON object instead of a table.")
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Context windows per batch.")] = 8,
     cache: Annotated[
-        bool, typer.Option("--cache/--no-cache", help="Keep the tokenized corpus in the cache.")
+        bool, flag("--cache/--no-cache", help="Keep the tokenized corpus in the cache.")
     ] = True,
     backend: Backend = None,
     dtype: Dtype = "auto",
@@ -482,7 +564,7 @@ def evaluate(
     run_with_reporter(work)
 
 
-@app.command()
+@command()
 def info(model: ModelArg) -> None:
     """Show MODEL's architecture, parameter count, tokenizer and training summary."""
     from rich.console import Console
@@ -492,11 +574,12 @@ def info(model: ModelArg) -> None:
     Console(highlight=False).print(model_table(model))
 
 
-@app.command()
+@command()
 def chat(
     model: Annotated[
         str,
         typer.Argument(
+            metavar="MODEL",
             help="Model directory, or the model.json / model.safetensors in it.",
             show_default=False,
         ),
@@ -528,7 +611,7 @@ def chat(
     ] = None,
     compile_decode: Annotated[
         bool | None,
-        typer.Option(
+        flag(
             "--compile/--no-compile",
             help="Compile the decode step with torch.compile. Default: on CUDA only.",
             show_default=False,
@@ -557,12 +640,13 @@ def chat(
     run_chat(options)
 
 
-@app.command()
+@command()
 def export(
     model: ModelArg,
     out_dir: Annotated[
         Path,
         typer.Argument(
+            metavar="OUT_DIR",
             help="Directory to write the transformers model into: new, or empty.",
             show_default=False,
         ),
@@ -575,11 +659,12 @@ def export(
     run_with_reporter(lambda reporter: export_model(model, out_dir, reporter))
 
 
-@app.command()
+@command()
 def plot(
     models: Annotated[
         list[str],
         typer.Argument(
+            metavar="MODEL...",
             help="Model directories of the runs to draw (their metrics.jsonl), one or more.",
             show_default=False,
         ),
@@ -609,9 +694,7 @@ def version_callback(value: bool) -> None:
 def root(
     version: Annotated[
         bool,
-        typer.Option(
-            "--version", callback=version_callback, is_eager=True, help="Show the version."
-        ),
+        flag("--version", callback=version_callback, is_eager=True, help="Show the version."),
     ] = False,
 ) -> None:
     """Noodle: a small language model you train yourself."""
@@ -661,15 +744,30 @@ def sigterm_raises_interrupted() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def usage_error_message(exc: TyperException) -> str:
+    """A wrong command line's error, after printing the usage line of the command it names."""
+    message = exc.format_message()
+    context = getattr(exc, "ctx", None)
+    if context is None:
+        return message
+    print(context.get_usage(), file=sys.stderr)
+    if not message.endswith((".", "?")):
+        message += "."
+    return f"{message} See '{context.command_path} --help'."
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI: one `error: ...` line and a non-zero exit for every failure."""
+    """Run the CLI: one `error: ...` line and a non-zero exit for every failure.
+
+    `noodle` alone prints the help and exits 0: it is how a newcomer asks what the command
+    does, as `noodle --help` is, and nothing went wrong."""
     args = sys.argv[1:] if argv is None else argv
     try:
         with sigterm_raises_interrupted():
             command = typer.main.get_command(app)
-            code = command.main(args=args, prog_name="noodle", standalone_mode=False)
+            code = command.main(args=args or ["--help"], prog_name="noodle", standalone_mode=False)
     except TyperException as exc:  # typer's (vendored click's) usage errors carry exit code 2
-        fail(exc.format_message(), exc.exit_code)
+        fail(usage_error_message(exc), exc.exit_code)
     except NoodleError as exc:
         fail(str(exc), exc.exit_code)
     except Interrupted as exc:

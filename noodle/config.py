@@ -72,8 +72,17 @@ PRESETS: dict[str, ModelConfig] = {
     "udon": ModelConfig(
         n_layers=50, emb_dim=6656, n_heads=52, head_dim=128, hidden_dim=26624, ctx_len=4096
     ),
+    # A first model in minutes on a laptop CPU. With the 50K-token vocabulary a model this
+    # small spends most of its time in the embedding and output layers, so it learns its
+    # own small tokenizer from the corpus (PRESET_TOKENIZERS). Its short runs underfit:
+    # dropout would only slow them down.
+    "harusame": ModelConfig(
+        n_layers=4, emb_dim=128, n_heads=4, head_dim=32, hidden_dim=512, ctx_len=128, dropout=0.0
+    ),
 }
 DEFAULT_PRESET = "somen"
+# The `--tokenizer` of a preset that does not use the bundled one (see tokenizer.py).
+PRESET_TOKENIZERS = {"harusame": "bpe:4096"}
 
 ARCHITECTURE_KEYS = frozenset(f.name for f in fields(ModelConfig))
 # model.json carries these beside the architecture; a CONFIG.json may be a copy of one.

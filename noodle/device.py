@@ -35,6 +35,7 @@ def select_device(backend: str | None, local_rank: int = 0) -> torch.device:
         raise NoodleError("backend mps requested but MPS is not available")
     if name == "cpu":
         keep_freed_memory()
+        use_free_cores()
     if name == "cuda":
         torch.cuda.set_device(local_rank)
         # float32 matmuls (outside autocast) on tensor cores; bf16 paths are unaffected.
@@ -42,6 +43,34 @@ def select_device(backend: str | None, local_rank: int = 0) -> torch.device:
         torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def free_core_threads(load: float, cpus: int, default: int) -> int:
+    """Intra-op threads for `cpus` logical CPUs whose 1-minute load average is `load`: one
+    per CPU that other work leaves free, at most PyTorch's `default`, at least one."""
+    return max(1, min(default, round(cpus - load)))
+
+
+def use_free_cores() -> None:
+    """Give PyTorch only the cores other work leaves free (unless OMP_NUM_THREADS decides).
+
+    PyTorch's default, a thread per core, splits every operation over all of them and waits
+    for the slowest part: a thread whose core is busy with another process stalls them all.
+    On the 2-core development machine with other work running, one thread decoded 4-6x and
+    trained 1.6-5x faster than two (benchmarks/RESULTS.md); on a quiet machine the load is
+    low and every core is used. The load average is read once, at start."""
+    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(free_core_threads(os.getloadavg()[0], cpus or 1, torch.get_num_threads()))
+
+
+def describe_device(device: torch.device) -> str:
+    """`cuda:0`, or on the CPU with its thread count: `cpu (1 thread)`."""
+    if device.type != "cpu":
+        return str(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def select_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -20,9 +20,9 @@ import torch
 from tokenizers import decoders
 
 from noodle.batching import Batch, TokenWindows, to_device
-from noodle.checkpoint import load_weights, open_model_dir
+from noodle.checkpoint import load_weights, open_model_dir, unfinished_run_warning
 from noodle.corpus import load_token_stream
-from noodle.device import autocast, select_device, select_dtype
+from noodle.device import autocast, describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.footprint import require_inference_memory
 from noodle.model import IGNORE
@@ -177,11 +177,14 @@ def evaluate_model(
         files.config, f"model {files.directory}", "to evaluate", device, batch_size
     )
     loaded = load_weights(files, device)
+    warning = unfinished_run_warning(loaded.directory, loaded.metadata)
+    if warning:
+        reporter.warn(warning)
     tokens = load_token_stream(corpus, loaded.tokenizer, reporter, use_cache)
     windows = corpus_windows(tokens, loaded.config.ctx_len, batch_size, corpus)
     reporter.info(
         f"evaluating {loaded.directory} on {corpus}: {windows.count:,} windows of "
-        f"{loaded.config.ctx_len} tokens | device {device} | precision "
+        f"{loaded.config.ctx_len} tokens | device {describe_device(device)} | precision "
         f"{str(amp_dtype).removeprefix('torch.')}"
     )
     byte_lengths = token_byte_lengths(loaded.tokenizer)

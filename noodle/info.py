@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from noodle.checkpoint import TOKENIZER, WEIGHTS, open_model_dir
+from noodle.checkpoint import (
+    RESUME,
+    TOKENIZER,
+    WEIGHTS,
+    open_model_dir,
+    run_status,
+    weights_description,
+)
 
 ARCHITECTURE_ROWS = (
     "n_layers",
@@ -41,7 +48,7 @@ def validation_loss(training: dict) -> str:
 def training_rows(training: dict) -> list[tuple[str, str]]:
     return [
         ("kind", show(training.get("kind"))),
-        ("status", show(training.get("status"))),
+        ("status", run_status(training) if training.get("status") else MISSING),
         ("steps", count(training.get("steps"))),
         ("epochs", count(training.get("epochs"))),
         ("tokens seen", count(training.get("tokens_seen"))),
@@ -71,6 +78,13 @@ def model_table(spec: str) -> Table:
     table.add_row("parameters", count(config.parameter_count()))
     weights_mb = (directory / WEIGHTS).stat().st_size / 1e6
     table.add_row("weights", f"{WEIGHTS} ({weights_mb:,.1f} MB)")
+    resume = directory / RESUME
+    if resume.is_file():
+        table.add_row(
+            "resume state",
+            f"{RESUME} ({resume.stat().st_size / 1e6:,.1f} MB; only --resume needs it, to "
+            "continue or extend the run)",
+        )
 
     table.add_section()
     tokenizer = metadata.get("tokenizer")
@@ -87,6 +101,8 @@ def model_table(spec: str) -> Table:
     training = training if isinstance(training, dict) else {}
     for name, value in training_rows(training):
         table.add_row(name, value)
+    if training.get("status"):
+        table.add_row("weights saved", weights_description(training))
     base = training.get("base_training")
     if training.get("kind") == "finetune":
         table.add_row("examples", count(training.get("examples")))

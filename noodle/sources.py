@@ -60,9 +60,13 @@ class LocalFile:
 class StandardInput:
     @contextmanager
     def open(self) -> Iterator[OpenedSource]:
+        # A reader of its own, never closed: when Ctrl-C stops a command while a thread is
+        # blocked reading it, Python's shutdown (which closes sys.stdin) would abort waiting
+        # for that reader's lock.
+        stream = open(sys.stdin.fileno(), "rb", closefd=False)  # noqa: SIM115
         yield OpenedSource(
             "- (standard input)",
-            sys.stdin.buffer,
+            stream,
             size=None,
             identity=None,
             uncached_reason="standard input is never cached",

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from noodle.instructions import Instruction, format_block
-from noodle.tokenizer import TextTokenizer, load_tokenizer
+from noodle.tokenizer import TextTokenizer, learn_tokenizer, load_tokenizer
 from tests.tiny_runs import TinyRun
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,20 +136,11 @@ def start_noodle(*args: str, stderr: Path, env: dict | None = None) -> subproces
 
 
 def write_small_tokenizer(path: Path, text: str, vocab_size: int = 400) -> Path:
-    """A byte-level BPE tokenizer trained on `text`, with <|endoftext|> = 0 and
-    <|padding|> = 1 like the bundled one. With a vocabulary this small a tiny model's step
-    takes milliseconds instead of being dominated by the 50,304-way output layer."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([text], trainer)
-    tokenizer.save(str(path))
+    """A byte-level BPE tokenizer learned from `text` (as `--tokenizer bpe:N` learns one),
+    with <|endoftext|> = 0 and <|padding|> = 1 like the bundled one. With a vocabulary this
+    small a tiny model's step takes milliseconds instead of being dominated by the
+    50,304-way output layer."""
+    path.write_bytes(learn_tokenizer(text.splitlines(keepends=True), vocab_size).raw)
     return path
 
 

@@ -260,8 +260,8 @@ TRAIN_CASES = {
     "mistyped-preset": BadInput(
         lambda i: i.train("--model", "sobaa"),
         2,
-        r"unknown model preset 'sobaa'; did you mean 'soba'\? \(choose somen, soba, udon or a "
-        r"CONFIG\.json path\)$",
+        r"unknown model preset 'sobaa'; did you mean 'soba'\? \(choose somen, soba, udon, "
+        r"harusame or a CONFIG\.json path\)$",
     ),
     "preset-too-large-for-the-machine": BadInput(
         lambda i: i.train("--model", "udon"),
@@ -313,6 +313,18 @@ TRAIN_CASES = {
         lambda i: i.train("--tokenizer", i.file("tok.json", "{}")),
         1,
         r"tok\.json: not a valid tokenizer\.json",
+    ),
+    "learned-tokenizer-too-small": BadInput(
+        lambda i: i.train("--tokenizer", "bpe:12"),
+        2,
+        r"--tokenizer bpe:12: the vocabulary of a learned tokenizer must be a number from 512 "
+        r"to 65,536, e\.g\. bpe:4096$",
+    ),
+    "learned-tokenizer-from-standard-input": BadInput(
+        lambda i: i.train("--tokenizer", "bpe:512", corpus="-"),
+        2,
+        r"--tokenizer bpe:512 reads the corpus twice \(to learn the tokenizer, then to tokenize "
+        r"it\): give a file or URL, not standard input$",
     ),
     "unknown-backend": BadInput(lambda i: i.train("--backend", "tpu"), 2, r"unknown backend 'tpu'"),
     "unknown-dtype": BadInput(lambda i: i.train("--dtype", "float8"), 2, r"unknown dtype 'float8'"),
@@ -371,21 +383,25 @@ TRAIN_CASES = {
     "resume-other-architecture": BadInput(
         lambda i: i.resume("--model", i.config(emb_dim=32)),
         1,
-        r"cannot resume \S+: the run differs from the interrupted one \(architecture\.emb_dim "
-        r"was 64, now 32\); resume with the same corpus, model and options$",
+        r"cannot resume \S+: the run differs from the interrupted one in --model: its emb_dim "
+        r"was 64, now 32; resume with the same corpus, model and options$",
     ),
     "resume-other-corpus": BadInput(
         lambda i: i.resume(corpus=i.file("other.txt", story_corpus(600, seed=1))),
         1,
-        r"cannot resume \S+: the run differs from the interrupted one \(corpus was '\w+', now",
+        r"cannot resume \S+: the run differs from the interrupted one in the corpus: its text "
+        r"differs from what the run trained on \(\S+stories\.txt\), edited or another file;",
     ),
     "resume-other-tokenizer": BadInput(
         lambda i: i.resume("--tokenizer", i.file("tok.json", i.run.tokenizer.read_text() + " ")),
         1,
-        r"\(tokenizer was '\w+', now '\w+'\)",
+        r"in --tokenizer: another tokenizer than the run's \S+/model/tokenizer\.json;",
     ),
     "resume-other-lr": BadInput(
-        lambda i: i.resume("--lr", 0.05), 1, r"\(settings\.lr was 0\.0002, now 0\.05\)"
+        lambda i: i.resume("--lr", 0.05), 1, r"in --lr was 0\.0002, now 0\.05;"
+    ),
+    "resume-other-eval-batches": BadInput(
+        lambda i: i.resume("--eval-batches", 20), 1, r"in --eval-batches was 2, now 20;"
     ),
     "resume-corrupt-state": BadInput(
         lambda i: i.damage("resume.safetensors", b"\0" * 9).resume(),
@@ -455,7 +471,8 @@ FINETUNE_CASES = {
     "resume-a-train-run": BadInput(
         lambda i: i.finetune("--resume", out=i.other_model),
         1,
-        r"cannot resume \S+: the run differs from the interrupted one \(base_model was None, now",
+        r"cannot resume \S+: the run differs from the interrupted one in the base model: was "
+        r"none \(a run of noodle train\), now \S+",
     ),
 }
 

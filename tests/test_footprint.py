@@ -48,7 +48,8 @@ def test_a_refusal_says_what_it_needs_what_there_is_and_what_would_fit():
     )
     assert message.endswith(
         f"but cpu has {available / GB:,.1f} GB available; --batch-size 3 would fit; presets "
-        f"that fit: somen ({training_need(PRESETS['somen'], 8, 4).total / GB:,.1f} GB)"
+        f"that fit: somen ({training_need(PRESETS['somen'], 8, 4).total / GB:,.1f} GB), "
+        f"harusame ({training_need(PRESETS['harusame'], 8, 4).total / GB:,.1f} GB)"
     )
 
 

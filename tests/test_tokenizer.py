@@ -1,5 +1,11 @@
 from noodle.config import padded_vocab_size
-from noodle.tokenizer import load_tokenizer, packaged_tokenizer_path
+from noodle.tokenizer import (
+    learn_tokenizer,
+    learned_vocabulary,
+    load_tokenizer,
+    packaged_tokenizer_path,
+)
+from tests.conftest import story_corpus
 
 
 def test_known_encodings():
@@ -26,3 +32,18 @@ def test_the_tokenizer_ships_inside_the_package():
     path = packaged_tokenizer_path()
     assert path.is_file()
     assert path.parent.name == "assets" and path.parent.parent.name == "noodle"
+
+
+def test_a_learned_tokenizer_is_small_reproducible_and_keeps_the_special_ids():
+    lines = story_corpus(300).splitlines(keepends=True)
+    first, again = learn_tokenizer(lines, 300), learn_tokenizer(iter(lines), 300)
+    assert first.raw == again.raw and first.vocab_size == 300
+    assert (first.eot_id, first.pad_id) == (0, 1)
+    text = "once upon a time — naïve 東京\n"  # bytes it never saw still round-trip
+    assert first.decode(first.encode(text)) == text
+    assert learned_vocabulary("bpe:4096") == 4096
+    assert learned_vocabulary(None) is None and learned_vocabulary("my/tokenizer.json") is None
+
+
+def test_gpt_neox_names_the_bundled_tokenizer():
+    assert load_tokenizer("gpt-neox").raw == packaged_tokenizer_path().read_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -53,6 +54,24 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     assert result.stdout.startswith("Once upon a time")
     assert "val loss" in result.stderr and "tok_s" in result.stderr
 
+    # Through a pipe: a line per stage, each stage ending with its summary and elapsed time,
+    # and the run's own summary; no field left empty.
+    lines = result.stderr.splitlines()
+    duration = r"\d+:\d\d:\d\d"
+    assert re.fullmatch(
+        rf"tokenizing done: [\d.]+ kB \([\d.]+ [kM]?B/s\) in {duration} \| tokens [\d,]+", lines[0]
+    )
+    assert not any(line.startswith("tokenizing") for line in lines[1:])
+    assert any(
+        re.match(rf"training done: 100 steps in {duration} \| loss \d", line) for line in lines
+    )
+    assert re.search(
+        r"^done: 100 steps, 51,200 tokens, best validation loss \d\.\d{4} at step \d+ -> ",
+        result.stderr,
+        re.M,
+    )
+    assert not any(line.rstrip().endswith("|") or "eta" in line for line in lines)
+
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"]])
 def test_help_and_version_do_not_import_torch(args):
@@ -80,6 +99,7 @@ def test_an_evaluation_reads_the_same_number_of_sequences_at_any_batch_size():
         values = {"batch_size": batch_size, "eval_batches": eval_batches, "lr": None}
         values |= {"max_epochs": 1, "max_steps": None, "eval_interval": 10, "patience": 1}
         values |= {"optimizer": "adamw", "schedule": "cosine", "seed": 1, "tensorboard_dir": None}
+        values |= {"drop_resume_state": False}
         return training_settings(defaults, {**values, "min_improvement": 0, "save_every": 1})
 
     assert settings(PRETRAIN_DEFAULTS, 8).eval_batches == 50  # the original's default

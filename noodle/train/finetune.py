@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from noodle.checkpoint import WEIGHTS, SavedTensors, open_model_dir
-from noodle.device import select_device, select_dtype
+from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.instructions import (
     RESPONSE_HEADER,
@@ -108,10 +108,11 @@ def finetune_with(
         if not options.resume and parallel.is_main:
             out.write_tokenizer(tokenizer)
         reporter.info(
-            f"fine-tuning {base.directory}: {config.parameter_count():,} parameters | device "
-            f"{device}{parallel.description()} | precision "
-            f"{str(amp_dtype).removeprefix('torch.')} | {len(examples):,} examples "
-            f"({len(train_data.examples):,} training / {len(val_data.examples):,} validation)"
+            f"fine-tuning {base.directory}: {config.parameter_count():,} parameters | "
+            f"device {describe_device(device)}{parallel.description()} | "
+            f"precision {str(amp_dtype).removeprefix('torch.')} | "
+            f"{len(examples):,} examples ({len(train_data.examples):,} training / "
+            f"{len(val_data.examples):,} validation)"
         )
         fingerprint = {**identity, "examples": examples_fingerprint(examples)}
         torch.manual_seed(settings.seed)

@@ -33,7 +33,7 @@ from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError
 from noodle.evaluation import loss_sums
 from noodle.memory import release_free_memory
 from noodle.parallel import Parallel
-from noodle.progress import Reporter, Task, format_duration
+from noodle.progress import Reporter, Task
 from noodle.train.metrics import MetricsLog, StepStats
 from noodle.train.optim import LossScale, OptimizerStep, Schedule, StepOutcome, build_optimizers
 from noodle.train.resume import (
@@ -64,18 +64,21 @@ class EvalData(Protocol):
 class SignalCatcher:
     """Turns the first SIGINT/SIGTERM into a flag the training loop checks between steps, so
     the step in progress finishes and the resume state can be saved; a second one
-    interrupts at once (every file on disk stays consistent either way)."""
+    interrupts at once (every file on disk stays consistent either way). `on_first(signum)`
+    acknowledges the first at once, from the signal handler."""
 
     SIGNALS = STOP_SIGNALS
 
-    def __init__(self) -> None:
+    def __init__(self, on_first: Callable[[int], None] = lambda signum: None) -> None:
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
+        self.on_first = on_first
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None:
             raise Interrupted(signum)
         self.received = signum
+        self.on_first(signum)
 
     def __enter__(self) -> SignalCatcher:
         for sig in self.SIGNALS:
@@ -137,6 +140,8 @@ class Trainer:
         )
         self.writer = Writer(background=device.type != "cpu", writes=main)
         self.last_save = time.monotonic()
+        # The step of weights saved without an evaluation (see save_unevaluated_weights).
+        self.unevaluated_weights_step: int | None = None
 
     # -- resume state -----------------------------------------------------------------
 
@@ -173,7 +178,7 @@ class Trainer:
         self.metrics.truncate(self.state.step, self.reporter)
         self.reporter.info(
             f"resuming at step {self.state.step} (epoch {self.state.epoch + 1}, "
-            f"best validation loss {self.state.best_loss:.4f})"
+            f"{self.state.best_description()})"
         )
         processes = saved.get("processes", 1)
         if processes != self.parallel.world_size:
@@ -188,16 +193,29 @@ class Trainer:
                 f"rate goes on from {self.schedule.factor(self.state.step):.3g} x the peak"
             )
 
-    def save_best_weights(self) -> None:
+    def save_weights(
+        self, best: BestWeights | None = None, then: Callable[[], None] = lambda: None
+    ) -> None:
+        """Write the current weights as the model's (the best of evaluation `best`, if any),
+        then call `then`. Every process must call it: a sharded model is gathered."""
         tensors = self.writer.snapshot(self.parallel.gathered(unwrap(self.model).state_dict()))
-        state, out, on_best = replace(self.state), self.out, self.on_best
-        best = BestWeights(state.best_step, state.best_loss)
+        out = self.out
 
         def write() -> None:
             out.write_weights(tensors, best)
-            on_best(state)
+            then()
 
         self.writer.submit(write)
+
+    def save_best_weights(self) -> None:
+        state, on_best = replace(self.state), self.on_best
+        self.save_weights(BestWeights(state.best_step, state.best_loss), lambda: on_best(state))
+
+    def save_unevaluated_weights(self) -> None:
+        """A run interrupted before its first evaluation has no best weights: it keeps its
+        current ones, so that chat, eval and info have a model to load."""
+        self.save_weights()
+        self.unevaluated_weights_step = self.state.step
 
     # -- logging --------------------------------------------------------------------------
 
@@ -223,7 +241,7 @@ class Trainer:
 
     def log(self, lr: float, task: Task) -> None:
         state = self.state
-        mean_loss, seconds_per_step, tokens_per_second, longest = self.stats.take_window(state)
+        mean_loss, _, tokens_per_second, longest = self.stats.take_window(state)
         self.metrics.record(
             kind="train",
             step=state.step,
@@ -240,9 +258,8 @@ class Trainer:
         task.update(
             completed=state.step,
             loss=f"{mean_loss:.4f}",
-            lr=f"{lr:.2e}",
             tok_s=f"{tokens_per_second:,.0f}",
-            eta=format_duration((self.schedule.total_steps - state.step) * seconds_per_step),
+            lr=f"{lr:.2e}",
         )
 
     # -- evaluation -------------------------------------------------------------------
@@ -325,10 +342,16 @@ class Trainer:
         the saved run stopped). SIGINT/SIGTERM save the resume state and raise Interrupted."""
         settings, state = self.settings, self.state
         self.model.train()
-        task = self.reporter.start_task("training", total=self.schedule.total_steps)
-        task.update(completed=state.step)
+        task = self.reporter.start_task(
+            "training", total=self.schedule.total_steps, completed=state.step
+        )
         self.stats.restart_clock()
-        with SignalCatcher() as signals:
+
+        def acknowledge(signum: int) -> None:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            task.announce(f"{name}: stopping after this step")
+
+        with SignalCatcher(on_first=acknowledge) as signals:
             try:
                 if state.step == 0:  # so that a run that dies before its first save resumes
                     self.save_resume_state()
@@ -345,9 +368,13 @@ class Trainer:
                     state.step += 1
                     state.batch_index += 1
                     state.tokens_seen += tokens
+                    task.update(completed=state.step)
                     epoch_done = state.batch_index >= self.batches_per_epoch
                     last = state.step >= self.schedule.total_steps
-                    logged = state.step % settings.log_interval == 0 or epoch_done or last
+                    # Step 1 too, so that the first loss shows at once (a CPU step can take
+                    # seconds).
+                    first = state.step == 1
+                    logged = state.step % settings.log_interval == 0 or first or epoch_done or last
                     if logged:
                         self.log(lr_factor * settings.lr, task)
                     evaluated = state.step % settings.eval_interval == 0 or epoch_done or last
@@ -355,11 +382,13 @@ class Trainer:
                         self.run_evaluation()
                     stop = self.parallel.stop_signal(agreed, signals.received)
                     if stop is not None:
+                        if state.best_step == 0:
+                            self.save_unevaluated_weights()
                         self.save_resume_state()
                         self.writer.wait()
                         # No process ends (and has torchrun end the rest) mid-write.
                         self.parallel.wait_for_all()
-                        task.finish()
+                        task.stop("interrupted")
                         raise Interrupted(stop, resume_step=state.step)
                     if (logged or evaluated) and self.parallel.any(self.save_due(), self.device):
                         self.save_resume_state()

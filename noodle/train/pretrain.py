@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -10,12 +11,14 @@ import numpy as np
 import torch
 
 from noodle.batching import split_windows
+from noodle.checkpoint import TOKENIZER
 from noodle.config import resolve_model_config
-from noodle.corpus import load_token_stream, token_chunks
-from noodle.device import select_device, select_dtype
+from noodle.corpus import load_token_stream, read_lines, token_chunks
+from noodle.device import describe_device, select_device, select_dtype
+from noodle.errors import UsageError
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
-from noodle.tokenizer import load_tokenizer
+from noodle.tokenizer import TextTokenizer, learn_tokenizer, learned_vocabulary, load_tokenizer
 from noodle.train.loop import Trainer
 from noodle.train.resume import run_identity
 from noodle.train.run import (
@@ -29,6 +32,7 @@ from noodle.train.settings import TrainSettings, TrainState
 
 SAMPLE_PROMPT = "Once upon a time"
 FINGERPRINT_CHUNK = 1 << 24  # tokens hashed at a time
+LINES_PER_UPDATE = 4096  # of the progress of learning a tokenizer
 
 
 @dataclass
@@ -54,6 +58,27 @@ def corpus_fingerprint(tokens: np.ndarray) -> str:
     return digest.hexdigest()[:32]
 
 
+def run_tokenizer(options: TrainOptions, vocabulary: int, reporter: Reporter) -> TextTokenizer:
+    """The tokenizer `--tokenizer bpe:N` stands for: learned from the corpus, or when
+    resuming, the one the run learned (kept in OUTPUT_DIR)."""
+    if options.resume:
+        return load_tokenizer(Path(options.output_dir) / TOKENIZER)
+    task = reporter.start_task("learning the tokenizer", total=None, unit="bytes")
+
+    def lines() -> Iterator[str]:
+        read = 0
+        for count, line in enumerate(read_lines(options.corpus, reporter), 1):
+            read += len(line.encode("utf-8"))
+            if count % LINES_PER_UPDATE == 0:
+                task.update(read)
+            yield line
+        task.update(read)
+
+    tokenizer = learn_tokenizer(lines(), vocabulary)
+    task.finish(vocabulary=tokenizer.vocab_size)
+    return tokenizer
+
+
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     settings = options.settings
     parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
@@ -69,16 +94,28 @@ def train_with(
     amp_dtype = select_dtype(options.dtype, device)
     compile_model = device.type == "cuda" if options.compile is None else options.compile
     settings = replace(options.settings, compile=compile_model)
-    tokenizer = load_tokenizer(options.tokenizer)
-    preset, config = resolve_model_config(options.model, tokenizer.vocab_size)
+    to_learn = learned_vocabulary(options.tokenizer)
+    if to_learn is not None and options.corpus == "-":
+        raise UsageError(
+            f"--tokenizer {options.tokenizer} reads the corpus twice (to learn the tokenizer, "
+            "then to tokenize it): give a file or URL, not standard input"
+        )
+    tokenizer = load_tokenizer(options.tokenizer) if to_learn is None else None
+    vocabulary = to_learn if tokenizer is None else tokenizer.vocab_size
+    preset, config = resolve_model_config(options.model, vocabulary)
     name = f"model {preset}" if preset != "custom" else f"model {options.model}"
     micro_batch = settings.batch_size // parallel.batch_parts(settings.grad_accum)
     parallel = parallel.shard_if_needed(
         config, micro_batch, settings.optimizer, amp_dtype, device, reporter
     )
     parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device)
+    known = {"architecture": config.to_dict()}
+    if tokenizer is not None:
+        known["tokenizer"] = tokenizer.sha256
+    prepare_output_dir(options.output_dir, options.resume, run_identity(settings, **known))
+    if tokenizer is None:
+        tokenizer = run_tokenizer(options, to_learn, reporter)
     identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
-    prepare_output_dir(options.output_dir, options.resume, identity)
     with parallel.main_first():  # one process per machine fills the token cache
         tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
     train_windows, val_windows = split_windows(
@@ -87,10 +124,11 @@ def train_with(
     compile_mode = settings.compile_mode if settings.compile else None
     model = parallel.build_model(config, device, settings.seed, amp_dtype, compile_mode)
     reporter.info(
-        f"model {preset}: {model.parameter_count():,} parameters | device {device}"
-        f"{parallel.description()} | precision {str(amp_dtype).removeprefix('torch.')} | "
-        f"corpus {len(tokens):,} tokens ({train_windows.count:,} training / "
-        f"{val_windows.count:,} validation windows of {config.ctx_len})"
+        f"model {preset}: {model.parameter_count():,} parameters | device "
+        f"{describe_device(device)}{parallel.description()} | precision "
+        f"{str(amp_dtype).removeprefix('torch.')} | corpus {len(tokens):,} tokens "
+        f"({train_windows.count:,} training / {val_windows.count:,} validation windows of "
+        f"{config.ctx_len})"
     )
     # Only now, with every input checked (by every process), is OUTPUT_DIR created or
     # written to.

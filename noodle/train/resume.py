@@ -15,16 +15,22 @@ processes, sharded or not.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
-from noodle.checkpoint import ModelDir, SavedTensors, unwrap
+from noodle.checkpoint import MODEL_JSON, TOKENIZER, ModelDir, SavedTensors, unwrap
 from noodle.errors import NoodleError
 from noodle.parallel import Parallel
 from noodle.train.optim import LossScale, Schedule
-from noodle.train.settings import TrainSettings, TrainState, settings_fingerprint
+from noodle.train.settings import (
+    SETTING_OPTIONS,
+    TrainSettings,
+    TrainState,
+    settings_fingerprint,
+)
 
 # Bumped when the resume state's layout changes; another layout is refused, not misread.
 RESUME_FORMAT = 2
@@ -36,17 +42,55 @@ def run_identity(settings: TrainSettings, **parts: object) -> dict:
     return {**parts, "settings": settings_fingerprint(settings)}
 
 
-def first_difference(saved: dict, current: dict, prefix: str = "") -> str | None:
-    """The first entry of `current` that `saved` disagrees with, described, or None."""
+def first_difference(
+    saved: dict, current: dict, path: tuple[str, ...] = ()
+) -> tuple[tuple[str, ...], object, object] | None:
+    """The first entry of `current` that `saved` disagrees with, as (its path of keys, the
+    saved value, the current value), or None."""
     for key, value in current.items():
         old = saved.get(key)
         if isinstance(value, dict) and isinstance(old, dict):
-            found = first_difference(old, value, f"{prefix}{key}.")
+            found = first_difference(old, value, (*path, key))
             if found:
                 return found
         elif old != value:
-            return f"{prefix}{key} was {old!r}, now {value!r}"
+            return (*path, key), old, value
     return None
+
+
+def recorded_source(out: ModelDir) -> str:
+    """What the saved run trained on, as its model.json names it."""
+    try:
+        training = json.loads(out.file(MODEL_JSON).read_text(encoding="utf-8"))["training"]
+        return str(training["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
+def describe_difference(path: tuple[str, ...], old: object, new: object, out: ModelDir) -> str:
+    """A difference between two run identities in the user's terms: options and files."""
+    part, name = path[0], path[-1]
+    if part == "settings":
+        option = SETTING_OPTIONS.get(name)
+        label = option or f"{name} (set by noodle, not an option)"
+        return f"{label} was {old!r}, now {new!r}"
+    if part == "architecture":
+        return f"--model: its {name} was {old!r}, now {new!r}"
+    if part == "tokenizer":
+        return f"--tokenizer: another tokenizer than the run's {out.file(TOKENIZER)}"
+    if part == "corpus":
+        return (
+            f"the corpus: its text differs from what the run trained on "
+            f"({recorded_source(out)}), edited or another file"
+        )
+    if part == "examples":
+        return (
+            f"the instruction file: its examples differ from those the run trained on "
+            f"({recorded_source(out)})"
+        )
+    if part == "base_model":
+        return f"the base model: was {old or 'none (a run of noodle train)'}, now {new}"
+    return f"{'.'.join(path)} was {old!r}, now {new!r}"
 
 
 def check_resumable(out: ModelDir, identity: dict) -> None:
@@ -61,8 +105,9 @@ def check_resumable(out: ModelDir, identity: dict) -> None:
     difference = first_difference(saved["identity"], identity)
     if difference:
         raise NoodleError(
-            f"cannot resume {out.path}: the run differs from the interrupted one "
-            f"({difference}); resume with the same corpus, model and options"
+            f"cannot resume {out.path}: the run differs from the interrupted one in "
+            f"{describe_difference(*difference, out)}; resume with the same corpus, model and "
+            "options"
         )
 
 

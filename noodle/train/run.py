@@ -24,7 +24,7 @@ from noodle.config import ModelConfig
 from noodle.errors import Interrupted, NoodleError
 from noodle.inference import Session, generate
 from noodle.memory import release_free_memory
-from noodle.progress import Reporter
+from noodle.progress import Reporter, plural
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
 from noodle.train.lock import RunLock
@@ -120,7 +120,15 @@ class RunRecord:
         self.writes = writes  # only the first process of a run writes
         self.best = out.read_best_weights()
 
-    def summary(self, state: TrainState, status: str) -> dict:
+    def summary(self, state: TrainState, status: str, unevaluated_step: int | None) -> dict:
+        """The training summary; `unevaluated_step` is the step of weights saved without an
+        evaluation (on an interruption before the first one), if any."""
+        if self.best:
+            weights, weights_step = "best", self.best.step
+        elif unevaluated_step is not None:
+            weights, weights_step = "unevaluated", unevaluated_step
+        else:
+            weights, weights_step = None, None
         return {
             "kind": self.kind,
             "status": status,
@@ -129,6 +137,8 @@ class RunRecord:
             "tokens_seen": state.tokens_seen,
             "best_val_loss": self.best.val_loss if self.best else None,
             "best_step": self.best.step if self.best else 0,
+            "weights": weights,
+            "weights_step": weights_step,
             "source": self.source,
             "batch_size": self.settings.batch_size,
             "lr": self.settings.lr,
@@ -137,10 +147,10 @@ class RunRecord:
             **self.extra,
         }
 
-    def write(self, state: TrainState, status: str) -> None:
+    def write(self, state: TrainState, status: str, unevaluated_step: int | None = None) -> None:
         if not self.writes:
             return
-        summary = self.summary(state, status)
+        summary = self.summary(state, status, unevaluated_step)
         self.out.write_metadata(model_metadata(self.config, self.preset, self.tokenizer, summary))
 
     def on_best(self, state: TrainState) -> None:
@@ -161,7 +171,7 @@ def run_training(
     try:
         state = trainer.run()
     except (Interrupted, KeyboardInterrupt):
-        record.write(trainer.state, "interrupted")
+        record.write(trainer.state, "interrupted", trainer.unevaluated_weights_step)
         raise
     except Exception:
         # The failure may be the disk itself (full): it is the error to report.
@@ -170,10 +180,27 @@ def run_training(
         raise
     record.write(state, "finished")
     reporter.info(
-        f"done: {state.step} steps, {state.tokens_seen:,} tokens, best validation loss "
-        f"{state.best_loss:.4f} at step {state.best_step} -> {record.out.path}"
+        f"done: {plural(state.step, 'step')}, {state.tokens_seen:,} tokens, "
+        f"{state.best_description()} -> {record.out.path}"
     )
+    report_resume_state(record.out, trainer.settings.drop_resume_state, reporter)
     return state
+
+
+def report_resume_state(out: ModelDir, drop: bool, reporter: Reporter) -> None:
+    """Say what the resume state costs at the end of a run, or drop it (`drop`): chat and
+    eval never need it, only extending the run with --resume does."""
+    resume_mb = out.file(RESUME).stat().st_size / 1e6
+    if drop:
+        out.file(RESUME).unlink()
+        reporter.info(f"dropped the resume state ({resume_mb:,.0f} MB): the run cannot be extended")
+        return
+    total_mb = sum(path.stat().st_size for path in out.path.iterdir() if path.is_file()) / 1e6
+    reporter.info(
+        f"{out.path} holds {total_mb:,.0f} MB, {resume_mb:,.0f} MB of it the resume state "
+        f"({RESUME}), needed only to extend this run with --resume: delete it to keep the "
+        "model alone (or train with --drop-resume-state)"
+    )
 
 
 def sample_from_best(directory: Path, device: torch.device, prompt: str, seed: int) -> str:

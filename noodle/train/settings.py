@@ -30,6 +30,7 @@ class RunDefaults:
     eval_windows: int
     patience: int
     min_improvement: float
+    max_steps: int | None = None
 
 
 PRETRAIN_DEFAULTS = RunDefaults(
@@ -41,6 +42,20 @@ PRETRAIN_DEFAULTS = RunDefaults(
     patience=10,
     min_improvement=0.01,
 )
+# Presets with defaults of their own; the options given on the command line still win.
+PRESET_RUN_DEFAULTS = {
+    # About ten minutes on two CPU cores (benchmarks/RESULTS.md), whatever the corpus.
+    "harusame": RunDefaults(
+        max_epochs=20,
+        max_steps=1000,
+        batch_size=16,
+        lr_at_batch_4=5e-4,
+        eval_interval=100,
+        eval_windows=320,  # 20 batches of 16
+        patience=10,
+        min_improvement=0.01,
+    ),
+}
 FINETUNE_DEFAULTS = RunDefaults(
     max_epochs=5,
     batch_size=4,
@@ -83,6 +98,8 @@ class TrainSettings:
     fsdp: bool = False
     activation_checkpointing: bool = False
     compile: bool = False
+    # Delete the resume state when the run finishes (it cannot be extended then).
+    drop_resume_state: bool = False
     # Also write the metrics as TensorBoard event files into this directory.
     tensorboard_dir: str | None = None
     # CUDA graphs replay each step's ~200 kernels with one launch: small models are bound by
@@ -106,6 +123,11 @@ class TrainState:
     nonfinite_in_row: int = 0
     stopped_early: bool = False
 
+    def best_description(self) -> str:
+        if self.best_step == 0:
+            return "no evaluation yet"
+        return f"best validation loss {self.best_loss:.4f} at step {self.best_step:,}"
+
     def epochs_done(self, batches_per_epoch: int) -> float:
         """Passes over the training data so far, e.g. 2.0 after two whole epochs (`epoch`
         is the index of the one in progress, counted from 0)."""
@@ -115,25 +137,26 @@ class TrainState:
 # The settings that decide which weights a run ends with: resuming with any of them changed
 # would silently give another run, so it is refused. The run's length (max epochs/steps)
 # may change, to continue a finished run further; logging and saving settings may change too.
-RESUME_SETTINGS = (
-    "batch_size",
-    "lr",
-    "eval_interval",
-    "eval_batches",
-    "patience",
-    "min_improvement",
-    "seed",
-    "weight_decay",
-    "grad_clip",
-    "warmup_steps",
-    "optimizer",
-    "schedule",
-    "decay_fraction",
-)
+# Each maps to the option that sets it, or None for those noodle sets itself.
+SETTING_OPTIONS = {
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "eval_interval": "--eval-interval",
+    "eval_batches": "--eval-batches",
+    "patience": "--patience",
+    "min_improvement": "--min-improvement",
+    "seed": "--seed",
+    "weight_decay": None,
+    "grad_clip": None,
+    "warmup_steps": None,
+    "optimizer": "--optimizer",
+    "schedule": "--schedule",
+    "decay_fraction": None,
+}
 
 
 def settings_fingerprint(settings: TrainSettings) -> dict:
-    return {name: getattr(settings, name) for name in RESUME_SETTINGS}
+    return {name: getattr(settings, name) for name in SETTING_OPTIONS}
 
 
 def planned_steps(settings: TrainSettings, batches_per_epoch: int) -> int:
