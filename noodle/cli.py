@@ -224,7 +224,7 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
         "fsdp": (
             Annotated[
                 bool,
-                typer.Option(
+                flag(
                     "--fsdp",
                     help="Shard parameters, gradients and optimizer state over the torchrun "
                     "processes (FSDP2); on by itself where the model and its optimizer state "
@@ -236,7 +236,7 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
         "activation_checkpointing": (
             Annotated[
                 bool,
-                typer.Option(
+                flag(
                     "--activation-checkpointing",
                     help="Recompute each block's activations in the backward pass instead of "
                     "keeping them: less memory, about a third more compute.",
