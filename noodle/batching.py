@@ -9,7 +9,13 @@ import torch
 
 from noodle.errors import NoodleError
 
-TRAIN_FRACTION = 0.9
+# One window in this many is held out of training (see `validation_layout`).
+VALIDATION_ONE_IN = 10
+TRAIN_FRACTION = 1 - 1 / VALIDATION_ONE_IN
+# Held-out windows come in blocks of at most this many, the first and last of them unused.
+HELD_OUT_BLOCK = 32
+# The random stream that places the blocks: (seed, this), beside the epochs' (seed, epoch).
+LAYOUT_STREAM = 2**32 - 1
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,9 +34,18 @@ class TokenWindows:
     position in the run is named by (epoch, batch index) and can be resumed exactly.
     """
 
-    def __init__(self, tokens: np.ndarray, ctx_len: int, batch_size: int, seed: int = 0):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        ctx_len: int,
+        batch_size: int,
+        seed: int = 0,
+        slots: np.ndarray | None = None,
+    ):
         self.tokens, self.ctx_len, self.batch_size, self.seed = tokens, ctx_len, batch_size, seed
-        self.count = max(0, (len(tokens) - 1) // ctx_len)
+        # Window i starts at token slots[i] * ctx_len; without slots, every whole window.
+        self.slots = slots
+        self.count = window_count(len(tokens), ctx_len) if slots is None else len(slots)
         self._order: tuple[int, np.ndarray] | None = None
         self.share = (0, 1)  # see take_share
 
@@ -48,6 +63,8 @@ class TokenWindows:
         return self._order[1]
 
     def windows(self, indices: np.ndarray) -> Batch:
+        if self.slots is not None:
+            indices = self.slots[indices]
         starts = indices.astype(np.int64) * self.ctx_len
         rows = np.stack([self.tokens[s : s + self.ctx_len + 1] for s in starts]).astype(np.int64)
         data = torch.from_numpy(rows)
@@ -72,39 +89,73 @@ def share_of(chosen: np.ndarray, rank: int, ranks: int) -> np.ndarray:
     return chosen[rank * size : (rank + 1) * size]
 
 
-def minimum_corpus_tokens(ctx_len: int, batch_size: int) -> int:
-    """The fewest tokens whose 90/10 split holds one training batch and one validation window."""
-    # Both bounds are lower bounds (floor), so counting up finds the exact minimum.
-    needed = max(
-        int((batch_size * ctx_len + 1) / TRAIN_FRACTION),
-        int((ctx_len + 1) / (1 - TRAIN_FRACTION)) - 10,
-    )
-    while not split_fits(needed, ctx_len, batch_size):
-        needed += 1
-    return needed
+def window_count(n_tokens: int, ctx_len: int) -> int:
+    """Whole windows of ctx_len inputs (plus the next token) in n_tokens, side by side."""
+    return max(0, (n_tokens - 1) // ctx_len)
 
 
-def split_point(n_tokens: int) -> int:
-    return int(n_tokens * TRAIN_FRACTION)
+def held_out_count(windows: int) -> int:
+    """The windows held out of training: a tenth, rounded up."""
+    return -(-windows // VALIDATION_ONE_IN)
 
 
 def split_fits(n_tokens: int, ctx_len: int, batch_size: int) -> bool:
-    cut = split_point(n_tokens)
-    return cut >= batch_size * ctx_len + 1 and n_tokens - cut >= ctx_len + 1
+    """Whether the split leaves one training batch and one validation window."""
+    windows = window_count(n_tokens, ctx_len)
+    held_out = held_out_count(windows)
+    # A validation window needs a held-out block of three: it and its unused neighbours.
+    return windows - held_out >= batch_size and held_out >= 3
+
+
+def minimum_corpus_tokens(ctx_len: int, batch_size: int) -> int:
+    """The fewest tokens whose split holds one training batch and one validation window."""
+    # Both the training and the held-out windows only grow with the corpus, so the first
+    # window count that fits is the minimum: start from a lower bound and count up.
+    windows = batch_size + 1
+    while not split_fits(windows * ctx_len + 1, ctx_len, batch_size):
+        windows += 1
+    return windows * ctx_len + 1
+
+
+def validation_layout(windows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The slots of the training and of the validation windows, each in corpus order.
+
+    A tenth of the windows is held out, in blocks of at most `HELD_OUT_BLOCK` evenly
+    spaced over the whole corpus (the seed sets where the first one falls), so validation
+    is the training text's own mix. The first and last window of each block go unused: a
+    window's last target is the next window's first input, and without them a training
+    window would share that token with a validation window.
+    """
+    held_out = held_out_count(windows)
+    blocks = -(-held_out // HELD_OUT_BLOCK)
+    sizes = held_out // blocks + (np.arange(blocks) < held_out % blocks)
+    training = windows - held_out
+    phase = np.random.default_rng([seed, LAYOUT_STREAM]).random()
+    # Block b comes just before the training window numbered before[b], so the j-th
+    # held-out window, in block b, sits at slot before[b] + j.
+    before = ((np.arange(blocks) + phase) * training / blocks).astype(np.int64)
+    held = np.repeat(before, sizes) + np.arange(held_out)
+    block_of = np.repeat(np.arange(blocks), sizes)
+    in_block = np.arange(held_out) - (np.cumsum(sizes) - sizes)[block_of]
+    inner = (in_block > 0) & (in_block < sizes[block_of] - 1)
+    is_training = np.ones(windows, dtype=bool)
+    is_training[held] = False
+    return np.flatnonzero(is_training), held[inner]
 
 
 def split_windows(
     tokens: np.ndarray, ctx_len: int, batch_size: int, seed: int
 ) -> tuple[TokenWindows, TokenWindows]:
-    """The 90/10 train/validation split, or a clear error if the corpus is too small."""
+    """The training and validation windows (see `validation_layout`), or a clear error if
+    the corpus is too small."""
     if not split_fits(len(tokens), ctx_len, batch_size):
         needed = minimum_corpus_tokens(ctx_len, batch_size)
         raise NoodleError(
             f"corpus too small: it has {len(tokens):,} tokens, but one training batch "
             f"({batch_size} × {ctx_len}) and one validation window need at least {needed:,}"
         )
-    cut = split_point(len(tokens))
+    training, validation = validation_layout(window_count(len(tokens), ctx_len), seed)
     return (
-        TokenWindows(tokens[:cut], ctx_len, batch_size, seed),
-        TokenWindows(tokens[cut:], ctx_len, batch_size, seed),
+        TokenWindows(tokens, ctx_len, batch_size, seed, training),
+        TokenWindows(tokens, ctx_len, batch_size, seed, validation),
     )

@@ -31,6 +31,7 @@ from noodle.checkpoint import METRICS, BestWeights, ModelDir, unwrap
 from noodle.device import autocast, peak_memory
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError
 from noodle.evaluation import loss_sums
+from noodle.loss import FUSED_CHUNK
 from noodle.memory import release_free_memory
 from noodle.parallel import Parallel
 from noodle.progress import Reporter, Task
@@ -130,6 +131,9 @@ class Trainer:
         self.parts = TrainingParts(model, self.optimizers, loss_scale, device, self.parallel)
         compile_mode = settings.compile_mode if settings.compile else None
         self.step_model = self.parallel.prepare_model(model, compile_mode)
+        self.loss_chunk = settings.loss_chunk
+        if self.loss_chunk is None:
+            self.loss_chunk = FUSED_CHUNK if settings.compile else 0
         self.state = TrainState()
         self.stats = StepStats(device, self.state)
         self.batches_per_epoch = train_data.batches_per_epoch()
@@ -318,7 +322,7 @@ class Trainer:
             last = index == len(micro_batches) - 1
             with self.parallel.gradient_sync(self.step_model, sync=last):
                 with autocast(self.device, self.amp_dtype):
-                    loss = self.step_model(inputs, targets)
+                    loss = self.step_model(inputs, targets, loss_chunk=self.loss_chunk)
                 if share is not None:
                     loss = loss * share
                 self.optimizer_step.scale_loss(loss).backward()

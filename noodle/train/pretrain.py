@@ -12,7 +12,7 @@ import torch
 
 from noodle.batching import split_windows
 from noodle.checkpoint import TOKENIZER
-from noodle.config import resolve_model_config
+from noodle.config import ModelConfig, resolve_model_config
 from noodle.corpus import load_token_stream, read_lines, token_chunks
 from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import UsageError
@@ -28,7 +28,7 @@ from noodle.train.run import (
     run_training,
     sample_from_best,
 )
-from noodle.train.settings import TrainSettings, TrainState
+from noodle.train.settings import PRESET_RUN_DEFAULTS, TrainSettings, TrainState
 
 SAMPLE_PROMPT = "Once upon a time"
 FINGERPRINT_CHUNK = 1 << 24  # tokens hashed at a time
@@ -79,6 +79,16 @@ def run_tokenizer(options: TrainOptions, vocabulary: int, reporter: Reporter) ->
     return tokenizer
 
 
+def data_sized_config(preset: str, config: ModelConfig, corpus_tokens: int) -> ModelConfig:
+    """A preset's architecture with the dropout its defaults give for a corpus of this many
+    tokens (see `RunDefaults.dropout`); a CONFIG.json's keeps its own."""
+    defaults = PRESET_RUN_DEFAULTS.get(preset)
+    if defaults is None:
+        return config
+    dropout = defaults.dropout(corpus_tokens, config.parameter_count(), config.dropout)
+    return replace(config, dropout=dropout)
+
+
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     settings = options.settings
     parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
@@ -109,15 +119,17 @@ def train_with(
         config, micro_batch, settings.optimizer, amp_dtype, device, reporter
     )
     parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device)
-    known = {"architecture": config.to_dict()}
+    # A preset's dropout may depend on the corpus: it is checked once the corpus is read.
+    known = {"architecture": {k: v for k, v in config.to_dict().items() if k != "dropout"}}
     if tokenizer is not None:
         known["tokenizer"] = tokenizer.sha256
     prepare_output_dir(options.output_dir, options.resume, run_identity(settings, **known))
     if tokenizer is None:
         tokenizer = run_tokenizer(options, to_learn, reporter)
-    identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
     with parallel.main_first():  # one process per machine fills the token cache
         tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
+    config = data_sized_config(preset, config, len(tokens))
+    identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
     train_windows, val_windows = split_windows(
         tokens, config.ctx_len, settings.batch_size, settings.seed
     )

@@ -31,6 +31,18 @@ class RunDefaults:
     patience: int
     min_improvement: float
     max_steps: int | None = None
+    # Training from scratch, a preset's dropout by the corpus's tokens per parameter:
+    # (tokens per parameter, dropout) pairs in increasing order, the last pair whose ratio
+    # the corpus reaches applies (more text than the model can memorise needs less of it).
+    # None keeps the dropout of the preset's architecture.
+    dropout_by_data: tuple[tuple[float, float], ...] | None = None
+
+    def dropout(self, corpus_tokens: int, parameters: int, architecture: float) -> float:
+        """The dropout for a corpus of this many tokens and a model of this many parameters,
+        whose architecture names `architecture`."""
+        ratio = corpus_tokens / parameters
+        reached = [dropout for least, dropout in self.dropout_by_data or () if ratio >= least]
+        return reached[-1] if reached else architecture
 
 
 PRETRAIN_DEFAULTS = RunDefaults(
@@ -42,8 +54,13 @@ PRETRAIN_DEFAULTS = RunDefaults(
     patience=10,
     min_improvement=0.01,
 )
-# Presets with defaults of their own; the options given on the command line still win.
+# Each preset's defaults (configs as data); the options given on the command line still
+# win, and a CONFIG.json model gets PRETRAIN_DEFAULTS. somen, soba and udon have the general
+# ones until the sweeps of benchmarks/QUALITY.md give them their own.
 PRESET_RUN_DEFAULTS = {
+    "somen": PRETRAIN_DEFAULTS,
+    "soba": PRETRAIN_DEFAULTS,
+    "udon": PRETRAIN_DEFAULTS,
     # About ten minutes on two CPU cores (benchmarks/RESULTS.md), whatever the corpus.
     "harusame": RunDefaults(
         max_epochs=20,
@@ -105,6 +122,12 @@ class TrainSettings:
     # CUDA graphs replay each step's ~200 kernels with one launch: small models are bound by
     # kernel-launch overhead otherwise (somen at batch 8 spends most of its step on the CPU).
     compile_mode: str = "reduce-overhead"
+    # The training loss fused with the output layer: computed with its gradients in the
+    # forward pass, this many positions at a time, keeping no logits for the backward pass
+    # (noodle.loss); 0 makes all the logits and uses F.cross_entropy. The same arithmetic
+    # either way. None: loss.FUSED_CHUNK when the model is compiled, else 0 (uncompiled,
+    # the fused form's separate passes cost more than they save).
+    loss_chunk: int | None = None
 
 
 @dataclass
