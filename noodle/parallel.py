@@ -32,7 +32,8 @@ from noodle.batching import Batch
 from noodle.config import ModelConfig
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError, UsageError
 from noodle.footprint import available_memory, require_training_memory, size_text, training_need
-from noodle.model import IGNORE, NoodleModel
+from noodle.loss import IGNORE
+from noodle.model import NoodleModel
 from noodle.progress import Reporter
 
 # NVLink multicast (NVLS) off: the GPU machines' operators require it, since a program using
