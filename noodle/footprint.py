@@ -33,6 +33,9 @@ class MemoryNeed:
     fixed: dict[str, int]
     per_sequence: int = 0
     batch_size: int = 1
+    # The global batch is this many times batch_size: shared over processes and
+    # micro-batches (each process holds one micro-batch at a time).
+    batch_parts: int = 1
 
     @property
     def total(self) -> int:
@@ -62,21 +65,34 @@ def activation_elements_per_token(config: ModelConfig) -> int:
     return 8 * config.emb_dim + 6 * inner + 2 * config.hidden_dim
 
 
-def training_need(config: ModelConfig, batch_size: int, activation_bytes: int) -> MemoryNeed:
+def training_need(
+    config: ModelConfig,
+    batch_size: int,
+    activation_bytes: int,
+    shards: int = 1,
+    checkpointing: bool = False,
+    batch_parts: int = 1,
+) -> MemoryNeed:
     """Training with float32 weights and AdamW; activations of `activation_bytes` each (2
-    under bfloat16/float16 autocast)."""
-    parameters = config.parameter_count()
-    per_token = config.n_layers * activation_elements_per_token(config) * activation_bytes
+    under bfloat16/float16 autocast). One process's share: `batch_size` sequences at a time
+    of a global batch of `batch_parts` times as many, the weights and their state split in
+    `shards` (FSDP). With activation checkpointing a block keeps only its input, and one
+    block's activations exist at a time, recomputed in the backward pass."""
+    parameters = -(-config.parameter_count() // shards)
+    block = activation_elements_per_token(config)
+    kept = config.n_layers * config.emb_dim + block if checkpointing else config.n_layers * block
+    per_token = kept * activation_bytes
     # The logits, their float32 copy for the loss, and its gradient.
     per_token += config.vocab_size * (activation_bytes + 2 * FLOAT32_BYTES)
     return MemoryNeed(
-        f"to train at batch size {batch_size}",
+        f"to train at batch size {batch_size * batch_parts}",
         {
             "weights, gradients and optimizer state": parameters * TRAINING_BYTES_PER_PARAMETER,
             "rotary tables": rotary_bytes(config),
         },
         per_sequence=config.ctx_len * per_token,
         batch_size=batch_size,
+        batch_parts=batch_parts,
     )
 
 
@@ -155,7 +171,7 @@ def require_memory(
     hints = []
     batch = need.largest_batch(available)
     if 0 < batch < need.batch_size:
-        hints.append(f"--batch-size {batch} would fit")
+        hints.append(f"--batch-size {batch * need.batch_parts} would fit")
     fitting = []
     for preset, preset_config in PRESETS.items():
         size = need_for(replace(preset_config, vocab_size=config.vocab_size)).total
@@ -170,13 +186,23 @@ def require_memory(
 
 
 def require_training_memory(
-    config: ModelConfig, name: str, batch_size: int, amp_dtype: torch.dtype, device: torch.device
+    config: ModelConfig,
+    name: str,
+    batch_size: int,
+    amp_dtype: torch.dtype,
+    device: torch.device,
+    shards: int = 1,
+    checkpointing: bool = False,
+    batch_parts: int = 1,
 ) -> None:
-    """Refuse to train `config` where it cannot fit (see `require_memory`)."""
+    """Refuse to train `config` where it cannot fit (see `require_memory`); the last three
+    say what one process of several holds (see `training_need`)."""
     activation_bytes = torch.finfo(amp_dtype).bits // 8
     require_memory(
         config,
-        lambda c: training_need(c, batch_size, activation_bytes),
+        lambda c: training_need(
+            c, batch_size, activation_bytes, shards, checkpointing, batch_parts
+        ),
         name,
         device,
         available_memory(device),

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import load_weights, open_model_dir
+from noodle.checkpoint import WEIGHTS, SavedTensors, open_model_dir
 from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
-from noodle.footprint import require_training_memory
 from noodle.instructions import (
     RESPONSE_HEADER,
     examples_fingerprint,
@@ -45,19 +44,30 @@ class FinetuneOptions:
 
 def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     settings = options.settings
-    parallel = Parallel.from_environment()
+    parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
+    parallel.check(settings.batch_size, settings.grad_accum, settings.optimizer)
     device = select_device(options.backend, parallel.local_rank)
+    with parallel.processes(device) as connected:
+        return finetune_with(options, connected, device, reporter)
+
+
+def finetune_with(
+    options: FinetuneOptions, parallel: Parallel, device: torch.device, reporter: Reporter
+) -> TrainState:
+    settings = options.settings
     amp_dtype = select_dtype(options.dtype, device)
-    files = open_model_dir(options.model)
-    require_training_memory(
-        files.config, f"model {files.directory}", settings.batch_size, amp_dtype, device
+    base = open_model_dir(options.model)
+    tokenizer, config = base.tokenizer, base.config
+    micro_batch = settings.batch_size // parallel.batch_parts(settings.grad_accum)
+    parallel = parallel.shard_if_needed(
+        config, micro_batch, settings.optimizer, amp_dtype, device, reporter
     )
-    base = load_weights(files, device)
+    name = f"model {base.directory}"
+    parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device)
     if Path(options.output_dir).resolve() == base.directory.resolve():
         raise NoodleError(
             f"{options.output_dir} is the base model's directory; fine-tune into another one"
         )
-    tokenizer, config = base.tokenizer, base.config
     identity = run_identity(
         settings, architecture=config.to_dict(), base_model=str(base.directory.resolve())
     )
@@ -68,9 +78,16 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     train_data, val_data = split_examples(
         examples, settings.batch_size, pad_id, settings.seed, options.input
     )
+    compile_mode = settings.compile_mode if settings.compile else None
+    weights = SavedTensors(base.directory / WEIGHTS, "unreadable weights")
+    model = parallel.build_model(config, device, settings.seed, amp_dtype, compile_mode, weights)
 
-    # Only now, with every input checked, is OUTPUT_DIR created or written to.
-    with locked_output_dir(options.output_dir, options.resume, reporter) as out:
+    # Only now, with every input checked (by every process), is OUTPUT_DIR created or
+    # written to.
+    parallel.wait_for_all()
+    with locked_output_dir(
+        options.output_dir, options.resume, reporter, lock=parallel.is_main
+    ) as out:
         record = RunRecord(
             out,
             config,
@@ -86,20 +103,22 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
                 "examples": len(examples),
                 "skipped_blocks": skipped,
             },
+            writes=parallel.is_main,
         )
-        if not options.resume:
+        if not options.resume and parallel.is_main:
             out.write_tokenizer(tokenizer)
         reporter.info(
-            f"fine-tuning {base.directory}: {base.model.parameter_count():,} parameters | "
-            f"device {describe_device(device)} | "
+            f"fine-tuning {base.directory}: {config.parameter_count():,} parameters | "
+            f"device {describe_device(device)}{parallel.description()} | "
             f"precision {str(amp_dtype).removeprefix('torch.')} | "
             f"{len(examples):,} examples ({len(train_data.examples):,} training / "
             f"{len(val_data.examples):,} validation)"
         )
         fingerprint = {**identity, "examples": examples_fingerprint(examples)}
         torch.manual_seed(settings.seed)
+        parallel.seed_streams(settings.seed)
         trainer = Trainer(
-            base.model,
+            model,
             train_data,
             val_data,
             settings,
@@ -113,11 +132,12 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         )
         state = run_training(trainer, record, options.resume, reporter)
 
-    first = val_data.examples[0]
-    prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
-    reporter.info(
-        f"sample reply to the validation prompt {prompt.removesuffix(RESPONSE_HEADER)!r}:"
-    )
-    del trainer, base  # see sample_from_best
-    print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
+    del trainer, model  # see sample_from_best
+    if parallel.samples:
+        first = val_data.examples[0]
+        prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
+        reporter.info(
+            f"sample reply to the validation prompt {prompt.removesuffix(RESPONSE_HEADER)!r}:"
+        )
+        print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
     return state

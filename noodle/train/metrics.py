@@ -118,15 +118,18 @@ class MetricsLog:
     `tensorboard_dir`, every record also goes to TensorBoard (see tensorboard_sink).
 
     A crash can leave a torn last line; `truncate` (called when a run resumes) drops it,
-    along with the records logged after the step the run resumes from.
+    along with the records logged after the step the run resumes from. Without a path
+    (the processes of a run other than the first) it records nothing.
     """
 
-    def __init__(self, path: Path, tensorboard_dir: str | None = None) -> None:
+    def __init__(self, path: Path | None, tensorboard_dir: str | None = None) -> None:
         self.path = path
         self.pending: list[str] = []
         self.sinks = [TensorBoardSink(Path(tensorboard_dir))] if tensorboard_dir else []
 
     def record(self, **values: object) -> None:
+        if self.path is None:
+            return
         record = {"time": round(time.time(), 3), **{k: json_safe(v) for k, v in values.items()}}
         self.pending.append(json.dumps(record) + "\n")
         for sink in self.sinks:
@@ -136,7 +139,7 @@ class MetricsLog:
         """Append the pending records (to the OS: `sync` makes them durable)."""
         for sink in self.sinks:
             sink.flush()
-        if not self.pending:
+        if not self.pending or self.path is None:
             return
         try:
             with self.path.open("a", encoding="utf-8") as handle:
@@ -153,7 +156,7 @@ class MetricsLog:
 
     def sync(self) -> None:
         """Make what was appended so far durable."""
-        if self.path.exists():
+        if self.path is not None and self.path.exists():
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -165,7 +168,7 @@ class MetricsLog:
         a warning) any line that is not a JSON record."""
         for sink in self.sinks:
             sink.truncate(last_step)
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
         kept, damaged = [], []
