@@ -33,11 +33,15 @@ REPO = Path(__file__).resolve().parent.parent
 def run_training(
     checkout: Path, corpus: str, out: Path, args: argparse.Namespace, env: dict
 ) -> dict:
-    command = [sys.executable, "-m", "noodle", "train", corpus, str(out)]
+    out = out.resolve()
+    command = [sys.executable, "-m", "noodle", "train", str(Path(corpus).resolve()), str(out)]
     command += ["--model", args.model, "--batch-size", str(args.batch)]
     command += ["--max-steps", str(args.max_steps), *shlex.split(args.train_args)]
     started = time.time()
-    subprocess.run(command, env={**env, "PYTHONPATH": str(checkout)}, check=True)
+    # Run from the checkout: `python -m` puts the working directory first on sys.path, so
+    # from anywhere else another noodle could be the one imported.
+    env = {**env, "PYTHONPATH": str(checkout)}
+    subprocess.run(command, env=env, cwd=checkout, check=True)
     wall = time.time() - started
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
