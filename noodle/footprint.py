@@ -16,6 +16,8 @@ import torch
 
 from noodle.config import PRESETS, ModelConfig
 from noodle.errors import NoodleError
+from noodle.lora import adapter_parameter_count
+from noodle.train.settings import LoraSettings
 
 FLOAT32_BYTES = 4
 # Weights, gradients and AdamW's two moments, all float32 (Muon keeps less: this bounds it).
@@ -62,19 +64,33 @@ def activation_elements_per_token(config: ModelConfig) -> int:
     return 8 * config.emb_dim + 6 * inner + 2 * config.hidden_dim
 
 
-def training_need(config: ModelConfig, batch_size: int, activation_bytes: int) -> MemoryNeed:
+def training_need(
+    config: ModelConfig,
+    batch_size: int,
+    activation_bytes: int,
+    adapters: LoraSettings | None = None,
+) -> MemoryNeed:
     """Training with float32 weights and AdamW; activations of `activation_bytes` each (2
-    under bfloat16/float16 autocast)."""
+    under bfloat16/float16 autocast). With LoRA `adapters` only they have gradients and
+    optimizer state: the frozen weights need their own bytes alone (the activations are
+    much the same: the gradient still flows back through every layer)."""
     parameters = config.parameter_count()
+    if adapters is None:
+        weights = {
+            "weights, gradients and optimizer state": parameters * TRAINING_BYTES_PER_PARAMETER
+        }
+    else:
+        trained = adapter_parameter_count(config, adapters)
+        weights = {
+            "frozen weights": parameters * FLOAT32_BYTES,
+            "adapters, their gradients and optimizer state": trained * TRAINING_BYTES_PER_PARAMETER,
+        }
     per_token = config.n_layers * activation_elements_per_token(config) * activation_bytes
     # The logits, their float32 copy for the loss, and its gradient.
     per_token += config.vocab_size * (activation_bytes + 2 * FLOAT32_BYTES)
     return MemoryNeed(
         f"to train at batch size {batch_size}",
-        {
-            "weights, gradients and optimizer state": parameters * TRAINING_BYTES_PER_PARAMETER,
-            "rotary tables": rotary_bytes(config),
-        },
+        {**weights, "rotary tables": rotary_bytes(config)},
         per_sequence=config.ctx_len * per_token,
         batch_size=batch_size,
     )
@@ -170,13 +186,19 @@ def require_memory(
 
 
 def require_training_memory(
-    config: ModelConfig, name: str, batch_size: int, amp_dtype: torch.dtype, device: torch.device
+    config: ModelConfig,
+    name: str,
+    batch_size: int,
+    amp_dtype: torch.dtype,
+    device: torch.device,
+    adapters: LoraSettings | None = None,
 ) -> None:
-    """Refuse to train `config` where it cannot fit (see `require_memory`)."""
+    """Refuse to train `config` (through LoRA `adapters`, if given) where it cannot fit
+    (see `require_memory`)."""
     activation_bytes = torch.finfo(amp_dtype).bits // 8
     require_memory(
         config,
-        lambda c: training_need(c, batch_size, activation_bytes),
+        lambda c: training_need(c, batch_size, activation_bytes, adapters),
         name,
         device,
         available_memory(device),

@@ -1,5 +1,6 @@
 """`noodle finetune`: a trained model further trained on instruction data, into a new
-model directory."""
+model directory: every weight, or through LoRA adapters on its frozen weights (see
+noodle.lora)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import load_weights, open_model_dir
+from noodle.checkpoint import ADAPTERS, ModelFiles, load_weights, open_model_dir, weights_sha256
 from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.footprint import require_training_memory
@@ -18,6 +19,7 @@ from noodle.instructions import (
     load_examples,
     split_examples,
 )
+from noodle.lora import AdaptedModelDir, adapt, adapter_parameter_count
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.train.loop import Trainer
@@ -29,7 +31,7 @@ from noodle.train.run import (
     run_training,
     sample_from_best,
 )
-from noodle.train.settings import TrainSettings, TrainState
+from noodle.train.settings import LoraSettings, TrainSettings, TrainState
 
 
 @dataclass
@@ -41,16 +43,27 @@ class FinetuneOptions:
     backend: str | None = None
     dtype: str = "auto"
     resume: bool = False
+    lora: LoraSettings | None = None  # None: every weight is trained
+
+
+def adapters_identity(lora: LoraSettings | None, base: ModelFiles) -> dict:
+    """What the adapters add to a run's identity: their settings (None for a run that
+    trains every weight, so that resuming either kind as the other is refused) and, for a
+    LoRA run, the base weights' hash: its resume state holds the adapters alone and the
+    base is read again from its directory, where other weights would not fit them."""
+    if lora is None:
+        return {"lora": None}
+    return {"lora": lora.to_dict(), "base_weights": weights_sha256(base)}
 
 
 def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
-    settings = options.settings
+    settings, lora = options.settings, options.lora
     parallel = Parallel.from_environment()
     device = select_device(options.backend, parallel.local_rank)
     amp_dtype = select_dtype(options.dtype, device)
     files = open_model_dir(options.model)
     require_training_memory(
-        files.config, f"model {files.directory}", settings.batch_size, amp_dtype, device
+        files.config, f"model {files.directory}", settings.batch_size, amp_dtype, device, lora
     )
     base = load_weights(files, device)
     if Path(options.output_dir).resolve() == base.directory.resolve():
@@ -59,7 +72,10 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         )
     tokenizer, config = base.tokenizer, base.config
     identity = run_identity(
-        settings, architecture=config.to_dict(), base_model=str(base.directory.resolve())
+        settings,
+        architecture=config.to_dict(),
+        base_model=str(base.directory.resolve()),
+        **adapters_identity(lora, files),
     )
     prepare_output_dir(options.output_dir, options.resume, identity)
 
@@ -69,8 +85,21 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         examples, settings.batch_size, pad_id, settings.seed, options.input
     )
 
+    model, trained, adapters = base.model, base.model.parameter_count(), None
+    if lora is not None:
+        adapt(model, lora, settings.seed)
+        trained = adapter_parameter_count(config, lora)
+        adapters = {
+            **lora.to_dict(),
+            "file": ADAPTERS,
+            "trained_parameters": trained,
+            "base_weights_sha256": identity["base_weights"],
+        }
+
     # Only now, with every input checked, is OUTPUT_DIR created or written to.
     with locked_output_dir(options.output_dir, options.resume, reporter) as out:
+        if lora is not None:
+            out = AdaptedModelDir(out.path, lora)
         record = RunRecord(
             out,
             config,
@@ -85,12 +114,14 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
                 "base_training": base.metadata.get("training"),
                 "examples": len(examples),
                 "skipped_blocks": skipped,
+                "lora": adapters,
             },
         )
         if not options.resume:
             out.write_tokenizer(tokenizer)
+        through = f" (LoRA {lora.description()}: {trained:,} trained)" if lora else ""
         reporter.info(
-            f"fine-tuning {base.directory}: {base.model.parameter_count():,} parameters | "
+            f"fine-tuning {base.directory}: {config.parameter_count():,} parameters{through} | "
             f"device {describe_device(device)} | "
             f"precision {str(amp_dtype).removeprefix('torch.')} | "
             f"{len(examples):,} examples ({len(train_data.examples):,} training / "
@@ -99,7 +130,7 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         fingerprint = {**identity, "examples": examples_fingerprint(examples)}
         torch.manual_seed(settings.seed)
         trainer = Trainer(
-            base.model,
+            model,
             train_data,
             val_data,
             settings,
@@ -118,6 +149,6 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     reporter.info(
         f"sample reply to the validation prompt {prompt.removesuffix(RESPONSE_HEADER)!r}:"
     )
-    del trainer, base  # see sample_from_best
+    del trainer, base, model  # see sample_from_best
     print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
     return state

@@ -2,10 +2,10 @@
 
 The identity says what a run trains (architecture, tokenizer, data) and with which
 settings; it is built once, saved in the resume state, and `--resume` refuses a saved
-run whose identity differs. The resume state is one safetensors file: the model's
-weights, one section of tensors per optimizer, the loss scale and the RNG states, with
-the train state, the schedule, each optimizer's parameter groups and the identity in its
-JSON header.
+run whose identity differs. The resume state is one safetensors file: the model's trained
+weights (all of them, or a LoRA run's adapters alone), one section of tensors per
+optimizer, the loss scale and the RNG states, with the train state, the schedule, each
+optimizer's parameter groups and the identity in its JSON header.
 """
 
 from __future__ import annotations
@@ -85,7 +85,31 @@ def describe_difference(path: tuple[str, ...], old: object, new: object, out: Mo
         )
     if part == "base_model":
         return f"the base model: was {old or 'none (a run of noodle train)'}, now {new}"
+    if part == "lora":
+        return describe_adapters_difference(name, old, new)
+    if part == "base_weights":
+        return (
+            "the base model's weights: they changed since the run started, and its resume "
+            "state holds only adapters trained on the old ones"
+        )
     return f"{'.'.join(path)} was {old!r}, now {new!r}"
+
+
+LORA_OPTIONS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "targets": "--lora-targets"}
+
+
+def describe_adapters_difference(name: str, old: object, new: object) -> str:
+    """A difference in the adapters of a run (its "lora" part: None or LoraSettings'
+    dict) in the user's terms."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return f"{LORA_OPTIONS.get(name, name)} was {old.get(name)!r}, now {new.get(name)!r}"
+
+    def adapters(part: object) -> str:
+        if not isinstance(part, dict):
+            return "none (every weight trained)"
+        return f"LoRA rank {part.get('rank')}"
+
+    return f"the adapters: was {adapters(old)}, now {adapters(new)}"
 
 
 def check_resumable(out: ModelDir, identity: dict) -> None:
@@ -116,9 +140,20 @@ class TrainingParts:
     device: torch.device
 
 
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of the model's state dict that training changes: its parameters that
+    take gradients. A run with frozen weights (LoRA's base) reads them again from where it
+    started them, so that its resume state holds only what it trains."""
+    return {
+        name: value.detach()
+        for name, value in unwrap(model).state_dict(keep_vars=True).items()
+        if value.requires_grad
+    }
+
+
 def resume_tensors(parts: TrainingParts) -> dict[str, torch.Tensor]:
     """The resume state's tensors, where they live (on the device)."""
-    tensors = {f"model.{k}": v for k, v in unwrap(parts.model).state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in trained_state(parts.model).items()}
     for name, optimizer in parts.optimizers.items():
         for index, values in optimizer.state_dict()["state"].items():
             for key, value in values.items():
@@ -152,11 +187,15 @@ def resume_metadata(
 def restore(
     parts: TrainingParts, tensors: dict[str, torch.Tensor], saved: dict
 ) -> tuple[TrainState, Schedule]:
-    """Load a resume state into `parts`; returns the saved train state and schedule."""
-    model_state = {
-        k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
-    }
-    unwrap(parts.model).load_state_dict(model_state)
+    """Load a resume state into `parts`; returns the saved train state and schedule. The
+    model's frozen weights, which it does not hold, are left as they are."""
+    trained = trained_state(parts.model)
+    missing = [name for name in trained if f"model.{name}" not in tensors]
+    if missing:
+        raise NoodleError(f"corrupt resume state: it has no {missing[0]}")
+    unwrap(parts.model).load_state_dict(
+        {name: tensors[f"model.{name}"] for name in trained}, strict=False
+    )
     for name, optimizer in parts.optimizers.items():
         prefix = f"optimizer.{name}."
         state: dict[int, dict] = {}

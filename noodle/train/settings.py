@@ -7,7 +7,7 @@ Plain data, importing no torch, so that the command line can build settings (and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -82,6 +82,34 @@ FINETUNE_DEFAULTS = RunDefaults(
     patience=3,
     min_improvement=0.005,
 )
+# Adapters start from no change at all (B is zero) and are a few percent of the weights: they
+# take a learning rate ten times full fine-tuning's, as LoRA runs commonly do.
+LORA_FINETUNE_DEFAULTS = replace(FINETUNE_DEFAULTS, lr_at_batch_4=2e-4)
+
+# The Linear layers of each block that can get low-rank adapters: the fused query/key/value
+# projection, the attention's output projection, the MLP's up and down projections.
+LORA_TARGETS = ("qkv", "proj", "up", "down")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adaptation: each target layer's frozen weight W computes as W + scale · B A,
+    with A (rank × inputs) and B (outputs × rank) trained and scale = alpha / rank."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        """As JSON holds it (the run's identity compares it with a saved one)."""
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+    def description(self) -> str:
+        return f"rank {self.rank}, alpha {self.alpha:g}, on {','.join(self.targets)}"
 
 
 @dataclass
