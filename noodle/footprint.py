@@ -72,17 +72,20 @@ def training_need(
 ) -> MemoryNeed:
     """Training with float32 weights and AdamW; activations of `activation_bytes` each (2
     under bfloat16/float16 autocast). With LoRA `adapters` only they have gradients and
-    optimizer state: the frozen weights need their own bytes alone (the activations are
-    much the same: the gradient still flows back through every layer)."""
+    optimizer state; the frozen weights need their own bytes alone, those of Linear layers
+    in the activations' precision (see `lora.adapt`). The activations are much the same:
+    the gradient still flows back through every layer."""
     parameters = config.parameter_count()
     if adapters is None:
         weights = {
             "weights, gradients and optimizer state": parameters * TRAINING_BYTES_PER_PARAMETER
         }
     else:
+        # The embedding and the norms stay in float32.
+        float32 = config.vocab_size * config.emb_dim + (4 * config.n_layers + 2) * config.emb_dim
         trained = adapter_parameter_count(config, adapters)
         weights = {
-            "frozen weights": parameters * FLOAT32_BYTES,
+            "frozen weights": float32 * FLOAT32_BYTES + (parameters - float32) * activation_bytes,
             "adapters, their gradients and optimizer state": trained * TRAINING_BYTES_PER_PARAMETER,
         }
     per_token = config.n_layers * activation_elements_per_token(config) * activation_bytes

@@ -3,10 +3,12 @@ layers, and merging them into the weights.
 
 `add_adapters` freezes a model and turns the target layers of its blocks into `LoraLinear`s:
 each keeps its weight and bias under the same names and gains `lora_a` and `lora_b` beside
-them, so the model module itself knows nothing of adapters. A LoRA run's output directory
-(`AdaptedModelDir`) holds the merged weights, W + scale · B A, as its model.safetensors: a
-plain model directory that chat, eval and export load as any other; the adapters alone are
-kept beside them.
+them, so the model module itself knows nothing of adapters. A LoRA run trains and saves
+the adapters alone: its output directory (`AdaptedModelDir`) merges them into the base
+model's weights as read from the base's own file, W + scale · B A, and writes those as its
+model.safetensors (a plain model directory that chat, eval and export load as any other),
+keeping the adapters beside them. The frozen weights in memory are then free to be kept
+in the precision they compute in (see `adapt`).
 
 The adapters are ordinary parameters of the blocks they sit in: a replicated model
 (DistributedDataParallel) averages their gradients as it would any other's, and a sharded
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from noodle.checkpoint import ADAPTERS, BestWeights, ModelDir, best_metadata, write_safetensors
@@ -104,48 +107,57 @@ def initial_adapters(
     return values
 
 
-def adapt(model: nn.Module, settings: LoraSettings, seed: int) -> None:
-    """`add_adapters`, with the adapters set to their starting values."""
+def adapt(
+    model: nn.Module, settings: LoraSettings, seed: int, frozen_dtype: torch.dtype = torch.float32
+) -> None:
+    """`add_adapters`, with the adapters set to their starting values, and the frozen weights
+    and biases of every Linear layer kept in `frozen_dtype`. Give it the autocast precision:
+    under bfloat16 or float16 autocast a Linear layer computes in it whatever its weights
+    are stored in, so storing them so gives the very same results, in half the memory and
+    without the cast copy autocast would otherwise keep for the backward pass. (The
+    embedding and the norms stay in float32: the residual stream keeps its precision.)"""
     add_adapters(model, settings)
     with torch.no_grad():
         for name, value in initial_adapters(model.config, settings, seed).items():
             model.get_parameter(name).copy_(value)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            for name in ("weight", "bias"):
+                frozen = getattr(module, name)
+                if frozen is not None:
+                    setattr(module, name, nn.Parameter(frozen.to(frozen_dtype), False))
 
 
-def is_adapter(name: str) -> bool:
-    return name.rpartition(".")[2] in (ADAPTER_A, ADAPTER_B)
-
-
-def merged_weights(state: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """The plain model's state dict from an adapted model's (whole tensors): each adapted
-    weight W becomes W + scale · B A, computed in float32, and the adapters are left out."""
+def merged_weights(
+    base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor], scale: float
+) -> dict[str, torch.Tensor]:
+    """The base model's state dict with `adapters` merged in (whole tensors): each adapted
+    weight W becomes W + scale · B A, computed in float32; the rest is the base's."""
     merged = {}
-    for name, value in state.items():
-        layer, _, kind = name.rpartition(".")
-        if is_adapter(name):
-            continue
-        if kind == "weight" and f"{layer}.{ADAPTER_A}" in state:
-            a, b = state[f"{layer}.{ADAPTER_A}"].float(), state[f"{layer}.{ADAPTER_B}"].float()
-            value = (value.float() + scale * (b @ a)).to(value.dtype)
+    for name, value in base.items():
+        layer = name.removesuffix(".weight")
+        if f"{layer}.{ADAPTER_A}" in adapters:
+            a, b = adapters[f"{layer}.{ADAPTER_A}"], adapters[f"{layer}.{ADAPTER_B}"]
+            value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
         merged[name] = value
     return merged
 
 
 class AdaptedModelDir(ModelDir):
-    """The output directory of a LoRA run. Given the adapted model's state dict as its
-    weights, it writes the merged weights as the model's (so the directory stays a plain
-    model directory) and the adapters alone beside them (ADAPTERS, with their settings),
-    both marked with the evaluation they are the best of. The adapters go first: a crash
-    between the two writes leaves the model's weights those model.json describes."""
+    """The output directory of a LoRA run, whose base model's weights are the file `base`.
+    Given the adapters as the weights to write (what the run trains), it writes them merged
+    into the base's weights as the model's, so that the directory is a plain model
+    directory, and alone beside them (ADAPTERS, with their settings), both marked with the
+    evaluation they are the best of. The adapters go first: a crash between the two writes
+    leaves the model's weights those model.json describes."""
 
-    def __init__(self, path: str | Path, settings: LoraSettings) -> None:
+    def __init__(self, path: str | Path, settings: LoraSettings, base: Path) -> None:
         super().__init__(path)
-        self.settings = settings
+        self.settings, self.base = settings, base
 
     def write_weights(
-        self, tensors: dict[str, torch.Tensor], best: BestWeights | None = None
+        self, adapters: dict[str, torch.Tensor], best: BestWeights | None = None
     ) -> None:
-        adapters = {name: value for name, value in tensors.items() if is_adapter(name)}
         metadata = {
             "rank": str(self.settings.rank),
             "alpha": repr(self.settings.alpha),
@@ -155,4 +167,6 @@ class AdaptedModelDir(ModelDir):
         atomic_write(
             self.file(ADAPTERS), lambda handle: write_safetensors(handle, adapters, metadata)
         )
-        super().write_weights(merged_weights(tensors, self.settings.scale), best)
+        # Mapped, not read: only the adapted weights are copied, to be merged.
+        base = load_file(self.base)
+        super().write_weights(merged_weights(base, adapters, self.settings.scale), best)

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import ADAPTERS, ModelFiles, load_weights, open_model_dir, weights_sha256
+from noodle.checkpoint import (
+    ADAPTERS,
+    WEIGHTS,
+    ModelFiles,
+    load_weights,
+    open_model_dir,
+    weights_sha256,
+)
 from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.footprint import require_training_memory
@@ -87,7 +94,7 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
 
     model, trained, adapters = base.model, base.model.parameter_count(), None
     if lora is not None:
-        adapt(model, lora, settings.seed)
+        adapt(model, lora, settings.seed, frozen_dtype=amp_dtype)
         trained = adapter_parameter_count(config, lora)
         adapters = {
             **lora.to_dict(),
@@ -99,7 +106,7 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     # Only now, with every input checked, is OUTPUT_DIR created or written to.
     with locked_output_dir(options.output_dir, options.resume, reporter) as out:
         if lora is not None:
-            out = AdaptedModelDir(out.path, lora)
+            out = AdaptedModelDir(out.path, lora, base.directory / WEIGHTS)
         record = RunRecord(
             out,
             config,

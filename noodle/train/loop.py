@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from noodle.batching import Batch, to_device
-from noodle.checkpoint import METRICS, BestWeights, ModelDir, unwrap
+from noodle.checkpoint import METRICS, BestWeights, ModelDir
 from noodle.device import autocast
 from noodle.errors import Interrupted, NoodleError
 from noodle.evaluation import evaluate
@@ -38,6 +38,7 @@ from noodle.train.resume import (
     restore,
     resume_metadata,
     resume_tensors,
+    trained_state,
 )
 from noodle.train.settings import TrainSettings, TrainState, planned_steps
 from noodle.train.writer import Writer
@@ -178,8 +179,9 @@ class Trainer:
         self, best: BestWeights | None = None, then: Callable[[], None] = lambda: None
     ) -> None:
         """Write the current weights as the model's (the best of evaluation `best`, if any),
-        then call `then`."""
-        tensors = self.writer.snapshot(unwrap(self.model).state_dict())
+        then call `then`. Those the run trains: every weight, or the adapters of a LoRA run,
+        which its output directory merges into the weights they adapt."""
+        tensors = self.writer.snapshot(trained_state(self.model))
         out = self.out
 
         def write() -> None:

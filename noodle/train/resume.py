@@ -86,7 +86,7 @@ def describe_difference(path: tuple[str, ...], old: object, new: object, out: Mo
     if part == "base_model":
         return f"the base model: was {old or 'none (a run of noodle train)'}, now {new}"
     if part == "lora":
-        return describe_adapters_difference(name, old, new)
+        return describe_adapters_difference(path, old, new)
     if part == "base_weights":
         return (
             "the base model's weights: they changed since the run started, and its resume "
@@ -98,11 +98,15 @@ def describe_difference(path: tuple[str, ...], old: object, new: object, out: Mo
 LORA_OPTIONS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "targets": "--lora-targets"}
 
 
-def describe_adapters_difference(name: str, old: object, new: object) -> str:
+def describe_adapters_difference(path: tuple[str, ...], old: object, new: object) -> str:
     """A difference in the adapters of a run (its "lora" part: None or LoraSettings'
-    dict) in the user's terms."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return f"{LORA_OPTIONS.get(name, name)} was {old.get(name)!r}, now {new.get(name)!r}"
+    dict, or one of its settings) in the user's terms."""
+    if len(path) > 1:
+
+        def value(setting: object) -> str:
+            return repr(",".join(setting) if isinstance(setting, list) else setting)
+
+        return f"{LORA_OPTIONS.get(path[-1], path[-1])} was {value(old)}, now {value(new)}"
 
     def adapters(part: object) -> str:
         if not isinstance(part, dict):
