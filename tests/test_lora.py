@@ -264,7 +264,7 @@ def greedy_answer(model: NoodleModel, tokenizer: object, question: str) -> str:
 
 
 def test_chat_answers_from_the_merged_directory_as_the_adapted_model_does(
-    lora_run, one_torch_thread
+    lora_run, cli_in_process, one_torch_thread
 ):
     loaded = load_model(lora_run.base)
     question = PAIRS[1][0]
@@ -275,13 +275,12 @@ def test_chat_answers_from_the_merged_directory_as_the_adapted_model_does(
             loaded.model.get_parameter(name).copy_(value)
     adapted_answer = greedy_answer(loaded.model, loaded.tokenizer, question)
 
-    result = run_noodle(
-        *("chat", lora_run.out, "--prompt", question, "--temperature", 0, "--backend", "cpu"),
-        env=ONE_THREAD,
+    code, out, err = cli_in_process(
+        "chat", lora_run.out, "--prompt", question, "--temperature", 0, "--backend", "cpu"
     )
 
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == adapted_answer.strip() != base_answer.strip()
+    assert code == 0, err
+    assert out.strip() == adapted_answer.strip() != base_answer.strip()
 
 
 @pytest.mark.parametrize(
