@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from noodle.checkpoint import ModelDir, load_weights, model_metadata, open_model_dir
-from noodle.config import PRESETS, ModelConfig, config_from_dict
+from noodle.config import PRESETS, LoraSettings, ModelConfig, config_from_dict
 from noodle.device import select_device, select_dtype, synchronize
 from noodle.evaluation import evaluate
 from noodle.instructions import Instruction, format_block, load_examples, split_examples
@@ -47,7 +47,6 @@ from noodle.train.loop import Trainer
 from noodle.train.settings import (
     FINETUNE_DEFAULTS,
     LORA_FINETUNE_DEFAULTS,
-    LoraSettings,
     TrainSettings,
 )
 

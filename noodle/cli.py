@@ -23,18 +23,16 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from noodle import __version__
-from noodle.config import PRESET_TOKENIZERS
+from noodle.config import LORA_TARGETS, PRESET_TOKENIZERS, LoraSettings
 from noodle.errors import Interrupted, NoodleError, UsageError, did_you_mean
 from noodle.progress import Reporter
 from noodle.train.settings import (
     FINETUNE_DEFAULTS,
     LORA_FINETUNE_DEFAULTS,
-    LORA_TARGETS,
     OPTIMIZERS,
     PRESET_RUN_DEFAULTS,
     PRETRAIN_DEFAULTS,
     SCHEDULES,
-    LoraSettings,
     RunDefaults,
     TrainSettings,
 )

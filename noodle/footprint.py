@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from noodle.config import PRESETS, ModelConfig
+from noodle.config import PRESETS, LoraSettings, ModelConfig
 from noodle.errors import NoodleError
 from noodle.lora import adapter_parameter_count
-from noodle.train.settings import LoraSettings
 
 FLOAT32_BYTES = 4
 # Weights, gradients and AdamW's two moments, all float32 (Muon keeps less: this bounds it).

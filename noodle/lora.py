@@ -29,12 +29,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from noodle.checkpoint import ADAPTERS, BestWeights, ModelDir, best_metadata, write_safetensors
-from noodle.config import ModelConfig
+from noodle.config import LoraSettings, ModelConfig
 from noodle.files import atomic_write
 from noodle.model import weight_shapes
-from noodle.train.settings import LoraSettings
 
-# Where each target of LoraSettings (settings.LORA_TARGETS) is inside a block.
+# Where each of config.LORA_TARGETS is inside a block.
 TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "up": "up", "down": "down"}
 ADAPTER_A, ADAPTER_B = "lora_a", "lora_b"
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noodle.config import PRESETS, ModelConfig
+from noodle.config import PRESETS, LoraSettings, ModelConfig
 from noodle.errors import NoodleError
 from noodle.footprint import MemoryNeed, inference_need, require_memory, training_need
-from noodle.train.settings import LoraSettings
 
 CPU = torch.device("cpu")
 GB = 10**9

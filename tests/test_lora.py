@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from noodle.checkpoint import ModelDir, load_model
-from noodle.config import ModelConfig
+from noodle.config import LORA_TARGETS, LoraSettings, ModelConfig
 from noodle.device import autocast
 from noodle.inference import Session, generate
 from noodle.instructions import format_prompt, load_examples, split_examples
@@ -34,7 +34,7 @@ from noodle.model import NoodleModel
 from noodle.progress import Reporter
 from noodle.sampling import SamplingSettings
 from noodle.train.loop import Trainer
-from noodle.train.settings import LORA_TARGETS, LoraSettings, TrainSettings
+from noodle.train.settings import TrainSettings
 from tests.conftest import ONE_THREAD, PAIRS, TINY_CONFIG, run_noodle, write_instructions
 from tests.tiny_runs import directory_snapshot, read_metrics, saved_tensors
 

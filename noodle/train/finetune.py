@@ -17,6 +17,7 @@ from noodle.checkpoint import (
     open_model_dir,
     weights_sha256,
 )
+from noodle.config import LoraSettings
 from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.footprint import require_training_memory
@@ -38,7 +39,7 @@ from noodle.train.run import (
     run_training,
     sample_from_best,
 )
-from noodle.train.settings import LoraSettings, TrainSettings, TrainState
+from noodle.train.settings import TrainSettings, TrainState
 
 
 @dataclass

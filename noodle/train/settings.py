@@ -86,31 +86,6 @@ FINETUNE_DEFAULTS = RunDefaults(
 # take a learning rate ten times full fine-tuning's, as LoRA runs commonly do.
 LORA_FINETUNE_DEFAULTS = replace(FINETUNE_DEFAULTS, lr_at_batch_4=2e-4)
 
-# The Linear layers of each block that can get low-rank adapters: the fused query/key/value
-# projection, the attention's output projection, the MLP's up and down projections.
-LORA_TARGETS = ("qkv", "proj", "up", "down")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """Low-rank adaptation: each target layer's frozen weight W computes as W + scale · B A,
-    with A (rank × inputs) and B (outputs × rank) trained and scale = alpha / rank."""
-
-    rank: int
-    alpha: float
-    targets: tuple[str, ...] = LORA_TARGETS
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict:
-        """As JSON holds it (the run's identity compares it with a saved one)."""
-        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
-
-    def description(self) -> str:
-        return f"rank {self.rank}, alpha {self.alpha:g}, on {','.join(self.targets)}"
-
 
 @dataclass
 class TrainSettings:
