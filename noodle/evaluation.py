@@ -25,7 +25,7 @@ from noodle.corpus import load_token_stream
 from noodle.device import autocast, describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.footprint import require_inference_memory
-from noodle.model import IGNORE
+from noodle.loss import IGNORE
 from noodle.progress import Reporter
 from noodle.tokenizer import TextTokenizer
 

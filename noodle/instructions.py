@@ -33,7 +33,7 @@ from noodle.batching import TRAIN_FRACTION, Batch
 from noodle.checkpoint import atomic_write_bytes
 from noodle.corpus import read_lines
 from noodle.errors import NoodleError
-from noodle.model import IGNORE
+from noodle.loss import IGNORE
 from noodle.progress import Reporter
 from noodle.tokenizer import END_OF_TEXT, TextTokenizer
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from noodle.config import ModelConfig
+from noodle.loss import output_cross_entropy
 
 QK_NORM_EPS = 1e-6
-IGNORE = -100  # a target the loss skips (prompt and padding positions)
 
 
 def rotary_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,13 +237,14 @@ class NoodleModel(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         start: int | torch.Tensor | None = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor:
         """Logits (batch, length, vocab_size), or with `targets` the mean next-token
-        cross-entropy (targets of IGNORE are skipped). With `start`, reads and extends the
-        key/value cache (see `hidden_states`)."""
-        logits = self.head(self.hidden_states(idx, start))
+        cross-entropy (targets of IGNORE are skipped; `loss_chunk` > 0 computes it, with
+        its gradients, that many positions at a time, never holding all the logits: see
+        `loss.output_cross_entropy`). With `start`, reads and extends the key/value cache
+        (see `hidden_states`)."""
+        hidden = self.hidden_states(idx, start)
         if targets is None:
-            return logits
-        return F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
-        )
+            return self.head(hidden)
+        return output_cross_entropy(hidden, self.head, targets, loss_chunk)

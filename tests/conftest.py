@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from noodle.instructions import Instruction, format_block
 from noodle.tokenizer import TextTokenizer, learn_tokenizer, load_tokenizer
+from tests.stories import story_corpus
 from tests.tiny_runs import TinyRun
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,21 +27,6 @@ TINY_CONFIG = {
     "ctx_len": 64,
     "dropout": 0.0,
 }
-
-NAMES = ["tom", "lily", "ben", "mia", "sam", "anna"]
-THINGS = ["red ball", "big dog", "little cat", "blue kite", "green frog", "toy car"]
-PLACES = ["park", "garden", "house", "forest", "beach", "school"]
-
-
-def story_corpus(lines: int, seed: int = 0) -> str:
-    """Simple, learnable text: a handful of sentence shapes over a small vocabulary."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(lines):
-        name, thing, place = rng.choice(NAMES), rng.choice(THINGS), rng.choice(PLACES)
-        out.append(f"once upon a time {name} found a {thing} in the {place}. {name} was happy.")
-    return "\n".join(out) + "\n"
-
 
 # Question/answer pairs a tiny model can learn in a few dozen fine-tuning steps.
 PAIRS = [

@@ -25,18 +25,44 @@ def run_script(*args: object) -> subprocess.CompletedProcess:
     )
 
 
-def test_train_speed_runs_the_real_training_step_on_cpu(tmp_path):
+def test_train_speed_runs_the_real_training_step_and_its_variants_on_cpu(tmp_path):
     out = tmp_path / "rows.json"
     result = run_script(
         "benchmarks/train_speed.py",
         *("--device", "cpu", "--shapes", "tiny:2", "--steps", 2, "--warmup", 1),
+        *("--variants", "tiny:2:chunk256,tiny:2:mine", "--define", "mine:loss_chunk=5,dropout=0"),
         *("--compile", "off", "--json", out),
     )
     assert result.returncode == 0, result.stderr
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["shape"] == "tiny" and row["batch"] == 2 and row["compile"] is False
-    assert row["tokens_per_s"] > 0 and 9 < row["final_loss"] < 12  # ~ln(50304) untrained
-    assert "tokens/s" in result.stdout and "tiny" in result.stdout
+    default, chunked, mine = json.loads(out.read_text())["rows"]
+    assert default["shape"] == "tiny" and default["batch"] == 2 and default["compile"] is False
+    assert default["tokens_per_s"] > 0 and 9 < default["final_loss"] < 12  # ~ln(50304) untrained
+    assert default["loss_chunk"] == 0  # uncompiled: the plain loss
+    assert (chunked["variant"], chunked["loss_chunk"], chunked["dropout"]) == ("chunk256", 256, 0.1)
+    assert (mine["variant"], mine["loss_chunk"], mine["dropout"]) == ("mine", 5, 0.0)
+    assert "tokens/s" in result.stdout and "| tiny | 2 | mine | 5 |" in result.stdout
+
+
+def test_train_speed_starts_no_row_past_its_budget(tmp_path):
+    result = run_script(
+        "benchmarks/train_speed.py",
+        *("--device", "cpu", "--shapes", "tiny:2", "--variants", "tiny:2:plain"),
+        *("--steps", 1, "--warmup", 1, "--compile", "off", "--budget-s", 0),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipped (past --budget-s): tiny:2:default, tiny:2:plain" in result.stdout
+
+
+def test_train_parity_compares_two_real_runs_on_cpu(tmp_path):
+    out = tmp_path / "parity.json"
+    result = run_script(
+        "benchmarks/train_parity.py",
+        *("--device", "cpu", "--steps", 2, "--eval-interval", 1, "--lines", 200, "--json", out),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["steps"] == [1, 2] and report["cpu"] == report["device"]
+    assert report["largest"] == 0 and "largest difference 0.0000" in result.stdout
 
 
 def test_decode_benchmark_generates_on_cpu():
@@ -135,7 +161,9 @@ def test_quality_trains_scores_and_summarizes_rows_on_cpu(tmp_path, tiny_config,
     table = result.stdout.splitlines()
     assert sum(line.startswith("| base | ") for line in table) == 2 + 2  # runs and summary
     assert any(line.endswith("| vs base | time to base's best |") for line in table)
-    (summary,) = [line for line in table if line.startswith("| muon | gutenberg | 1 | 1.")]
+    (summary,) = [
+        line for line in table if line.startswith("| muon | gutenberg | 1 | ") and "±" in line
+    ]
     assert re.search(r"± \d\.\d+ \| [+-]\d+\.\d% \| (\d+%|not reached) \|$", summary)
 
     # The saved runs summarized again against another row, with nothing trained.

@@ -23,9 +23,6 @@ from noodle.inference import generate
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import load_tokenizer
 from tests.conftest import (
-    NAMES,
-    PLACES,
-    THINGS,
     TINY_CONFIG,
     noodle_command,
     noodle_env,
@@ -33,6 +30,7 @@ from tests.conftest import (
     story_corpus,
     write_small_tokenizer,
 )
+from tests.stories import NAMES, PLACES, THINGS
 
 # Subprocesses run on one thread too, for the reason one_torch_thread gives.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

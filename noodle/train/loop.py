@@ -27,6 +27,7 @@ from noodle.checkpoint import METRICS, BestWeights, ModelDir
 from noodle.device import autocast
 from noodle.errors import Interrupted, NoodleError
 from noodle.evaluation import evaluate
+from noodle.loss import FUSED_CHUNK
 from noodle.memory import release_free_memory
 from noodle.parallel import Parallel
 from noodle.progress import Reporter, Task
@@ -123,6 +124,9 @@ class Trainer:
         self.parts = TrainingParts(model, self.optimizers, loss_scale, device)
         compile_mode = settings.compile_mode if settings.compile else None
         self.step_model = (parallel or Parallel()).prepare_model(model, compile_mode)
+        self.loss_chunk = settings.loss_chunk
+        if self.loss_chunk is None:
+            self.loss_chunk = FUSED_CHUNK if settings.compile else 0
         self.state = TrainState()
         self.stats = StepStats(device, self.state)
         self.batches_per_epoch = train_data.batches_per_epoch()
@@ -294,7 +298,7 @@ class Trainer:
         the loss and what the step did (device tensors: reading them waits for the step)."""
         self.optimizer_step.set_lr(lr_factor)
         with autocast(self.device, self.amp_dtype):
-            loss = self.step_model(inputs, targets)
+            loss = self.step_model(inputs, targets, loss_chunk=self.loss_chunk)
         self.optimizer_step.scale_loss(loss).backward()
         loss = loss.detach()
         return loss, self.optimizer_step(loss)

@@ -118,6 +118,12 @@ class TrainSettings:
     # CUDA graphs replay each step's ~200 kernels with one launch: small models are bound by
     # kernel-launch overhead otherwise (somen at batch 8 spends most of its step on the CPU).
     compile_mode: str = "reduce-overhead"
+    # The training loss fused with the output layer: computed with its gradients in the
+    # forward pass, this many positions at a time, keeping no logits for the backward pass
+    # (noodle.loss); 0 makes all the logits and uses F.cross_entropy. The same arithmetic
+    # either way. None: loss.FUSED_CHUNK when the model is compiled, else 0 (uncompiled,
+    # the fused form's separate passes cost more than they save).
+    loss_chunk: int | None = None
 
 
 @dataclass
