@@ -34,15 +34,16 @@ from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import ModelDir, load_weights, model_metadata, open_model_dir
+from noodle.checkpoint import ModelDir, model_metadata, open_model_dir
 from noodle.config import PRESETS, LoraSettings, ModelConfig, config_from_dict
 from noodle.device import select_device, select_dtype, synchronize
 from noodle.evaluation import evaluate
 from noodle.instructions import Instruction, format_block, load_examples, split_examples
-from noodle.lora import adapt, adapter_parameter_count
 from noodle.model import NoodleModel
+from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.tokenizer import load_tokenizer
+from noodle.train.finetune import model_to_finetune
 from noodle.train.loop import Trainer
 from noodle.train.settings import (
     FINETUNE_DEFAULTS,
@@ -127,8 +128,8 @@ def measure(args: argparse.Namespace) -> dict:
     """One run (`args.run`: full or lora) for `args.seconds` of training steps."""
     device = select_device(args.device)
     amp_dtype = select_dtype("auto", device)
-    loaded = load_weights(open_model_dir(args.base), device)
-    model, config = loaded.model, loaded.config
+    base = open_model_dir(args.base)
+    config, tokenizer = base.config, base.tokenizer
     lora = LoraSettings(args.rank, 2.0 * args.rank) if args.run == "lora" else None
     defaults = FINETUNE_DEFAULTS if lora is None else LORA_FINETUNE_DEFAULTS
     settings = TrainSettings(
@@ -136,11 +137,8 @@ def measure(args: argparse.Namespace) -> dict:
         lr=defaults.lr_at_batch_4 * args.batch_size / 4,
         max_epochs=10**6,  # the time budget ends the run; the rate stays near its peak
     )
-    trained = config.parameter_count()
-    if lora is not None:
-        adapt(model, lora, settings.seed, frozen_dtype=amp_dtype)
-        trained = adapter_parameter_count(config, lora)
-    tokenizer = loaded.tokenizer
+    model = model_to_finetune(Parallel(), base, lora, settings, amp_dtype, device)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     examples, _ = load_examples(args.instructions, tokenizer, config.ctx_len, QUIET)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
     train, validation = split_examples(
@@ -162,15 +160,14 @@ def measure(args: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         step, tokens, started = 0, 0, None
         while True:
-            epoch, index = divmod(step, trainer.batches_per_epoch)
-            inputs, targets = trainer.device_batch(epoch, index)
-            trainer.train_step(inputs, targets, trainer.schedule.factor(step))
+            batch = train.get(*divmod(step, trainer.batches_per_epoch))
+            trainer.train_step(batch, trainer.schedule.factor(step))
             step += 1
             if step == args.warmup:
                 synchronize(device)
                 started, tokens = time.perf_counter(), 0
             elif started is not None:
-                tokens += inputs.numel()
+                tokens += batch[0].numel()
                 if step % 10 == 0:
                     synchronize(device)
                     if time.perf_counter() - started >= args.seconds:

@@ -49,12 +49,12 @@ def main() -> None:
         identity={},
     )
     for index in range(10):
-        trainer.train_step(*trainer.device_batch(0, index), lr_factor=1.0)
+        trainer.train_step(trainer.train_data.get(0, index), lr_factor=1.0)
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for index in range(10, 10 + args.steps):
-            trainer.train_step(*trainer.device_batch(0, index), lr_factor=1.0)
+            trainer.train_step(trainer.train_data.get(0, index), lr_factor=1.0)
         synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=90))

@@ -241,9 +241,9 @@ class Bench:
                 if index == CALIBRATION_WARMUP:
                     synchronize(self.device)
                     started = time.perf_counter()
-                inputs, targets = trainer.device_batch(0, index)
-                loss, outcome = trainer.train_step(inputs, targets, CALIBRATION_LR_FACTOR)
-                trainer.stats.add(loss, outcome.skipped, outcome.diverging, inputs.numel())
+                batch = trainer.train_data.get(0, index)
+                loss, outcome, _ = trainer.train_step(batch, CALIBRATION_LR_FACTOR)
+                trainer.stats.add(loss, outcome.skipped, outcome.diverging, batch[0].numel())
             synchronize(self.device)
             self.step_seconds[key] = (time.perf_counter() - started) / CALIBRATION_STEPS
         return self.step_seconds[key]

@@ -243,8 +243,8 @@ def measure(
         losses = []
 
         def step(index: int) -> None:
-            inputs, targets = trainer.device_batch(0, index)
-            losses.append(trainer.train_step(inputs, targets, lr_factor=1.0)[0])
+            batch = trainer.train_data.get(0, index)
+            losses.append(trainer.train_step(batch, lr_factor=1.0)[0])
 
         elapsed, warmup_s = timed_steps(step, warmup, steps, device)
     tokens_per_s = steps * row.batch * config.ctx_len / elapsed

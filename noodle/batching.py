@@ -47,6 +47,11 @@ class TokenWindows:
         self.slots = slots
         self.count = window_count(len(tokens), ctx_len) if slots is None else len(slots)
         self._order: tuple[int, np.ndarray] | None = None
+        self.share = (0, 1)  # see take_share
+
+    def take_share(self, rank: int, ranks: int) -> None:
+        """From now on `get` returns process `rank`'s share of each batch (of `ranks`)."""
+        self.share = (rank, ranks)
 
     def batches_per_epoch(self) -> int:
         return self.count // self.batch_size
@@ -67,7 +72,7 @@ class TokenWindows:
 
     def get(self, epoch: int, index: int) -> Batch:
         chosen = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
-        return self.windows(chosen)
+        return self.windows(share_of(chosen, *self.share))
 
     def eval_batches(self, max_batches: int) -> Iterator[Batch]:
         """Evenly spaced windows, at most max_batches batches, the same ones every time."""
@@ -75,6 +80,13 @@ class TokenWindows:
         chosen = np.linspace(0, self.count - 1, num=limit).round().astype(np.int64)
         for start in range(0, limit, self.batch_size):
             yield self.windows(chosen[start : start + self.batch_size])
+
+
+def share_of(chosen: np.ndarray, rank: int, ranks: int) -> np.ndarray:
+    """Process `rank`'s contiguous share of a global batch's items: every process reads its
+    own windows of the same shuffled order, together the whole batch."""
+    size = len(chosen) // ranks
+    return chosen[rank * size : (rank + 1) * size]
 
 
 def window_count(n_tokens: int, ctx_len: int) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -215,24 +216,57 @@ class ModelDir:
 
     def read_resume_metadata(self) -> dict:
         """The JSON part of the resume state alone, without reading its tensors."""
-        return self._read_resume_state(with_tensors=False)[1]
+        return self.open_resume_state()[1]
 
-    def load_resume_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        return self._read_resume_state(with_tensors=True)
-
-    def _read_resume_state(self, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    def open_resume_state(self) -> tuple[SavedTensors, dict]:
+        """The resume state's tensors (each read when asked for) and its JSON part."""
         path = self.file(RESUME)
         if not path.is_file():
             raise NoodleError(f"nothing to resume: {path} does not exist (start without --resume)")
+        tensors = SavedTensors(path, "corrupt resume state")
         try:
-            # safetensors holds only raw tensor data and a JSON header: nothing is unpickled.
-            with safe_open(path, framework="pt") as reader:
-                state = json.loads(reader.metadata()["state"])
-                names = reader.keys() if with_tensors else []
-                tensors = {name: reader.get_tensor(name) for name in names}
-        except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+            state = json.loads(tensors.metadata()["state"])
+        except (KeyError, TypeError, ValueError) as exc:
             raise NoodleError(f"{path}: corrupt resume state ({exc})") from None
         return tensors, state
+
+
+class SavedTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file by name, each read when asked for: the whole file
+    is never in memory at once, and a process given a shard of a model can leave the rest
+    unread. safetensors holds raw tensor data and a JSON header: nothing is unpickled."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path, self.problem = path, problem
+        try:
+            self.reader = safe_open(path, framework="pt")
+            self.names = list(self.reader.keys())
+        except (SafetensorError, OSError) as exc:
+            raise self.error(exc) from None
+
+    def error(self, exc: Exception) -> NoodleError:
+        return NoodleError(f"{self.path}: {self.problem} ({exc})")
+
+    def metadata(self) -> dict[str, str] | None:
+        return self.reader.metadata()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, read from the header alone."""
+        return tuple(self.reader.get_slice(name).get_shape())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        try:
+            return self.reader.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise self.error(exc) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 @dataclass

@@ -212,6 +212,39 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             ],
             TrainSettings.schedule,
         ),
+        "grad_accum": (
+            Annotated[
+                int,
+                typer.Option(
+                    help="Split each batch into this many micro-batches whose gradients add "
+                    "up to one step: a batch larger than memory, with the same result."
+                ),
+            ],
+            TrainSettings.grad_accum,
+        ),
+        "fsdp": (
+            Annotated[
+                bool,
+                flag(
+                    "--fsdp",
+                    help="Shard parameters, gradients and optimizer state over the torchrun "
+                    "processes (FSDP2); on by itself where the model and its optimizer state "
+                    "would crowd one GPU.",
+                ),
+            ],
+            False,
+        ),
+        "activation_checkpointing": (
+            Annotated[
+                bool,
+                flag(
+                    "--activation-checkpointing",
+                    help="Recompute each block's activations in the backward pass instead of "
+                    "keeping them: less memory, about a third more compute.",
+                ),
+            ],
+            False,
+        ),
         "eval_interval": (
             Annotated[int, typer.Option(help="Evaluate every this many steps.")],
             defaults.eval_interval,
@@ -297,7 +330,7 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
     min_improvement, save_every = values.pop("min_improvement"), values.pop("save_every")
     drop_resume_state = values.pop("drop_resume_state")
     for name, value in values.items():
-        if not isinstance(value, str):
+        if not isinstance(value, str | bool):
             positive(name.replace("_", "-"), value)
     if min_improvement < 0:
         raise UsageError(f"--min-improvement must not be negative, got {min_improvement}")
@@ -359,8 +392,19 @@ def with_training_options(
     return decorate
 
 
+def later_process() -> bool:
+    """Whether this is a process of a torchrun run other than the first (RANK > 0): the
+    first one reports for all of them."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def machines_first_process() -> bool:
+    """Whether this process is the first of its machine (LOCAL_RANK 0; a lone process is)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def run_with_reporter(work: Callable[[Reporter], object]) -> None:
-    reporter = Reporter()
+    reporter = Reporter(silent=later_process())
     try:
         work(reporter)
     finally:
@@ -716,10 +760,15 @@ def root(
     """Noodle: a small language model you train yourself."""
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int, every_process: bool = False) -> None:
+    """Print `error: MESSAGE` and exit with `code`. In a torchrun run, where every process
+    checks the same inputs and stops at the same step, only each machine's first process
+    prints, unless the failure is this process's own (`every_process`: a bug)."""
     if os.environ.get("NOODLE_DEBUG") == "1":
         traceback.print_exc()
-    print(f"error: {message}", file=sys.stderr)
+    if every_process or machines_first_process():
+        rank = f"process {os.environ['RANK']}: " if every_process and later_process() else ""
+        print(f"error: {rank}{message}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -729,6 +778,8 @@ def interruption_message(exc: Interrupted, args: list[str]) -> str:
         return f"interrupted by {exc}"
     resume = [] if "--resume" in args else ["--resume"]
     command = shlex.join(["noodle", *args, *resume])
+    if "WORLD_SIZE" in os.environ:  # started by torchrun, which must start it again
+        command = f"torchrun [its options] -m {command}"
     return (
         f"interrupted by {exc} at step {exc.resume_step}; the resume state is saved. "
         f"Continue with: {command}"
@@ -786,5 +837,5 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.exit(1)
     except Exception as exc:  # a bug: still one line, with the traceback under NOODLE_DEBUG=1
-        fail(f"{type(exc).__name__}: {exc}", 1)
+        fail(f"{type(exc).__name__}: {exc}", 1, every_process=True)
     sys.exit(code if isinstance(code, int) else 0)

@@ -101,3 +101,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """{"peak_memory_gb": the most memory tensors held on `device` so far} on CUDA (each
+    process its own GPU's), else nothing."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2)}

@@ -6,6 +6,9 @@ import difflib
 import signal
 from collections.abc import Iterable
 
+# The signals that stop a run cleanly: the step in progress finishes and the run is saved.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class NoodleError(Exception):
     """A bad input or a failed run: one line `error: ...` on stderr and exit code 1."""

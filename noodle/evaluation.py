@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,11 +35,12 @@ MAX_EXP_ARGUMENT = math.log(sys.float_info.max)  # a diverged model can exceed i
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, batches: Iterator[Batch], device: torch.device, amp_dtype: torch.dtype
-) -> float:
-    """Mean cross-entropy per predicted token over `batches` (targets of IGNORE predict
-    nothing). Sums stay on the device: one host read at the end."""
+def loss_sums(
+    model: torch.nn.Module, batches: Iterable[Batch], device: torch.device, amp_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total cross-entropy and the number of predicted tokens over `batches` (targets of
+    IGNORE predict nothing), as device tensors. A batch may be empty (a process's share
+    of a small one): it adds nothing, but the model still runs, as sharded models need."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -49,9 +50,18 @@ def evaluate(
         predicted = (targets != IGNORE).sum()
         with autocast(device, amp_dtype):
             loss = model(inputs, targets)
-        total += loss.double() * predicted
+        total += torch.where(predicted > 0, loss.double() * predicted, 0.0)
         count += predicted
     model.train(was_training)
+    return total, count
+
+
+def evaluate(
+    model: torch.nn.Module, batches: Iterable[Batch], device: torch.device, amp_dtype: torch.dtype
+) -> float:
+    """Mean cross-entropy per predicted token over `batches`. Sums stay on the device: one
+    host read at the end."""
+    total, count = loss_sums(model, batches, device, amp_dtype)
     return float(total) / max(int(count), 1)
 
 

@@ -34,6 +34,9 @@ class MemoryNeed:
     fixed: dict[str, int]
     per_sequence: int = 0
     batch_size: int = 1
+    # The global batch is this many times batch_size: shared over processes and
+    # micro-batches (each process holds one micro-batch at a time).
+    batch_parts: int = 1
 
     @property
     def total(self) -> int:
@@ -67,34 +70,49 @@ def training_need(
     config: ModelConfig,
     batch_size: int,
     activation_bytes: int,
+    shards: int = 1,
+    checkpointing: bool = False,
+    batch_parts: int = 1,
     adapters: LoraSettings | None = None,
 ) -> MemoryNeed:
     """Training with float32 weights and AdamW; activations of `activation_bytes` each (2
-    under bfloat16/float16 autocast). With LoRA `adapters` only they have gradients and
-    optimizer state; the frozen weights need their own bytes alone, those of Linear layers
-    in the activations' precision (see `lora.adapt`). The activations are much the same:
-    the gradient still flows back through every layer."""
+    under bfloat16/float16 autocast). One process's share: `batch_size` sequences at a time
+    of a global batch of `batch_parts` times as many, the weights and their state split in
+    `shards` (FSDP). With activation checkpointing a block keeps only its input, and one
+    block's activations exist at a time, recomputed in the backward pass.
+
+    With LoRA `adapters` only they have gradients and optimizer state; the frozen weights
+    need their own bytes alone, those of Linear layers in the activations' precision unless
+    sharded (see `lora.adapt`). The activations are much the same: the gradient still flows
+    back through every layer."""
     parameters = config.parameter_count()
     if adapters is None:
         weights = {
-            "weights, gradients and optimizer state": parameters * TRAINING_BYTES_PER_PARAMETER
+            "weights, gradients and optimizer state": -(-parameters // shards)
+            * TRAINING_BYTES_PER_PARAMETER
         }
     else:
         # The embedding and the norms stay in float32.
         float32 = config.vocab_size * config.emb_dim + (4 * config.n_layers + 2) * config.emb_dim
+        linear_bytes = activation_bytes if shards == 1 else FLOAT32_BYTES
+        frozen = float32 * FLOAT32_BYTES + (parameters - float32) * linear_bytes
         trained = adapter_parameter_count(config, adapters)
         weights = {
-            "frozen weights": float32 * FLOAT32_BYTES + (parameters - float32) * activation_bytes,
-            "adapters, their gradients and optimizer state": trained * TRAINING_BYTES_PER_PARAMETER,
+            "frozen weights": -(-frozen // shards),
+            "adapters, their gradients and optimizer state": -(-trained // shards)
+            * TRAINING_BYTES_PER_PARAMETER,
         }
-    per_token = config.n_layers * activation_elements_per_token(config) * activation_bytes
+    block = activation_elements_per_token(config)
+    kept = config.n_layers * config.emb_dim + block if checkpointing else config.n_layers * block
+    per_token = kept * activation_bytes
     # The logits, their float32 copy for the loss, and its gradient.
     per_token += config.vocab_size * (activation_bytes + 2 * FLOAT32_BYTES)
     return MemoryNeed(
-        f"to train at batch size {batch_size}",
+        f"to train at batch size {batch_size * batch_parts}",
         {**weights, "rotary tables": rotary_bytes(config)},
         per_sequence=config.ctx_len * per_token,
         batch_size=batch_size,
+        batch_parts=batch_parts,
     )
 
 
@@ -173,7 +191,7 @@ def require_memory(
     hints = []
     batch = need.largest_batch(available)
     if 0 < batch < need.batch_size:
-        hints.append(f"--batch-size {batch} would fit")
+        hints.append(f"--batch-size {batch * need.batch_parts} would fit")
     fitting = []
     for preset, preset_config in PRESETS.items():
         size = need_for(replace(preset_config, vocab_size=config.vocab_size)).total
@@ -193,14 +211,20 @@ def require_training_memory(
     batch_size: int,
     amp_dtype: torch.dtype,
     device: torch.device,
+    shards: int = 1,
+    checkpointing: bool = False,
+    batch_parts: int = 1,
     adapters: LoraSettings | None = None,
 ) -> None:
-    """Refuse to train `config` (through LoRA `adapters`, if given) where it cannot fit
-    (see `require_memory`)."""
+    """Refuse to train `config` (through LoRA `adapters`, if given) where it cannot fit (see
+    `require_memory`); `shards`, `checkpointing` and `batch_parts` say what one process of
+    several holds (see `training_need`)."""
     activation_bytes = torch.finfo(amp_dtype).bits // 8
     require_memory(
         config,
-        lambda c: training_need(c, batch_size, activation_bytes, adapters),
+        lambda c: training_need(
+            c, batch_size, activation_bytes, shards, checkpointing, batch_parts, adapters
+        ),
         name,
         device,
         available_memory(device),

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from noodle.batching import TRAIN_FRACTION, Batch
+from noodle.batching import TRAIN_FRACTION, Batch, share_of
 from noodle.checkpoint import atomic_write_bytes
 from noodle.corpus import read_lines
 from noodle.errors import NoodleError
@@ -237,6 +237,12 @@ class InstructionBatches:
         self, examples: list[Example], batch_size: int, pad_id: int, seed: int = 0
     ) -> None:
         self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+        self.share = (0, 1)
+
+    def take_share(self, rank: int, ranks: int) -> None:
+        """From now on `get` returns process `rank`'s share of each batch (of `ranks`),
+        padded to its own longest example."""
+        self.share = (rank, ranks)
 
     def batches_per_epoch(self) -> int:
         return len(self.examples) // self.batch_size
@@ -253,7 +259,8 @@ class InstructionBatches:
 
     def get(self, epoch: int, index: int) -> Batch:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return self.collate(order[index * self.batch_size : (index + 1) * self.batch_size])
+        chosen = order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.collate(share_of(chosen, *self.share))
 
     def eval_batches(self, max_batches: int) -> Iterator[Batch]:
         """Evenly spaced examples, at most max_batches batches, the same ones every time."""

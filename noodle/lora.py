@@ -49,9 +49,10 @@ class LoraLinear(nn.Linear):
         has_bias = linear.bias is not None
         super().__init__(linear.in_features, linear.out_features, has_bias, device="meta")
         self.weight, self.bias = linear.weight, linear.bias
-        like = {"device": linear.weight.device, "dtype": linear.weight.dtype}
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **like))
-        self.lora_b = nn.Parameter(torch.empty(self.out_features, rank, **like))
+        # Trained, so in float32 whatever the frozen weight is kept in.
+        device = linear.weight.device
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.empty(self.out_features, rank, device=device))
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +63,26 @@ class LoraLinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.lora_a.shape[0]}, scale={self.scale:g}"
 
 
-def add_adapters(model: nn.Module, settings: LoraSettings) -> None:
+def add_adapters(
+    model: nn.Module, settings: LoraSettings, frozen_dtype: torch.dtype = torch.float32
+) -> None:
     """Freeze every parameter of `model` (a NoodleModel, on any device, the meta device
-    too) and give the target layers of each block adapters, trainable and not yet
-    initialised (see `initial_adapters`)."""
+    too), keep the weights and biases of its Linear layers in `frozen_dtype`, and give the
+    target layers of each block adapters, trainable and not yet initialised (see
+    `initial_adapters`).
+
+    Give `frozen_dtype` the autocast precision: under bfloat16 or float16 autocast a Linear
+    layer computes in it whatever its weights are stored in, so storing them so gives the
+    very same results, in half the memory and without the cast copy autocast would
+    otherwise keep for the backward pass. (The embedding and the norms stay in float32:
+    the residual stream keeps its precision.)"""
     model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            for name in ("weight", "bias"):
+                frozen = getattr(module, name)
+                if frozen is not None:
+                    setattr(module, name, nn.Parameter(frozen.to(frozen_dtype), False))
     for block in model.blocks:
         for target in settings.targets:
             owner_path, _, name = TARGET_PATHS[target].rpartition(".")
@@ -109,22 +125,12 @@ def initial_adapters(
 def adapt(
     model: nn.Module, settings: LoraSettings, seed: int, frozen_dtype: torch.dtype = torch.float32
 ) -> None:
-    """`add_adapters`, with the adapters set to their starting values, and the frozen weights
-    and biases of every Linear layer kept in `frozen_dtype`. Give it the autocast precision:
-    under bfloat16 or float16 autocast a Linear layer computes in it whatever its weights
-    are stored in, so storing them so gives the very same results, in half the memory and
-    without the cast copy autocast would otherwise keep for the backward pass. (The
-    embedding and the norms stay in float32: the residual stream keeps its precision.)"""
-    add_adapters(model, settings)
+    """`add_adapters` to a model that holds its weights, the adapters set to their starting
+    values."""
+    add_adapters(model, settings, frozen_dtype)
     with torch.no_grad():
         for name, value in initial_adapters(model.config, settings, seed).items():
             model.get_parameter(name).copy_(value)
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            for name in ("weight", "bias"):
-                frozen = getattr(module, name)
-                if frozen is not None:
-                    setattr(module, name, nn.Parameter(frozen.to(frozen_dtype), False))
 
 
 def merged_weights(

@@ -114,7 +114,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k[:, :, :readable], v[:, :, :readable], attn_mask=cached.visible
             )
-        return self.proj(y.transpose(1, 2).reshape(batch, length, -1))
+        return self.proj(y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -171,12 +171,14 @@ class NoodleModel(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.emb_dim)
         self.head = nn.Linear(config.emb_dim, config.vocab_size, bias=True)
-        cos, sin = rotary_tables(config.head_dim, config.ctx_len, config.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        tables = (config.ctx_len, config.head_dim)
+        self.register_buffer("rope_cos", torch.empty(tables), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(tables), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise every weight and the rotary tables: also how a model built on the
+        meta device is given its values once its memory exists (`to_empty`)."""
         # GPT-2 style: N(0, 0.02), with the residual projections scaled down by depth so
         # the residual stream's variance does not grow with the number of blocks.
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
@@ -187,6 +189,11 @@ class NoodleModel(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        cos, sin = rotary_tables(self.config.head_dim, self.config.ctx_len, self.config.rope_base)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

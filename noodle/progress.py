@@ -178,9 +178,13 @@ class Task:
 class Reporter:
     """Everything Noodle says about a run goes through here, to stderr."""
 
-    def __init__(self, interactive: bool | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self, interactive: bool | None = None, quiet: bool = False, silent: bool = False
+    ) -> None:
+        """`quiet`: warnings only; `silent`: nothing at all (the processes of a torchrun run
+        other than the first, which reports for them)."""
         self.console = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.quiet = quiet
+        self.quiet, self.silent = quiet or silent, silent
         interactive = sys.stderr.isatty() if interactive is None else interactive
         self.progress: Progress | None = None
         if interactive and not quiet:
@@ -203,7 +207,8 @@ class Reporter:
             self.console.print(message, markup=False)
 
     def warn(self, message: str) -> None:
-        self.console.print(f"warning: {message}", markup=False)
+        if not self.silent:
+            self.console.print(f"warning: {message}", markup=False)
 
     def close(self) -> None:
         if self.progress is not None:

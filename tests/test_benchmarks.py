@@ -198,6 +198,31 @@ def test_time_to_reach_reads_the_mean_curves():
     assert time_to_reach(reference, seeds) == "not reached"
 
 
+def test_fsdp_benchmark_times_both_runs_and_checks_the_memory_plan_on_cpu(
+    tmp_path, tiny_config, corpus_file
+):
+    out = tmp_path / "fsdp.json"
+    result = run_script(
+        "benchmarks/fsdp.py",
+        *(corpus_file, "--model", tiny_config, "--batch", 4, "--max-steps", 4),
+        *("--train-args", "--backend cpu --eval-interval 2 --eval-batches 1"),
+        *("--plan-model", tiny_config, "--plan-gpus", 2, "--blocks", 1),
+        *("--device", "cpu", "--no-compile", "--json", out),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert {name: run["steps"] for name, run in report["speed"].items() if name != "commands"} == {
+        "plain": 4,
+        "fsdp": 4,
+    }
+    plan = report["plan"]
+    # Sharding over two GPUs halves the weights, gradients and moments.
+    assert plan["FSDP"]["states_gb"] < plan["DDP (whole replica)"]["states_gb"]
+    check = report["check"]["FSDP + activation checkpointing"]
+    assert check["measured"]["loss"] > 0 and check["planned"]["total_gb"] > 0
+    assert "tokens/s" in result.stdout and "planned" in result.stdout
+
+
 def test_lora_benchmark_compares_full_and_lora_fine_tuning_on_cpu(tmp_path):
     out = tmp_path / "lora.json"
     config = tmp_path / "tiny.json"

@@ -33,13 +33,13 @@ def test_auto_dtype_is_float32_on_cpu_and_names_are_checked():
         select_dtype("half", torch.device("cpu"))
 
 
-def test_several_processes_are_refused_before_anything_is_written(tmp_path):
+def test_several_processes_without_torchrun_are_refused_before_anything_is_written(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("once upon a time\n" * 50)
     result = run_noodle("train", corpus, tmp_path / "out", env={"WORLD_SIZE": "2"})
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "error: 2 processes (torchrun) are not supported yet: run one process per machine; "
-        "distributed training is planned"
+        "error: WORLD_SIZE is 2 but MASTER_ADDR is not set: start the processes of a run "
+        "with torchrun"
     ]
     assert not (tmp_path / "out").exists()

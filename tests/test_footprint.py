@@ -78,3 +78,22 @@ def test_when_nothing_fits_it_says_so():
 def test_largest_batch_counts_what_is_left_after_the_fixed_part():
     need = MemoryNeed("to train", {"weights": 100}, per_sequence=30, batch_size=8)
     assert [need.largest_batch(available) for available in (90, 129, 130, 400)] == [0, 0, 1, 10]
+
+
+def test_a_process_of_a_sharded_run_needs_its_share_and_a_hint_speaks_of_the_global_batch():
+    config = PRESETS["udon"]
+    whole = training_need(config, 1, 2)
+    shared = training_need(config, 1, 2, shards=8, checkpointing=True, batch_parts=64)
+    states = "weights, gradients and optimizer state"
+    assert shared.fixed[states] == 16 * -(-config.parameter_count() // 8)
+    assert shared.per_sequence < whole.per_sequence / 10  # each block keeps only its input
+    assert shared.purpose == "to train at batch size 64"
+    room = sum(shared.fixed.values()) + 2 * shared.per_sequence
+    with pytest.raises(NoodleError, match=r"--batch-size 128 would fit"):
+        require_memory(
+            config,
+            lambda c: training_need(c, 4, 2, shards=8, checkpointing=True, batch_parts=64),
+            "model udon",
+            CPU,
+            room,
+        )

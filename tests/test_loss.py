@@ -173,8 +173,8 @@ def test_training_steps_fused_and_plain_give_the_same_losses_and_weights(tmp_pat
     for name, chunk in (("plain", 0), ("fused", 7)):
         trainer = tiny_run.trainer(tmp_path / name, replace(settings, loss_chunk=chunk))
         initial.append([p.detach().clone() for p in trainer.model.parameters()])
-        steps = [trainer.train_step(*trainer.device_batch(0, i), lr_factor=1.0) for i in range(3)]
-        losses.append(torch.stack([loss for loss, _ in steps]))
+        steps = [trainer.train_step(trainer.train_data.get(0, i), lr_factor=1.0) for i in range(3)]
+        losses.append(torch.stack([loss for loss, _, _ in steps]))
         trained.append([p.detach().clone() for p in trainer.model.parameters()])
     assert_close_at_scale(losses[1], losses[0], 1e-5)
     for start, plain, fused in zip(initial[0], *trained, strict=True):

@@ -4,6 +4,9 @@ noodle.lora)."""
 
 from __future__ import annotations
 
+import functools
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,21 +16,21 @@ from noodle.checkpoint import (
     ADAPTERS,
     WEIGHTS,
     ModelFiles,
-    load_weights,
+    SavedTensors,
     open_model_dir,
     weights_sha256,
 )
 from noodle.config import LoraSettings
 from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
-from noodle.footprint import require_training_memory
 from noodle.instructions import (
     RESPONSE_HEADER,
     examples_fingerprint,
     load_examples,
     split_examples,
 )
-from noodle.lora import AdaptedModelDir, adapt, adapter_parameter_count
+from noodle.lora import AdaptedModelDir, adapter_parameter_count, add_adapters, initial_adapters
+from noodle.model import NoodleModel
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.train.loop import Trainer
@@ -64,26 +67,62 @@ def adapters_identity(lora: LoraSettings | None, base: ModelFiles) -> dict:
     return {"lora": lora.to_dict(), "base_weights": weights_sha256(base)}
 
 
-def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
-    settings, lora = options.settings, options.lora
-    parallel = Parallel.from_environment()
-    device = select_device(options.backend, parallel.local_rank)
-    amp_dtype = select_dtype(options.dtype, device)
-    files = open_model_dir(options.model)
-    require_training_memory(
-        files.config, f"model {files.directory}", settings.batch_size, amp_dtype, device, lora
+def model_to_finetune(
+    parallel: Parallel,
+    base: ModelFiles,
+    lora: LoraSettings | None,
+    settings: TrainSettings,
+    amp_dtype: torch.dtype,
+    device: torch.device,
+) -> NoodleModel:
+    """The base model, ready for `parallel` to train: every weight, or its frozen weights
+    with LoRA adapters at their starting values (see `lora.add_adapters`)."""
+    compile_mode = settings.compile_mode if settings.compile else None
+    weights: Mapping[str, torch.Tensor] = SavedTensors(
+        base.directory / WEIGHTS, "unreadable weights"
     )
-    base = load_weights(files, device)
+    adapt = None
+    if lora is not None:
+        # FSDP shards the frozen weights in float32 and gathers them in the compute dtype.
+        frozen_dtype = torch.float32 if parallel.fsdp else amp_dtype
+        adapt = functools.partial(add_adapters, settings=lora, frozen_dtype=frozen_dtype)
+        weights = ChainMap(initial_adapters(base.config, lora, settings.seed), weights)
+    return parallel.build_model(
+        base.config, device, settings.seed, amp_dtype, compile_mode, weights, adapt
+    )
+
+
+def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
+    settings = options.settings
+    parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
+    parallel.check(settings.batch_size, settings.grad_accum, settings.optimizer)
+    device = select_device(options.backend, parallel.local_rank)
+    with parallel.processes(device) as connected:
+        return finetune_with(options, connected, device, reporter)
+
+
+def finetune_with(
+    options: FinetuneOptions, parallel: Parallel, device: torch.device, reporter: Reporter
+) -> TrainState:
+    settings, lora = options.settings, options.lora
+    amp_dtype = select_dtype(options.dtype, device)
+    base = open_model_dir(options.model)
+    tokenizer, config = base.tokenizer, base.config
+    micro_batch = settings.batch_size // parallel.batch_parts(settings.grad_accum)
+    parallel = parallel.shard_if_needed(
+        config, micro_batch, settings.optimizer, amp_dtype, device, reporter, lora
+    )
+    name = f"model {base.directory}"
+    parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device, lora)
     if Path(options.output_dir).resolve() == base.directory.resolve():
         raise NoodleError(
             f"{options.output_dir} is the base model's directory; fine-tune into another one"
         )
-    tokenizer, config = base.tokenizer, base.config
     identity = run_identity(
         settings,
         architecture=config.to_dict(),
         base_model=str(base.directory.resolve()),
-        **adapters_identity(lora, files),
+        **adapters_identity(lora, base),
     )
     prepare_output_dir(options.output_dir, options.resume, identity)
 
@@ -92,10 +131,9 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
     train_data, val_data = split_examples(
         examples, settings.batch_size, pad_id, settings.seed, options.input
     )
-
-    model, trained, adapters = base.model, base.model.parameter_count(), None
+    model = model_to_finetune(parallel, base, lora, settings, amp_dtype, device)
+    trained, adapters = config.parameter_count(), None
     if lora is not None:
-        adapt(model, lora, settings.seed, frozen_dtype=amp_dtype)
         trained = adapter_parameter_count(config, lora)
         adapters = {
             **lora.to_dict(),
@@ -104,8 +142,12 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
             "base_weights_sha256": identity["base_weights"],
         }
 
-    # Only now, with every input checked, is OUTPUT_DIR created or written to.
-    with locked_output_dir(options.output_dir, options.resume, reporter) as out:
+    # Only now, with every input checked (by every process), is OUTPUT_DIR created or
+    # written to.
+    parallel.wait_for_all()
+    with locked_output_dir(
+        options.output_dir, options.resume, reporter, lock=parallel.is_main
+    ) as out:
         if lora is not None:
             out = AdaptedModelDir(out.path, lora, base.directory / WEIGHTS)
         record = RunRecord(
@@ -124,19 +166,21 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
                 "skipped_blocks": skipped,
                 "lora": adapters,
             },
+            writes=parallel.is_main,
         )
-        if not options.resume:
+        if not options.resume and parallel.is_main:
             out.write_tokenizer(tokenizer)
         through = f" (LoRA {lora.description()}: {trained:,} trained)" if lora else ""
         reporter.info(
             f"fine-tuning {base.directory}: {config.parameter_count():,} parameters{through} | "
-            f"device {describe_device(device)} | "
+            f"device {describe_device(device)}{parallel.description()} | "
             f"precision {str(amp_dtype).removeprefix('torch.')} | "
             f"{len(examples):,} examples ({len(train_data.examples):,} training / "
             f"{len(val_data.examples):,} validation)"
         )
         fingerprint = {**identity, "examples": examples_fingerprint(examples)}
         torch.manual_seed(settings.seed)
+        parallel.seed_streams(settings.seed)
         trainer = Trainer(
             model,
             train_data,
@@ -152,11 +196,12 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
         )
         state = run_training(trainer, record, options.resume, reporter)
 
-    first = val_data.examples[0]
-    prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
-    reporter.info(
-        f"sample reply to the validation prompt {prompt.removesuffix(RESPONSE_HEADER)!r}:"
-    )
-    del trainer, base, model  # see sample_from_best
-    print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
+    del trainer, model  # see sample_from_best
+    if parallel.samples:
+        first = val_data.examples[0]
+        prompt = tokenizer.decode(first.tokens[: first.prompt_len].tolist())
+        reporter.info(
+            f"sample reply to the validation prompt {prompt.removesuffix(RESPONSE_HEADER)!r}:"
+        )
+        print(sample_from_best(out.path, device, prompt, settings.seed), flush=True)
     return state

@@ -6,6 +6,10 @@ non-finite guard, any optimizers) to `optim`, what the resume state holds to `re
 statistics and metrics.jsonl to `metrics`, writing files off the training thread to
 `writer`, and compiling or wrapping the model to `parallel`. What it trains on comes in
 as two data objects (`TrainData`, `EvalData`); what it saves goes through `ModelDir`.
+
+In a run of several processes every process runs this loop in step with the others, on its
+share of each global batch; `parallel` agrees on what they must agree on (the step's loss,
+the validation loss, when to save or stop), and only the first process writes.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ from torch import nn
 
 from noodle.batching import Batch, to_device
 from noodle.checkpoint import METRICS, BestWeights, ModelDir
-from noodle.device import autocast
-from noodle.errors import Interrupted, NoodleError
-from noodle.evaluation import evaluate
+from noodle.device import autocast, peak_memory
+from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError
+from noodle.evaluation import loss_sums
 from noodle.loss import FUSED_CHUNK
 from noodle.memory import release_free_memory
 from noodle.parallel import Parallel
 from noodle.progress import Reporter, Task
-from noodle.train.metrics import MetricsLog, StepStats
+from noodle.train.metrics import MetricsLog, StatsReading, StepStats
 from noodle.train.optim import LossScale, OptimizerStep, Schedule, StepOutcome, build_optimizers
 from noodle.train.resume import (
     TrainingParts,
@@ -50,6 +54,8 @@ class TrainData(Protocol):
 
     def batches_per_epoch(self) -> int: ...
 
+    def take_share(self, rank: int, ranks: int) -> None: ...
+
     def get(self, epoch: int, index: int) -> Batch: ...
 
 
@@ -63,7 +69,7 @@ class SignalCatcher:
     interrupts at once (every file on disk stays consistent either way). `on_first(signum)`
     acknowledges the first at once, from the signal handler."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self, on_first: Callable[[int], None] = lambda signum: None) -> None:
         self.received: int | None = None
@@ -114,6 +120,8 @@ class Trainer:
         self.model, self.train_data, self.eval_data = model, train_data, eval_data
         self.settings, self.out, self.device, self.amp_dtype = settings, out, device, amp_dtype
         self.reporter, self.identity, self.on_best = reporter, identity, on_best
+        self.parallel = parallel or Parallel()
+        train_data.take_share(self.parallel.rank, self.parallel.world_size)
         self.optimizers = build_optimizers(model, settings) if optimizers is None else optimizers
         # float16's narrow range loses small gradients to underflow without a loss scale.
         loss_scale = LossScale(device) if amp_dtype == torch.float16 else None
@@ -121,9 +129,9 @@ class Trainer:
         self.optimizer_step = OptimizerStep(
             parameters, self.optimizers, settings.grad_clip, loss_scale
         )
-        self.parts = TrainingParts(model, self.optimizers, loss_scale, device)
+        self.parts = TrainingParts(model, self.optimizers, loss_scale, device, self.parallel)
         compile_mode = settings.compile_mode if settings.compile else None
-        self.step_model = (parallel or Parallel()).prepare_model(model, compile_mode)
+        self.step_model = self.parallel.prepare_model(model, compile_mode)
         self.loss_chunk = settings.loss_chunk
         if self.loss_chunk is None:
             self.loss_chunk = FUSED_CHUNK if settings.compile else 0
@@ -131,9 +139,13 @@ class Trainer:
         self.stats = StepStats(device, self.state)
         self.batches_per_epoch = train_data.batches_per_epoch()
         self.schedule = Schedule.plan(settings, planned_steps(settings, self.batches_per_epoch))
-        self.metrics = MetricsLog(out.file(METRICS), settings.tensorboard_dir)
-        self.writer = Writer(background=device.type != "cpu")
+        main = self.parallel.is_main
+        self.metrics = MetricsLog(
+            out.file(METRICS) if main else None, settings.tensorboard_dir if main else None
+        )
+        self.writer = Writer(background=device.type != "cpu", writes=main)
         self.last_save = time.monotonic()
+        self.pending_log: tuple[StatsReading, dict] | None = None
         # The step of weights saved without an evaluation (see save_unevaluated_weights).
         self.unevaluated_weights_step: int | None = None
 
@@ -145,7 +157,7 @@ class Trainer:
         records past the saved step, which resuming drops, never a resume point with
         missing records."""
         self.raise_if_diverged(self.stats.store(self.state))
-        tensors = self.writer.snapshot(resume_tensors(self.parts))
+        tensors = self.writer.snapshot(self.parallel.gathered(resume_tensors(self.parts)))
         metadata = resume_metadata(self.parts, self.state, self.schedule, self.identity)
         self.metrics.flush()
         metrics, out = self.metrics, self.out
@@ -162,8 +174,9 @@ class Trainer:
         given another length keeps its learning rate and re-plans the rest of its decay
         (see `Schedule.replan`)."""
         check_resumable(self.out, self.identity)
-        self.out.remove_temporary_files()
-        tensors, saved = self.out.load_resume_state()
+        if self.parallel.is_main:
+            self.out.remove_temporary_files()
+        tensors, saved = self.out.open_resume_state()
         self.state, schedule = restore(self.parts, tensors, saved)
         total = planned_steps(self.settings, self.batches_per_epoch)
         self.schedule = schedule.replan(self.state.step, total)
@@ -173,6 +186,13 @@ class Trainer:
             f"resuming at step {self.state.step} (epoch {self.state.epoch + 1}, "
             f"{self.state.best_description()})"
         )
+        processes = saved.get("processes", 1)
+        if processes != self.parallel.world_size:
+            self.reporter.info(
+                f"the run was saved by {processes} process(es) and goes on with "
+                f"{self.parallel.world_size}: the same global batch and data order, each "
+                "taking its share"
+            )
         if self.schedule.total_steps != schedule.total_steps:
             self.reporter.info(
                 f"the run now ends at step {total} (was {schedule.total_steps}): the learning "
@@ -183,9 +203,10 @@ class Trainer:
         self, best: BestWeights | None = None, then: Callable[[], None] = lambda: None
     ) -> None:
         """Write the current weights as the model's (the best of evaluation `best`, if any),
-        then call `then`. Those the run trains: every weight, or the adapters of a LoRA run,
-        which its output directory merges into the weights they adapt."""
-        tensors = self.writer.snapshot(trained_state(self.model))
+        then call `then`: those the run trains (every weight, or the adapters of a LoRA run,
+        which its output directory merges into the weights they adapt). Every process must
+        call it: a sharded model is gathered."""
+        tensors = self.writer.snapshot(self.parallel.gathered(trained_state(self.model)))
         out = self.out
 
         def write() -> None:
@@ -227,41 +248,50 @@ class Trainer:
         )
 
     def log(self, lr: float, task: Task) -> None:
+        """Log the steps since the last log. On a GPU their statistics are copied to the
+        host without waiting and written once they arrive (see `finish_log`): waiting would
+        leave the GPU idle while the next step is prepared."""
+        self.finish_log(task)
         state = self.state
-        mean_loss, _, tokens_per_second, longest = self.stats.take_window(state)
+        record = {"step": state.step, "epoch": state.epoch, "lr": lr}
+        record["tokens_seen"] = state.tokens_seen
+        self.pending_log = (self.stats.take_window(), record)
+
+    def finish_log(self, task: Task, wait: bool = True) -> None:
+        """Write the pending log record, if any (if `wait` is false, only once its
+        statistics have arrived)."""
+        if self.pending_log is None or not (wait or self.pending_log[0].ready()):
+            return
+        reading, record = self.pending_log
+        self.pending_log = None
+        mean_loss, tokens_per_second, nonfinite, _, longest = reading.result()
         self.metrics.record(
             kind="train",
-            step=state.step,
-            epoch=state.epoch,
+            **record,
             loss=mean_loss,
-            lr=lr,
             tokens_per_second=round(tokens_per_second, 1),
-            tokens_seen=state.tokens_seen,
-            nonfinite_steps=state.nonfinite_steps,
+            nonfinite_steps=nonfinite,
+            **peak_memory(self.device),
         )
         self.raise_if_diverged(longest)
         self.metrics.flush()
         task.update(
-            completed=state.step,
             loss=f"{mean_loss:.4f}",
             tok_s=f"{tokens_per_second:,.0f}",
-            lr=f"{lr:.2e}",
+            lr=f"{record['lr']:.2e}",
         )
 
     # -- evaluation -------------------------------------------------------------------
 
     def run_evaluation(self) -> None:
         state, settings = self.state, self.settings
-        # The evaluation's logits cannot reuse the blocks the training step freed (see
-        # memory.release_free_memory): hand those pages back rather than hold both, at the
-        # price of faulting them in again once per evaluation.
-        release_free_memory()
-        loss = evaluate(
-            self.step_model,
-            self.eval_data.eval_batches(settings.eval_batches),
-            self.device,
-            self.amp_dtype,
-        )
+        # On a CPU the evaluation's logits cannot reuse the blocks the training step freed
+        # (see memory.release_free_memory): hand those pages back rather than hold both, at
+        # the price of faulting them in again once per evaluation.
+        if self.device.type == "cpu":
+            release_free_memory()
+        batches = self.parallel.rows(self.eval_data.eval_batches(settings.eval_batches))
+        loss = self.parallel.mean(*loss_sums(self.step_model, batches, self.device, self.amp_dtype))
         improved = loss < state.best_loss
         if improved:
             state.best_loss, state.best_step = loss, state.step
@@ -288,27 +318,41 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------
 
-    def device_batch(self, epoch: int, index: int) -> Batch:
-        return to_device(self.train_data.get(epoch, index), self.device)
-
     def train_step(
-        self, inputs: torch.Tensor, targets: torch.Tensor, lr_factor: float
-    ) -> tuple[torch.Tensor, StepOutcome]:
-        """One optimizer step at `lr_factor` times each group's peak learning rate; returns
-        the loss and what the step did (device tensors: reading them waits for the step)."""
+        self, batch: Batch, lr_factor: float, received: int | None = None
+    ) -> tuple[torch.Tensor, StepOutcome, torch.Tensor | None]:
+        """One optimizer step at `lr_factor` times each group's peak learning rate, on this
+        process's share of the global batch in `grad_accum` micro-batches. Returns the loss
+        (the mean over the whole global batch), what the step did (device tensors: reading
+        them waits for the step) and the stop flags the processes agreed on, given the
+        signal this one `received` (see `Parallel.stop_signal`)."""
         self.optimizer_step.set_lr(lr_factor)
-        with autocast(self.device, self.amp_dtype):
-            loss = self.step_model(inputs, targets, loss_chunk=self.loss_chunk)
-        self.optimizer_step.scale_loss(loss).backward()
-        loss = loss.detach()
-        return loss, self.optimizer_step(loss)
+        micro_batches = list(
+            zip(*(part.chunk(self.settings.grad_accum) for part in batch), strict=True)
+        )
+        targets = [micro_targets for _, micro_targets in micro_batches]
+        shares, agreed = self.parallel.step_shares(targets, received, self.device)
+        step_loss = None
+        for index, (micro_batch, share) in enumerate(zip(micro_batches, shares, strict=True)):
+            inputs, targets = to_device(micro_batch, self.device)
+            last = index == len(micro_batches) - 1
+            with self.parallel.gradient_sync(self.step_model, sync=last):
+                with autocast(self.device, self.amp_dtype):
+                    loss = self.step_model(inputs, targets, loss_chunk=self.loss_chunk)
+                if share is not None:
+                    loss = loss * share
+                self.optimizer_step.scale_loss(loss).backward()
+            loss = loss.detach()
+            step_loss = loss if step_loss is None else step_loss + loss
+        loss = self.parallel.step_loss(step_loss)
+        return loss, self.optimizer_step(loss), agreed
 
     def compile_evaluation(self) -> None:
         """Run one validation batch, unrecorded, so that compiling the evaluation's own
         graph (no dropout, no gradients) is part of the start-up, like the step's, rather
         than a pause at the first evaluation."""
         batches = itertools.islice(self.eval_data.eval_batches(1), 1)
-        evaluate(self.step_model, batches, self.device, self.amp_dtype)
+        loss_sums(self.step_model, self.parallel.rows(batches), self.device, self.amp_dtype)
 
     def save_due(self) -> bool:
         return time.monotonic() - self.last_save >= self.settings.save_interval_s
@@ -336,13 +380,14 @@ class Trainer:
                 while not state.stopped_early and state.step < self.schedule.total_steps:
                     if state.batch_index >= self.batches_per_epoch:
                         state.epoch, state.batch_index = state.epoch + 1, 0
-                    inputs, targets = self.device_batch(state.epoch, state.batch_index)
+                    batch = self.train_data.get(state.epoch, state.batch_index)
                     lr_factor = self.schedule.factor(state.step)
-                    loss, outcome = self.train_step(inputs, targets, lr_factor)
-                    self.stats.add(loss, outcome.skipped, outcome.diverging, inputs.numel())
+                    loss, outcome, agreed = self.train_step(batch, lr_factor, signals.received)
+                    tokens = batch[0].numel() * self.parallel.world_size
+                    self.stats.add(loss, outcome.skipped, outcome.diverging, tokens)
                     state.step += 1
                     state.batch_index += 1
-                    state.tokens_seen += inputs.numel()
+                    state.tokens_seen += tokens
                     task.update(completed=state.step)
                     epoch_done = state.batch_index >= self.batches_per_epoch
                     last = state.step >= self.schedule.total_steps
@@ -352,20 +397,29 @@ class Trainer:
                     logged = state.step % settings.log_interval == 0 or first or epoch_done or last
                     if logged:
                         self.log(lr_factor * settings.lr, task)
+                    else:
+                        self.finish_log(task, wait=False)
                     evaluated = state.step % settings.eval_interval == 0 or epoch_done or last
                     if evaluated:
+                        self.finish_log(task)
                         self.run_evaluation()
-                    if signals.received is not None:
+                    stop = self.parallel.stop_signal(agreed, signals.received)
+                    if stop is not None:
+                        self.finish_log(task)
                         if state.best_step == 0:
                             self.save_unevaluated_weights()
                         self.save_resume_state()
                         self.writer.wait()
+                        # No process ends (and has torchrun end the rest) mid-write.
+                        self.parallel.wait_for_all()
                         task.stop("interrupted")
-                        raise Interrupted(signals.received, resume_step=state.step)
-                    if (logged or evaluated) and self.save_due():
+                        raise Interrupted(stop, resume_step=state.step)
+                    if (logged or evaluated) and self.parallel.any(self.save_due(), self.device):
+                        self.finish_log(task)
                         self.save_resume_state()
                 # The final state, so that a finished run can be extended (--resume with a
                 # larger --max-steps or --max-epochs).
+                self.finish_log(task)
                 self.save_resume_state()
             finally:
                 self.metrics.close()

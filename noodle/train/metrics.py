@@ -18,9 +18,39 @@ from noodle.train.settings import TrainState
 from noodle.train.tensorboard_sink import TensorBoardSink
 
 
+class StatsReading:
+    """The statistics of a window of steps, on their way to host memory: on a GPU the copy
+    completes once the steps queued before it do, and until then training goes on."""
+
+    def __init__(self, values: torch.Tensor, steps: int, tokens: int, seconds: float) -> None:
+        self.steps, self.tokens, self.seconds = steps, tokens, seconds
+        self.event: torch.cuda.Event | None = None
+        if values.is_cuda:
+            self.values = torch.empty(values.shape, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def result(self) -> tuple[float, float, int, int, int]:
+        """(mean finite loss, tokens/s, non-finite steps, non-finite in a row now, longest
+        run of them so far); waits for the copy if it is not done."""
+        if self.event is not None:
+            self.event.synchronize()
+        loss_sum, finite, *counts = self.values.tolist()
+        mean_loss = loss_sum / finite if finite else math.nan
+        nonfinite, in_row, longest = (int(v) for v in counts)
+        return mean_loss, self.tokens / max(self.seconds, 1e-9), nonfinite, in_row, longest
+
+
 class StepStats:
     """Per-step loss and non-finite counts kept as device tensors, so a step never waits
-    for the host; they are read together (one sync) at log intervals and saves."""
+    for the host; they are read together, at log intervals without waiting (see
+    `StatsReading`) and when the resume state is saved."""
 
     def __init__(self, device: torch.device, state: TrainState) -> None:
         def scalar(value: float) -> torch.Tensor:
@@ -46,10 +76,8 @@ class StepStats:
         self.window_steps += 1
         self.window_tokens += tokens
 
-    def read(self) -> tuple[float, int, int, int, int]:
-        """(loss sum, finite steps, non-finite steps, non-finite in a row now, longest run
-        of them so far) in one device-to-host read."""
-        values = torch.stack(
+    def values(self) -> torch.Tensor:
+        return torch.stack(
             [
                 self.loss_sum,
                 self.finite_steps,
@@ -57,26 +85,24 @@ class StepStats:
                 self.nonfinite_in_row,
                 self.longest_nonfinite_in_row,
             ]
-        ).tolist()
-        return values[0], *(int(v) for v in values[1:])
+        )
 
     def store(self, state: TrainState) -> int:
-        """Copy the non-finite counts into `state`; returns the longest run of them so far."""
-        _, _, state.nonfinite_steps, state.nonfinite_in_row, longest = self.read()
+        """Copy the non-finite counts into `state` (waiting for the device); returns the
+        longest run of them so far."""
+        counts = [int(v) for v in self.values().tolist()[2:]]
+        state.nonfinite_steps, state.nonfinite_in_row, longest = counts
         return longest
 
-    def take_window(self, state: TrainState) -> tuple[float, float, float, int]:
-        """(mean finite loss, seconds per step, tokens/s, longest non-finite run) since the
-        last call, with the non-finite counts copied into `state`; starts a new window."""
-        loss_sum, finite, state.nonfinite_steps, state.nonfinite_in_row, longest = self.read()
-        mean_loss = loss_sum / finite if finite else math.nan
-        elapsed = max(time.monotonic() - self.window_started, 1e-9)
-        seconds_per_step = elapsed / max(self.window_steps, 1)
-        tokens_per_second = self.window_tokens / elapsed
+    def take_window(self) -> StatsReading:
+        """The statistics since the last call, on their way to the host; starts a new
+        window (the counters are cleared after the copy, on the device's queue)."""
+        elapsed = time.monotonic() - self.window_started
+        reading = StatsReading(self.values(), self.window_steps, self.window_tokens, elapsed)
         self.loss_sum.zero_(), self.finite_steps.zero_()
         self.window_steps, self.window_tokens = 0, 0
         self.restart_clock()
-        return mean_loss, seconds_per_step, tokens_per_second, longest
+        return reading
 
     def restart_clock(self) -> None:
         self.window_started = time.monotonic()
@@ -92,15 +118,18 @@ class MetricsLog:
     `tensorboard_dir`, every record also goes to TensorBoard (see tensorboard_sink).
 
     A crash can leave a torn last line; `truncate` (called when a run resumes) drops it,
-    along with the records logged after the step the run resumes from.
+    along with the records logged after the step the run resumes from. Without a path
+    (the processes of a run other than the first) it records nothing.
     """
 
-    def __init__(self, path: Path, tensorboard_dir: str | None = None) -> None:
+    def __init__(self, path: Path | None, tensorboard_dir: str | None = None) -> None:
         self.path = path
         self.pending: list[str] = []
         self.sinks = [TensorBoardSink(Path(tensorboard_dir))] if tensorboard_dir else []
 
     def record(self, **values: object) -> None:
+        if self.path is None:
+            return
         record = {"time": round(time.time(), 3), **{k: json_safe(v) for k, v in values.items()}}
         self.pending.append(json.dumps(record) + "\n")
         for sink in self.sinks:
@@ -110,7 +139,7 @@ class MetricsLog:
         """Append the pending records (to the OS: `sync` makes them durable)."""
         for sink in self.sinks:
             sink.flush()
-        if not self.pending:
+        if not self.pending or self.path is None:
             return
         try:
             with self.path.open("a", encoding="utf-8") as handle:
@@ -127,7 +156,7 @@ class MetricsLog:
 
     def sync(self) -> None:
         """Make what was appended so far durable."""
-        if self.path.exists():
+        if self.path is not None and self.path.exists():
             fd = os.open(self.path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -139,7 +168,7 @@ class MetricsLog:
         a warning) any line that is not a JSON record."""
         for sink in self.sinks:
             sink.truncate(last_step)
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
         kept, damaged = [], []

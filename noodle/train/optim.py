@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from noodle.parallel import replicated_value
 from noodle.train.settings import TrainSettings
 
 MIN_LR_FRACTION = 0.1
@@ -216,7 +217,9 @@ class OptimizerStep:
 
     def __call__(self, loss: torch.Tensor) -> StepOutcome:
         grads = [p.grad for p in self.parameters if p.grad is not None]
-        norm = nn.utils.get_total_norm(grads)
+        # Averaged (DDP) or sharded (FSDP) gradients give every process the same norm, so
+        # they all clip alike and skip a step together.
+        norm = replicated_value(nn.utils.get_total_norm(grads))
         loss_finite = torch.isfinite(loss)
         skipped = ~(loss_finite & torch.isfinite(norm))
         # The gradients are `scale` times the true ones; dividing them by this unscales

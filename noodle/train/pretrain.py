@@ -16,8 +16,6 @@ from noodle.config import ModelConfig, resolve_model_config
 from noodle.corpus import load_token_stream, read_lines, token_chunks
 from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import UsageError
-from noodle.footprint import require_training_memory
-from noodle.model import NoodleModel
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.tokenizer import TextTokenizer, learn_tokenizer, learned_vocabulary, load_tokenizer
@@ -92,8 +90,17 @@ def data_sized_config(preset: str, config: ModelConfig, corpus_tokens: int) -> M
 
 
 def train(options: TrainOptions, reporter: Reporter) -> TrainState:
-    parallel = Parallel.from_environment()
+    settings = options.settings
+    parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
+    parallel.check(settings.batch_size, settings.grad_accum, settings.optimizer)
     device = select_device(options.backend, parallel.local_rank)
+    with parallel.processes(device) as connected:
+        return train_with(options, connected, device, reporter)
+
+
+def train_with(
+    options: TrainOptions, parallel: Parallel, device: torch.device, reporter: Reporter
+) -> TrainState:
     amp_dtype = select_dtype(options.dtype, device)
     compile_model = device.type == "cuda" if options.compile is None else options.compile
     settings = replace(options.settings, compile=compile_model)
@@ -107,7 +114,11 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     vocabulary = to_learn if tokenizer is None else tokenizer.vocab_size
     preset, config = resolve_model_config(options.model, vocabulary)
     name = f"model {preset}" if preset != "custom" else f"model {options.model}"
-    require_training_memory(config, name, settings.batch_size, amp_dtype, device)
+    micro_batch = settings.batch_size // parallel.batch_parts(settings.grad_accum)
+    parallel = parallel.shard_if_needed(
+        config, micro_batch, settings.optimizer, amp_dtype, device, reporter
+    )
+    parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device)
     # A preset's dropout may depend on the corpus: it is checked once the corpus is read.
     known = {"architecture": {k: v for k, v in config.to_dict().items() if k != "dropout"}}
     if tokenizer is not None:
@@ -115,23 +126,28 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
     prepare_output_dir(options.output_dir, options.resume, run_identity(settings, **known))
     if tokenizer is None:
         tokenizer = run_tokenizer(options, to_learn, reporter)
-    tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
+    with parallel.main_first():  # one process per machine fills the token cache
+        tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
     config = data_sized_config(preset, config, len(tokens))
     identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
     train_windows, val_windows = split_windows(
         tokens, config.ctx_len, settings.batch_size, settings.seed
     )
-    torch.manual_seed(settings.seed)
-    model = NoodleModel(config).to(device)
+    compile_mode = settings.compile_mode if settings.compile else None
+    model = parallel.build_model(config, device, settings.seed, amp_dtype, compile_mode)
     reporter.info(
         f"model {preset}: {model.parameter_count():,} parameters | device "
-        f"{describe_device(device)} | precision {str(amp_dtype).removeprefix('torch.')} | "
-        f"corpus {len(tokens):,} tokens "
+        f"{describe_device(device)}{parallel.description()} | precision "
+        f"{str(amp_dtype).removeprefix('torch.')} | corpus {len(tokens):,} tokens "
         f"({train_windows.count:,} training / {val_windows.count:,} validation windows of "
         f"{config.ctx_len})"
     )
-    # Only now, with every input checked, is OUTPUT_DIR created or written to.
-    with locked_output_dir(options.output_dir, options.resume, reporter) as out:
+    # Only now, with every input checked (by every process), is OUTPUT_DIR created or
+    # written to.
+    parallel.wait_for_all()
+    with locked_output_dir(
+        options.output_dir, options.resume, reporter, lock=parallel.is_main
+    ) as out:
         record = RunRecord(
             out,
             config,
@@ -141,6 +157,7 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
             options.corpus,
             settings,
             train_windows.batches_per_epoch(),
+            writes=parallel.is_main,
         )
         trainer = Trainer(
             model,
@@ -155,10 +172,11 @@ def train(options: TrainOptions, reporter: Reporter) -> TrainState:
             on_best=record.on_best,
             parallel=parallel,
         )
-        if not options.resume:
+        if not options.resume and parallel.is_main:
             out.write_tokenizer(tokenizer)
         state = run_training(trainer, record, options.resume, reporter)
     del trainer, model  # see sample_from_best
-    sample = sample_from_best(out.path, device, SAMPLE_PROMPT, settings.seed)
-    print(SAMPLE_PROMPT + sample, flush=True)
+    if parallel.samples:
+        sample = sample_from_best(out.path, device, SAMPLE_PROMPT, settings.seed)
+        print(SAMPLE_PROMPT + sample, flush=True)
     return state

@@ -4,8 +4,13 @@ The identity says what a run trains (architecture, tokenizer, data) and with whi
 settings; it is built once, saved in the resume state, and `--resume` refuses a saved
 run whose identity differs. The resume state is one safetensors file: the model's trained
 weights (all of them, or a LoRA run's adapters alone), one section of tensors per
-optimizer, the loss scale and the RNG states, with the train state, the schedule, each
-optimizer's parameter groups and the identity in its JSON header.
+optimizer, the loss scale and the RNG states (of every process of the run), with the train
+state, the schedule, each optimizer's parameter groups and the identity in its JSON
+header.
+
+Its tensors are whole, however the run was spread over processes (a sharded run gathers
+them to its first process, which writes the file): a run resumes on another number of
+processes, sharded or not.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from noodle.checkpoint import MODEL_JSON, TOKENIZER, ModelDir, unwrap
+from noodle.checkpoint import MODEL_JSON, TOKENIZER, ModelDir, SavedTensors, unwrap
 from noodle.errors import NoodleError
+from noodle.parallel import Parallel
 from noodle.train.optim import LossScale, Schedule
 from noodle.train.settings import (
     SETTING_OPTIONS,
@@ -142,6 +148,7 @@ class TrainingParts:
     optimizers: dict[str, torch.optim.Optimizer]
     loss_scale: LossScale | None
     device: torch.device
+    parallel: Parallel
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -156,7 +163,9 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def resume_tensors(parts: TrainingParts) -> dict[str, torch.Tensor]:
-    """The resume state's tensors, where they live (on the device)."""
+    """The resume state's tensors, where they live (on the device; sharded ones as this
+    process's shard: see `Parallel.gathered`). Every process must call it: the first
+    gathers the others' RNG states."""
     tensors = {f"model.{k}": v for k, v in trained_state(parts.model).items()}
     for name, optimizer in parts.optimizers.items():
         for index, values in optimizer.state_dict()["state"].items():
@@ -165,12 +174,12 @@ def resume_tensors(parts: TrainingParts) -> dict[str, torch.Tensor]:
     if parts.loss_scale is not None:
         for key, value in parts.loss_scale.state_dict().items():
             tensors[f"loss_scale.{key}"] = value
-    tensors["rng.cpu"] = torch.get_rng_state()
+    rng = {"rng.cpu": torch.get_rng_state()}
     if parts.device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(parts.device)
+        rng["rng.cuda"] = torch.cuda.get_rng_state(parts.device)
     elif parts.device.type == "mps":
-        tensors["rng.mps"] = torch.mps.get_rng_state()
-    return tensors
+        rng["rng.mps"] = torch.mps.get_rng_state()
+    return {**tensors, **parts.parallel.rng_states(rng)}
 
 
 def resume_metadata(
@@ -185,27 +194,36 @@ def resume_metadata(
         "schedule": schedule.to_dict(),
         "param_groups": groups,
         "identity": identity,
+        "processes": parts.parallel.world_size,
     }
 
 
 def restore(
-    parts: TrainingParts, tensors: dict[str, torch.Tensor], saved: dict
+    parts: TrainingParts, tensors: SavedTensors, saved: dict
 ) -> tuple[TrainState, Schedule]:
-    """Load a resume state into `parts`; returns the saved train state and schedule. The
-    model's frozen weights, which it does not hold, are left as they are."""
-    trained = trained_state(parts.model)
+    """Load a resume state into `parts`, each tensor laid out as the part it goes to is
+    (sharded or not); returns the saved train state and schedule. The model's frozen
+    weights, which it does not hold, stay as they are.
+
+    Each process restores its own RNG states. A process the saved run did not have keeps
+    the stream it was given at the start (see `Parallel.seed_streams`)."""
+    parallel = parts.parallel
+    trained = list(trained_state(parts.model))
     missing = [name for name in trained if f"model.{name}" not in tensors]
     if missing:
-        raise NoodleError(f"corrupt resume state: it has no {missing[0]}")
-    unwrap(parts.model).load_state_dict(
-        {name: tensors[f"model.{name}"] for name in trained}, strict=False
-    )
+        raise NoodleError(f"{tensors.path}: corrupt resume state (it has no {missing[0]})")
+    parallel.load_state(unwrap(parts.model), trained, lambda name: tensors[f"model.{name}"])
     for name, optimizer in parts.optimizers.items():
         prefix = f"optimizer.{name}."
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         state: dict[int, dict] = {}
-        for key, value in tensors.items():
+        for key in tensors:
             if key.startswith(prefix):
                 index, item = key.removeprefix(prefix).split(".", 1)
+                param = params[int(index)]
+                # Moments are shaped (and sharded) like their parameter; a step count is not.
+                like = param if tensors.shape(key) == tuple(param.shape) else None
+                value = parallel.place(lambda key=key: tensors[key], like)
                 state.setdefault(int(index), {})[item] = value
         optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"][name]})
     # A run saved in another precision has no loss scale to restore: it starts afresh.
@@ -213,11 +231,13 @@ def restore(
         parts.loss_scale.load_state_dict(
             {key: tensors[f"loss_scale.{key}"] for key in parts.loss_scale.state_dict()}
         )
-    torch.set_rng_state(tensors["rng.cpu"])
-    if parts.device.type == "cuda" and "rng.cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng.cuda"], parts.device)
-    elif parts.device.type == "mps" and "rng.mps" in tensors:
-        torch.mps.set_rng_state(tensors["rng.mps"])
+    own = {name: parallel.own_rng_name(name) for name in ("rng.cpu", "rng.cuda", "rng.mps")}
+    if own["rng.cpu"] in tensors:
+        torch.set_rng_state(tensors[own["rng.cpu"]])
+    if parts.device.type == "cuda" and own["rng.cuda"] in tensors:
+        torch.cuda.set_rng_state(tensors[own["rng.cuda"]], parts.device)
+    elif parts.device.type == "mps" and own["rng.mps"] in tensors:
+        torch.mps.set_rng_state(tensors[own["rng.mps"]])
     known = {f.name for f in fields(TrainState)}
     train_state = TrainState(**{k: v for k, v in saved["train_state"].items() if k in known})
     return train_state, Schedule.from_dict(saved["schedule"])

@@ -66,14 +66,20 @@ def prepare_output_dir(path: Path, resume: bool, identity: dict) -> None:
 
 
 @contextlib.contextmanager
-def locked_output_dir(path: Path, resume: bool, reporter: Reporter) -> Iterator[ModelDir]:
+def locked_output_dir(
+    path: Path, resume: bool, reporter: Reporter, lock: bool = True
+) -> Iterator[ModelDir]:
     """OUTPUT_DIR, created, with its run lock held (see `lock.RunLock`) for the `with`.
 
     What `prepare_output_dir` checked is checked again under the lock: another run may have
     finished there in the meantime. A new run takes over a directory where a run died
-    before its first save.
+    before its first save. Without `lock` (the processes of a run other than the first,
+    which holds it for them all) the directory is only opened.
     """
     out = ModelDir(path)
+    if not lock:
+        yield out
+        return
     with RunLock(out.path):
         if not resume:
             check_new_run(out.path)
@@ -105,11 +111,13 @@ class RunRecord:
         settings: TrainSettings,
         batches_per_epoch: int,
         extra: dict | None = None,
+        writes: bool = True,
     ) -> None:
         self.out, self.config, self.preset, self.tokenizer = out, config, preset, tokenizer
         self.kind, self.source, self.settings = kind, source, settings
         self.batches_per_epoch = batches_per_epoch
         self.extra = extra or {}
+        self.writes = writes  # only the first process of a run writes
         self.best = out.read_best_weights()
 
     def summary(self, state: TrainState, status: str, unevaluated_step: int | None) -> dict:
@@ -140,6 +148,8 @@ class RunRecord:
         }
 
     def write(self, state: TrainState, status: str, unevaluated_step: int | None = None) -> None:
+        if not self.writes:
+            return
         summary = self.summary(state, status, unevaluated_step)
         self.out.write_metadata(model_metadata(self.config, self.preset, self.tokenizer, summary))
 

@@ -110,6 +110,13 @@ class TrainSettings:
     # crash loses at most this much work. 0 saves after every step that evaluated.
     save_interval_s: float = 600.0
     max_nonfinite_in_row: int = 5
+    # The global batch is split into this many micro-batches whose gradients add up to one
+    # step: a batch larger than memory allows, with the same result.
+    grad_accum: int = 1
+    # Shard parameters, gradients and optimizer state over the processes (FSDP), and
+    # recompute each block's activations in the backward pass instead of keeping them.
+    fsdp: bool = False
+    activation_checkpointing: bool = False
     compile: bool = False
     # Delete the resume state when the run finishes (it cannot be extended then).
     drop_resume_state: bool = False

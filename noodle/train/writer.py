@@ -8,35 +8,41 @@ behind the one being written, so memory stays bounded: a third blocks the traini
 
 On the CPU the tensors already are in host memory; copying them would only cost memory, so
 there the writer runs each job at once on the training thread (`background=False`).
+
+In a run of several processes only the first writes: the others' writers drop their jobs
+(`writes=False`).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 
 class Writer:
-    def __init__(self, background: bool) -> None:
-        self.background = background
+    def __init__(self, background: bool, writes: bool = True) -> None:
+        self.background, self.writes = background, writes
         self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=1)
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
-    def snapshot(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Contiguous host tensors holding the values `tensors` have now. In the background
-        they are copies, which the training thread is free to change afterwards."""
+    def snapshot(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Contiguous host tensors holding the values that the (name, tensor) pairs have
+        now, taken one pair at a time. In the background they are copies, which the
+        training thread is free to change afterwards."""
         return {
             name: tensor.detach().to("cpu", copy=self.background).contiguous()
-            for name, tensor in tensors.items()
+            for name, tensor in tensors
         }
 
     def submit(self, job: Callable[[], None]) -> None:
         """Run `job` after the jobs before it; raises the failure of an earlier one."""
         self.raise_failure()
+        if not self.writes:
+            return
         if not self.background:
             job()
             return

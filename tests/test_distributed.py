@@ -1,0 +1,300 @@
+"""Training over several processes with torchrun on the CPU (gloo): DistributedDataParallel
+against one process, one stop for all processes, resuming, FSDP, gradient accumulation, the
+global loss of fine-tuning, and the errors of a batch that does not share out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from noodle.config import ModelConfig, config_from_dict, padded_vocab_size
+from noodle.evaluation import loss_sums
+from noodle.model import NoodleModel
+from noodle.tokenizer import load_tokenizer
+from noodle.train.settings import TrainSettings
+from tests.conftest import (
+    ONE_THREAD,
+    PAIRS,
+    TINY_CONFIG,
+    noodle_env,
+    write_instructions,
+)
+from tests.tiny_runs import TinyRun, read_metrics, saved_tensors
+
+STEPS = 60
+OPTIONS = (
+    *("--max-steps", STEPS, "--batch-size", 8, "--lr", 3e-3),
+    *("--eval-interval", 15, "--eval-batches", 4, "--patience", 100, "--seed", 7),
+)
+INTERRUPT_AFTER_STEP = 30
+
+
+def torchrun_command(*args: object, processes: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node=PROCESSES -m noodle ARGS`, from this interpreter."""
+    return [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+        *(f"--nproc_per_node={processes}", "-m", "noodle", *map(str, args)),
+    ]
+
+
+def start_torchrun(*args: object, log: Path, env: dict) -> subprocess.Popen:
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            torchrun_command(*args), stdout=handle, stderr=subprocess.STDOUT, env=noodle_env(env)
+        )
+
+
+def finish(process: subprocess.Popen) -> int:
+    try:
+        return process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def process_of_rank(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the process torchrun started for `rank`."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        tasks = Path(f"/proc/{launcher.pid}/task")
+        children = [
+            int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()
+        ]
+        for pid in children:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ:
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"torchrun started no process of rank {rank}")
+
+
+def tiny_config(run: TinyRun) -> ModelConfig:
+    config, _ = config_from_dict(json.loads(run.config.read_text()), str(run.config))
+    vocab = load_tokenizer(run.tokenizer).vocab_size
+    return replace(config, vocab_size=padded_vocab_size(vocab))
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_run: TinyRun, tmp_path_factory) -> dict:
+    """Side by side: one process and two (DDP, two micro-batches each) on a model without
+    dropout; and, on the tiny run's model with dropout (resuming exactly needs each
+    process's RNG back), two processes uninterrupted and two stopped by a SIGTERM to the
+    second of them past step 30, then resumed with the command its message gives."""
+    root = tmp_path_factory.mktemp("distributed")
+    (root / "no-dropout.json").write_text(json.dumps(TINY_CONFIG))
+    plain = replace(tiny_run, config=root / "no-dropout.json")
+    single = subprocess.Popen(
+        [sys.executable, "-m", "noodle", *plain.train_args(root / "single", *OPTIONS)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=noodle_env(tiny_run.env),
+    )
+    started = {
+        "ddp": start_torchrun(
+            *plain.train_args(root / "ddp", *OPTIONS, "--grad-accum", 2),
+            log=root / "ddp.log",
+            env=tiny_run.env,
+        ),
+        "reference": start_torchrun(
+            *tiny_run.train_args(root / "reference", *OPTIONS),
+            log=root / "reference.log",
+            env=tiny_run.env,
+        ),
+    }
+    stopped = start_torchrun(
+        *tiny_run.train_args(root / "stopped", *OPTIONS),
+        log=root / "stopped.log",
+        env=tiny_run.env,
+    )
+    second = process_of_rank(stopped, 1)
+    deadline = time.monotonic() + 120
+    while not any(r["step"] >= INTERRUPT_AFTER_STEP for r in read_metrics(root / "stopped")):
+        assert time.monotonic() < deadline and stopped.poll() is None, "no step 30"
+        time.sleep(0.02)
+    os.kill(second, signal.SIGTERM)
+    finish(stopped)
+    stopped_log = (root / "stopped.log").read_text()
+    summary = json.loads((root / "stopped" / "model.json").read_text())["training"]
+    (message,) = error_lines(stopped_log)
+    command = shlex.split(message.partition(" -m ")[2])
+    resumed = start_torchrun(*command[1:], log=root / "resumed.log", env=tiny_run.env)
+    assert finish(single) == 0
+    for name, process in started.items():
+        assert finish(process) == 0, (root / f"{name}.log").read_text()
+    assert finish(resumed) == 0, (root / "resumed.log").read_text()
+    return {
+        "root": root,
+        "message": message,
+        "summary": summary,
+        "command": command,
+        "resumed_log": (root / "resumed.log").read_text(),
+    }
+
+
+def test_two_processes_end_where_one_does_and_only_the_first_writes(runs):
+    root = runs["root"]
+    losses = [
+        [r["val_loss"] for r in read_metrics(root / name) if r["kind"] == "eval"][-1]
+        for name in ("single", "ddp")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=0.02)
+    assert sorted(p.name for p in (root / "ddp").iterdir()) == sorted(
+        p.name for p in (root / "single").iterdir()
+    )
+    records = [(r["kind"], r["step"]) for r in read_metrics(root / "ddp")]
+    assert len(records) == len(set(records)), "a record was written twice"
+    summary = json.loads((root / "ddp" / "model.json").read_text())["training"]
+    assert summary["status"] == "finished" and summary["steps"] == STEPS
+    assert summary["tokens_seen"] == STEPS * 8 * 64  # the global batch's tokens
+    log = (root / "ddp.log").read_text()
+    lines = log.splitlines()
+    assert [line.startswith("done: ") for line in lines].count(True) == 1
+    assert log.count("eval step 15 ") == 1
+    assert "2 processes (DDP)" in log
+
+
+def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_run_resumes(runs, tiny_run):
+    root, summary = runs["root"], runs["summary"]
+    step = summary["steps"]
+    assert summary["status"] == "interrupted" and INTERRUPT_AFTER_STEP <= step < STEPS
+    # One line, from the first process (the second one caught the signal), naming the step
+    # the resume state holds, with each process's RNG state in it.
+    assert runs["message"].startswith(f"error: interrupted by SIGTERM at step {step}; ")
+    state = saved_tensors(root / "stopped" / "resume.safetensors")
+    assert {"rng.cpu", "rank1.rng.cpu"} <= state.keys()
+    assert runs["command"][:2] == ["noodle", "train"] and runs["command"][-1] == "--resume"
+
+    assert f"resuming at step {step} " in runs["resumed_log"]
+    for name in ("resume.safetensors", "model.safetensors"):
+        expected = saved_tensors(root / "reference" / name)
+        resumed = saved_tensors(root / "stopped" / name)
+        assert expected.keys() == resumed.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(tensor, resumed[key]), f"{name}: {key} differs"
+
+
+def test_fsdp_finetunes_like_one_process_saves_a_whole_model_and_resumes_alone(
+    trained_base, tmp_path, cli_in_process, one_torch_thread
+):
+    """Two sharded processes with two micro-batches each end with one process's weights:
+    the loss is the mean over all response tokens of the global batch (not a mean of
+    means), and the base model's weights were scattered, not built whole, into shards."""
+    instructions = write_instructions(tmp_path / "qa.txt", PAIRS * 4)
+    options = ("--backend", "cpu", "--max-steps", 8, "--batch-size", 4, "--lr", 1e-3)
+    out = tmp_path / "sharded"
+    sharded = start_torchrun(
+        *("finetune", trained_base, instructions, out, *options),
+        *("--grad-accum", 2, "--fsdp", "--activation-checkpointing"),
+        log=tmp_path / "sharded.log",
+        env=ONE_THREAD,
+    )
+    code, _, err = cli_in_process(
+        "finetune", trained_base, instructions, tmp_path / "one", *options
+    )
+    assert code == 0, err
+    log = (tmp_path / "sharded.log").read_text
+    assert finish(sharded) == 0, log()
+    assert "2 processes (FSDP)" in log() and "Warning" not in log()
+    expected = saved_tensors(tmp_path / "one" / "resume.safetensors")
+    actual = saved_tensors(out / "resume.safetensors")
+    assert expected.keys() <= actual.keys()
+    # Float32 rounding differs with the order of the sums; AdamW magnifies it in weights
+    # whose gradients are near zero. A mean of per-process or per-micro-batch means would
+    # move the weights by a sizeable part of their updates (lr 1e-3 a step).
+    for key, tensor in expected.items():
+        if key.startswith("model."):
+            torch.testing.assert_close(actual[key], tensor, rtol=1e-4, atol=2e-5)
+
+    # Whole tensors, as one process writes them: chat loads the model by itself.
+    code, reply, err = cli_in_process(
+        "chat", out, "--prompt", PAIRS[0][0], "--max-tokens", 5, "--backend", "cpu"
+    )
+    assert code == 0 and reply.strip(), err
+    code, _, err = cli_in_process(
+        "finetune", trained_base, instructions, out, *options, "--resume", "--max-steps", 12
+    )
+    assert code == 0, err
+    assert "resuming at step 8 " in err
+    assert "saved by 2 process(es) and goes on with 1" in err
+    summary = json.loads((out / "model.json").read_text())["training"]
+    assert summary["status"] == "finished" and summary["steps"] == 12
+
+
+def test_gradient_accumulation_ends_with_the_weights_of_the_whole_batch(
+    tiny_run, tiny_config, tmp_path, one_torch_thread
+):
+    """float32, no dropout: eight windows at once or as two micro-batches of four."""
+    run = replace(tiny_run, config=tiny_config)
+    settings = TrainSettings(max_steps=12, batch_size=8, lr=3e-3, eval_interval=6, eval_batches=2)
+    whole = run.trainer(tmp_path / "whole", settings)
+    whole.run()
+    split = run.trainer(tmp_path / "split", replace(settings, grad_accum=2))
+    split.run()
+    for name, tensor in whole.model.state_dict().items():
+        torch.testing.assert_close(split.model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ("--batch-size", 7),
+            "error: --batch-size 7 does not divide over 2 processes: each takes an equal share "
+            "of the global batch; use a multiple of 2",
+        ),
+        (
+            ("--batch-size", 6, "--grad-accum", 2),
+            "error: --batch-size 6 does not divide over 2 processes × 2 micro-batches: each "
+            "takes an equal share of the global batch; use a multiple of 4",
+        ),
+        (
+            ("--fsdp", "--optimizer", "muon"),
+            "error: --optimizer muon cannot train a sharded (FSDP) model: its Newton-Schulz "
+            "step orthogonalises whole matrices, and FSDP gives each process a slice of each; "
+            "use --optimizer adamw with FSDP, or Muon without --fsdp",
+        ),
+    ],
+)
+def test_what_processes_cannot_share_is_a_one_line_usage_error(
+    options, message, cli_in_process, tiny_run, tmp_path, monkeypatch
+):
+    """torchrun's variables, one process: the check comes before the processes meet."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = cli_in_process(*tiny_run.train_args(tmp_path / "out", *options))
+    assert (code, out, err.splitlines()) == (2, "", [message])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_later_process_leaves_reporting_a_bad_input_to_the_first(
+    cli_in_process, tiny_run, tmp_path, monkeypatch
+):
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = cli_in_process(*tiny_run.train_args(tmp_path / "out", "--batch-size", 7))
+    assert (code, out, err) == (2, "", "")
+
+
+def test_an_empty_share_of_an_evaluation_batch_adds_nothing(tiny_run):
+    model = NoodleModel(tiny_config(tiny_run)).eval()
+    inputs = torch.randint(0, 100, (3, 16))
+    batch = (inputs, inputs.roll(-1, dims=1))
+    empty = tuple(tensor[:0] for tensor in batch)
+    cpu = torch.device("cpu")
+    with_empty = loss_sums(model, [empty, batch], cpu, torch.float32)
+    alone = loss_sums(model, [batch], cpu, torch.float32)
+    assert [float(v) for v in with_empty] == [float(v) for v in alone]
