@@ -36,6 +36,10 @@ def test_lora_training_needs_the_frozen_weights_once_and_sixteen_bytes_an_adapte
     assert lora.fixed["adapters, their gradients and optimizer state"] == 16 * adapters
     assert lora.per_sequence == full.per_sequence
     assert sum(lora.fixed.values()) < 0.2 * sum(full.fixed.values())
+    # Sharded over two processes (FSDP), the frozen weights stay in float32.
+    sharded = training_need(config, 4, 2, shards=2, adapters=LoraSettings(rank=16, alpha=32.0))
+    assert sharded.fixed["frozen weights"] == 4 * config.parameter_count() // 2
+    assert sharded.fixed["adapters, their gradients and optimizer state"] == 16 * adapters // 2
 
 
 def test_chat_needs_the_weights_twice_on_the_cpu_and_a_key_value_cache():
