@@ -83,7 +83,7 @@ def training_need(
 
     With LoRA `adapters` only they have gradients and optimizer state; the frozen weights
     need their own bytes alone, those of Linear layers in the activations' precision unless
-    sharded (see `lora.adapt`). The activations are much the same: the gradient still flows
+    sharded (see `lora.add_adapters`). The activations are much the same: the gradient still flows
     back through every layer."""
     parameters = config.parameter_count()
     if adapters is None:

@@ -8,7 +8,7 @@ the adapters alone: its output directory (`AdaptedModelDir`) merges them into th
 model's weights as read from the base's own file, W + scale · B A, and writes those as its
 model.safetensors (a plain model directory that chat, eval and export load as any other),
 keeping the adapters beside them. The frozen weights in memory are then free to be kept
-in the precision they compute in (see `adapt`).
+in the precision they compute in (see `add_adapters`).
 
 The adapters are ordinary parameters of the blocks they sit in: a replicated model
 (DistributedDataParallel) averages their gradients as it would any other's, and a sharded
@@ -122,17 +122,6 @@ def initial_adapters(
     return values
 
 
-def adapt(
-    model: nn.Module, settings: LoraSettings, seed: int, frozen_dtype: torch.dtype = torch.float32
-) -> None:
-    """`add_adapters` to a model that holds its weights, the adapters set to their starting
-    values."""
-    add_adapters(model, settings, frozen_dtype)
-    with torch.no_grad():
-        for name, value in initial_adapters(model.config, settings, seed).items():
-            model.get_parameter(name).copy_(value)
-
-
 def merged_weights(
     base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor], scale: float
 ) -> dict[str, torch.Tensor]:
@@ -172,6 +161,6 @@ class AdaptedModelDir(ModelDir):
         atomic_write(
             self.file(ADAPTERS), lambda handle: write_safetensors(handle, adapters, metadata)
         )
-        # Mapped, not read: only the adapted weights are copied, to be merged.
+        # The weights the run started from: their hash is part of the run's identity.
         base = load_file(self.base)
         super().write_weights(merged_weights(base, adapters, self.settings.scale), best)

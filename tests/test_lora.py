@@ -25,9 +25,10 @@ from noodle.instructions import format_prompt, load_examples, split_examples
 from noodle.lora import (
     TARGET_PATHS,
     AdaptedModelDir,
-    adapt,
     adapter_parameter_count,
     adapter_shapes,
+    add_adapters,
+    initial_adapters,
     merged_weights,
 )
 from noodle.model import NoodleModel
@@ -40,6 +41,16 @@ from tests.tiny_runs import directory_snapshot, read_metrics, saved_tensors
 
 CPU = torch.device("cpu")
 QUIET = Reporter(interactive=False, quiet=True)
+
+
+def adapt(
+    model: NoodleModel, settings: LoraSettings, seed: int, frozen_dtype: torch.dtype = torch.float32
+) -> None:
+    """Adapters on a model that holds its weights, at their starting values."""
+    add_adapters(model, settings, frozen_dtype)
+    with torch.no_grad():
+        for name, value in initial_adapters(model.config, settings, seed).items():
+            model.get_parameter(name).copy_(value)
 
 
 def tiny_model(seed: int = 0) -> NoodleModel:
