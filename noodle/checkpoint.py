@@ -3,6 +3,7 @@ resume state, each written atomically so a crash leaves the old file or the new 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,8 @@ WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 RESUME = "resume.safetensors"
+# A LoRA run's adapters alone, beside the merged weights (see noodle.lora).
+ADAPTERS = "adapters.safetensors"
 
 # The safetensors names of the dtypes a checkpoint can hold.
 SAFETENSORS_DTYPES = {
@@ -152,6 +155,14 @@ class BestWeights:
     val_loss: float
 
 
+def best_metadata(best: BestWeights | None) -> dict[str, str]:
+    """A weights file's record of the evaluation its weights are the best of, if any (see
+    `ModelDir.read_best_weights`)."""
+    if best is None:
+        return {}
+    return {"best_step": str(best.step), "best_val_loss": repr(best.val_loss)}
+
+
 class ModelDir:
     """Writes one model directory. Creating it fails cleanly if the path is a file."""
 
@@ -176,9 +187,7 @@ class ModelDir:
     ) -> None:
         """Write contiguous CPU `tensors` (a state dict) as the model's weights, with which
         evaluation of a run they are the best of, if any (see `read_best_weights`)."""
-        metadata = {}
-        if best is not None:
-            metadata = {"best_step": str(best.step), "best_val_loss": repr(best.val_loss)}
+        metadata = best_metadata(best)
         atomic_write(
             self.file(WEIGHTS), lambda handle: write_safetensors(handle, tensors, metadata)
         )
@@ -196,7 +205,7 @@ class ModelDir:
     def remove_temporary_files(self) -> None:
         """Delete what writes killed mid-way (SIGKILL, power cut) left behind; call only when
         no other process writes this directory, e.g. when resuming its run."""
-        for name in (MODEL_JSON, WEIGHTS, TOKENIZER, METRICS, RESUME):
+        for name in (MODEL_JSON, WEIGHTS, TOKENIZER, METRICS, RESUME, ADAPTERS):
             for leftover in self.path.glob(f".{name}.*.tmp"):
                 leftover.unlink(missing_ok=True)
 
@@ -412,6 +421,15 @@ def open_model_dir(spec: str | Path) -> ModelFiles:
         )
     check_weights_match(directory / WEIGHTS, config, spec)
     return ModelFiles(directory, metadata, config, tokenizer)
+
+
+def weights_sha256(files: ModelFiles) -> str:
+    """The SHA-256 of a checked directory's weights file (about a second per GB)."""
+    try:
+        with (files.directory / WEIGHTS).open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        raise NoodleError(f"model {files.directory}: unreadable weights ({exc})") from None
 
 
 def load_weights(files: ModelFiles, device: torch.device | str = "cpu") -> LoadedModel:

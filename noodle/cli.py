@@ -23,11 +23,12 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from noodle import __version__
-from noodle.config import PRESET_TOKENIZERS
+from noodle.config import LORA_TARGETS, PRESET_TOKENIZERS, LoraSettings
 from noodle.errors import Interrupted, NoodleError, UsageError, did_you_mean
 from noodle.progress import Reporter
 from noodle.train.settings import (
     FINETUNE_DEFAULTS,
+    LORA_FINETUNE_DEFAULTS,
     OPTIMIZERS,
     PRESET_RUN_DEFAULTS,
     PRETRAIN_DEFAULTS,
@@ -354,13 +355,13 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
 
 
 def with_training_options(
-    defaults: RunDefaults, preset_defaults: dict[str, RunDefaults] | None = None
+    defaults: RunDefaults, choose: Callable[[dict], RunDefaults] | None = None
 ) -> Callable[[Callable], Callable]:
-    """Give a command the options `train` and `finetune` share (with `defaults`, or for a
-    `--model` preset in `preset_defaults` with that preset's for the options not given);
-    the command receives them as one TrainSettings, its `settings` parameter."""
+    """Give a command the options `train` and `finetune` share (with `defaults`, or those
+    `choose` gives for the values of the command's own options, e.g. a preset's, for the
+    options not given); the command receives them as one TrainSettings, its `settings`
+    parameter."""
     options = training_option_types(defaults)
-    preset_defaults = preset_defaults or {}
 
     def decorate(command: Callable) -> Callable:
         own = inspect.signature(command, eval_str=True).parameters
@@ -378,7 +379,7 @@ def with_training_options(
         @functools.wraps(command)
         def run(context: typer.Context, **values: object) -> None:
             shared = {name: values.pop(name) for name in options}
-            chosen = preset_defaults.get(str(values.get("model")), defaults)
+            chosen = defaults if choose is None else choose(values)
             for name, (_, default) in training_option_types(chosen).items():
                 if context.get_parameter_source(name).name == "DEFAULT":
                     shared[name] = default
@@ -411,7 +412,9 @@ def run_with_reporter(work: Callable[[Reporter], object]) -> None:
 
 
 @command()
-@with_training_options(PRETRAIN_DEFAULTS, PRESET_RUN_DEFAULTS)
+@with_training_options(
+    PRETRAIN_DEFAULTS, lambda values: PRESET_RUN_DEFAULTS.get(values["model"], PRETRAIN_DEFAULTS)
+)
 def train(
     corpus: Corpus,
     output_dir: OutputDir,
@@ -473,8 +476,37 @@ def train(
     run_with_reporter(lambda reporter: run_train(options, reporter))
 
 
+def lora_settings(
+    rank: int | None, alpha: float | None, targets: str | None, optimizer: str
+) -> LoraSettings | None:
+    """The adapters --lora-rank, --lora-alpha and --lora-targets ask for; None without
+    --lora-rank (every weight is trained)."""
+    if rank is None:
+        for name, value in (("alpha", alpha), ("targets", targets)):
+            if value is not None:
+                raise UsageError(f"--lora-{name} needs --lora-rank (LoRA adapters' rank)")
+        return None
+    positive("lora-rank", rank)
+    alpha = 2.0 * rank if alpha is None else alpha
+    finite("lora-alpha", alpha)
+    positive("lora-alpha", alpha)
+    chosen = LORA_TARGETS if targets is None else targets.split(",")
+    for target in chosen:
+        one_of("lora-targets", target.strip(), LORA_TARGETS)
+    if optimizer == "muon":
+        raise UsageError(
+            "--optimizer muon orthogonalises the blocks' whole matrices, which LoRA freezes; "
+            "train adapters with --optimizer adamw"
+        )
+    stripped = {target.strip() for target in chosen}
+    return LoraSettings(rank, alpha, tuple(t for t in LORA_TARGETS if t in stripped))
+
+
 @command()
-@with_training_options(FINETUNE_DEFAULTS)
+@with_training_options(
+    FINETUNE_DEFAULTS,
+    lambda values: FINETUNE_DEFAULTS if values["lora_rank"] is None else LORA_FINETUNE_DEFAULTS,
+)
 def finetune(
     model: Annotated[
         str,
@@ -495,6 +527,32 @@ def finetune(
     ],
     output_dir: OutputDir,
     settings: TrainSettings,
+    lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            help="Train low-rank adapters (LoRA) of this rank on the frozen base weights "
+            "instead of every weight: a fraction of the memory. OUTPUT_DIR gets the merged "
+            "weights, and the adapters alone beside them. Default --lr with it: "
+            f"{LORA_FINETUNE_DEFAULTS.lr_at_batch_4:g} × batch-size / 4.",
+            show_default=False,
+        ),
+    ] = None,
+    lora_alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="The adapters' updates are scaled by alpha / rank. Default: twice the rank.",
+            show_default=False,
+        ),
+    ] = None,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(
+            help="The layers of each block that get adapters, comma-separated: qkv (attention "
+            "queries, keys and values), proj (attention output), up and down (MLP). "
+            "Default: all four.",
+            show_default=False,
+        ),
+    ] = None,
     resume: Resume = False,
     backend: Backend = None,
     dtype: Dtype = "auto",
@@ -503,6 +561,7 @@ def finetune(
     from noodle.train.finetune import FinetuneOptions
     from noodle.train.finetune import finetune as run_finetune
 
+    lora = lora_settings(lora_rank, lora_alpha, lora_targets, settings.optimizer)
     options = FinetuneOptions(
         model=model,
         input=input,
@@ -511,6 +570,7 @@ def finetune(
         dtype=dtype,
         resume=resume,
         settings=settings,
+        lora=lora,
     )
     run_with_reporter(lambda reporter: run_finetune(options, reporter))
 

@@ -1,4 +1,5 @@
-"""Model architecture: the config dataclass, the presets and reading configs from JSON."""
+"""Model architecture: the config dataclass, the presets and reading configs from JSON, and
+the shape of LoRA adapters on a model (see noodle.lora)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,32 @@ class ModelConfig:
         embedding = self.vocab_size * self.emb_dim
         head = self.emb_dim * self.vocab_size + self.vocab_size
         return embedding + self.n_layers * block + 2 * self.emb_dim + head
+
+
+# The Linear layers of each block that can get low-rank adapters: the fused query/key/value
+# projection, the attention's output projection, the MLP's up and down projections.
+LORA_TARGETS = ("qkv", "proj", "up", "down")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adaptation: each target layer's frozen weight W computes as W + scale · B A,
+    with A (rank × inputs) and B (outputs × rank) trained and scale = alpha / rank."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        """As JSON holds it (the run's identity compares it with a saved one)."""
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+    def description(self) -> str:
+        return f"rank {self.rank}, alpha {self.alpha:g}, on {','.join(self.targets)}"
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from noodle.config import PRESETS, ModelConfig
+from noodle.config import PRESETS, LoraSettings, ModelConfig
 from noodle.errors import NoodleError
+from noodle.lora import adapter_parameter_count
 
 FLOAT32_BYTES = 4
 # Weights, gradients and AdamW's two moments, all float32 (Muon keeps less: this bounds it).
@@ -72,13 +73,35 @@ def training_need(
     shards: int = 1,
     checkpointing: bool = False,
     batch_parts: int = 1,
+    adapters: LoraSettings | None = None,
 ) -> MemoryNeed:
     """Training with float32 weights and AdamW; activations of `activation_bytes` each (2
     under bfloat16/float16 autocast). One process's share: `batch_size` sequences at a time
     of a global batch of `batch_parts` times as many, the weights and their state split in
     `shards` (FSDP). With activation checkpointing a block keeps only its input, and one
-    block's activations exist at a time, recomputed in the backward pass."""
-    parameters = -(-config.parameter_count() // shards)
+    block's activations exist at a time, recomputed in the backward pass.
+
+    With LoRA `adapters` only they have gradients and optimizer state; the frozen weights
+    need their own bytes alone, those of Linear layers in the activations' precision unless
+    sharded (see `lora.add_adapters`). The activations are much the same: the gradient still flows
+    back through every layer."""
+    parameters = config.parameter_count()
+    if adapters is None:
+        weights = {
+            "weights, gradients and optimizer state": -(-parameters // shards)
+            * TRAINING_BYTES_PER_PARAMETER
+        }
+    else:
+        # The embedding and the norms stay in float32.
+        float32 = config.vocab_size * config.emb_dim + (4 * config.n_layers + 2) * config.emb_dim
+        linear_bytes = activation_bytes if shards == 1 else FLOAT32_BYTES
+        frozen = float32 * FLOAT32_BYTES + (parameters - float32) * linear_bytes
+        trained = adapter_parameter_count(config, adapters)
+        weights = {
+            "frozen weights": -(-frozen // shards),
+            "adapters, their gradients and optimizer state": -(-trained // shards)
+            * TRAINING_BYTES_PER_PARAMETER,
+        }
     block = activation_elements_per_token(config)
     kept = config.n_layers * config.emb_dim + block if checkpointing else config.n_layers * block
     per_token = kept * activation_bytes
@@ -86,10 +109,7 @@ def training_need(
     per_token += config.vocab_size * (activation_bytes + 2 * FLOAT32_BYTES)
     return MemoryNeed(
         f"to train at batch size {batch_size * batch_parts}",
-        {
-            "weights, gradients and optimizer state": parameters * TRAINING_BYTES_PER_PARAMETER,
-            "rotary tables": rotary_bytes(config),
-        },
+        {**weights, "rotary tables": rotary_bytes(config)},
         per_sequence=config.ctx_len * per_token,
         batch_size=batch_size,
         batch_parts=batch_parts,
@@ -194,14 +214,16 @@ def require_training_memory(
     shards: int = 1,
     checkpointing: bool = False,
     batch_parts: int = 1,
+    adapters: LoraSettings | None = None,
 ) -> None:
-    """Refuse to train `config` where it cannot fit (see `require_memory`); the last three
-    say what one process of several holds (see `training_need`)."""
+    """Refuse to train `config` (through LoRA `adapters`, if given) where it cannot fit (see
+    `require_memory`); `shards`, `checkpointing` and `batch_parts` say what one process of
+    several holds (see `training_need`)."""
     activation_bytes = torch.finfo(amp_dtype).bits // 8
     require_memory(
         config,
         lambda c: training_need(
-            c, batch_size, activation_bytes, shards, checkpointing, batch_parts
+            c, batch_size, activation_bytes, shards, checkpointing, batch_parts, adapters
         ),
         name,
         device,

@@ -62,6 +62,20 @@ def training_rows(training: dict) -> list[tuple[str, str]]:
     ]
 
 
+def adapters_description(lora: object) -> str:
+    """What a fine-tuning run trained: every weight, or LoRA adapters (merged into the
+    weights, and kept alone in their own file)."""
+    if not isinstance(lora, dict):
+        return "every weight"
+    targets = lora.get("targets")
+    targets = ",".join(targets) if isinstance(targets, list) else MISSING
+    return (
+        f"LoRA adapters, rank {show(lora.get('rank'))}, alpha {show(lora.get('alpha'))}, on "
+        f"{targets}: {count(lora.get('trained_parameters'))} parameters, merged into the "
+        f"weights and kept alone in {show(lora.get('file'))}"
+    )
+
+
 def model_table(spec: str) -> Table:
     """Architecture, parameter count, tokenizer and training summary of the model at `spec`;
     a fine-tuned model also shows its base model's training. A directory that eval or chat
@@ -106,6 +120,7 @@ def model_table(spec: str) -> Table:
     base = training.get("base_training")
     if training.get("kind") == "finetune":
         table.add_row("examples", count(training.get("examples")))
+        table.add_row("trained", adapters_description(training.get("lora")))
         table.add_section()
         table.add_row("base model", show(training.get("base_model")))
         for name, value in training_rows(base if isinstance(base, dict) else {}):

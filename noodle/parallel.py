@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from noodle.batching import Batch
-from noodle.config import ModelConfig
+from noodle.config import LoraSettings, ModelConfig
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError, UsageError
 from noodle.footprint import available_memory, require_training_memory, size_text, training_need
 from noodle.loss import IGNORE
@@ -136,16 +136,20 @@ class Parallel:
         amp_dtype: torch.dtype,
         device: torch.device,
         reporter: Reporter,
+        adapters: LoraSettings | None = None,
     ) -> Parallel:
         """This run with FSDP turned on when a GPU would not hold the whole model with its
-        optimizer state and the activations of `micro_batch` sequences (see `footprint`),
-        and there are several GPUs to share it. The processes decide together: their GPUs'
-        free memory may differ a little, and they must all shard or none."""
+        optimizer state (or, training LoRA `adapters`, the frozen model and theirs) and the
+        activations of `micro_batch` sequences (see `footprint`), and there are several
+        GPUs to share it. The processes decide together: their GPUs' free memory may differ
+        a little, and they must all shard or none."""
         if self.fsdp or self.world_size == 1 or device.type != "cuda":
             return self
         bytes_each = torch.finfo(amp_dtype).bits // 8
         checkpointing = self.activation_checkpointing
-        need = training_need(config, micro_batch, bytes_each, checkpointing=checkpointing).total
+        need = training_need(
+            config, micro_batch, bytes_each, checkpointing=checkpointing, adapters=adapters
+        ).total
         available = available_memory(device)
         if not self.any(available is not None and need > available, device):
             return self
@@ -169,9 +173,11 @@ class Parallel:
         grad_accum: int,
         amp_dtype: torch.dtype,
         device: torch.device,
+        adapters: LoraSettings | None = None,
     ) -> None:
         """Refuse a model this process's device cannot train (see `footprint`): its share of
-        the weights and their state, and the activations of `micro_batch` sequences."""
+        the weights and their state (or of the frozen weights and LoRA `adapters`), and the
+        activations of `micro_batch` sequences."""
         require_training_memory(
             config,
             name,
@@ -181,6 +187,7 @@ class Parallel:
             shards=self.world_size if self.fsdp else 1,
             checkpointing=self.activation_checkpointing,
             batch_parts=self.batch_parts(grad_accum),
+            adapters=adapters,
         )
 
     @contextlib.contextmanager
@@ -247,19 +254,26 @@ class Parallel:
         amp_dtype: torch.dtype,
         compile_mode: str | None,
         weights: Mapping[str, torch.Tensor] | None = None,
+        adapt: Callable[[NoodleModel], None] | None = None,
     ) -> NoodleModel:
         """A model to train: initialised from `seed`, or with `weights` (whole tensors, read
         only by the first process under FSDP). Under FSDP it is sharded from the meta
-        device on, its blocks compiled (with `compile_mode` set) and checkpointed first."""
+        device on, its blocks compiled (with `compile_mode` set) and checkpointed first.
+        `adapt` changes the model built, before any of that (e.g. adds LoRA adapters, whose
+        values `weights` then holds too)."""
         if not self.fsdp:
             torch.manual_seed(seed)
             model = NoodleModel(config)
+            if adapt is not None:
+                adapt(model)
             if weights is not None:
                 self.load_state(model, weights, weights.__getitem__)
             self.seed_streams(seed)
             return model.to(device)
         with torch.device("meta"):
             model = NoodleModel(config)
+        if adapt is not None:
+            adapt(model)
         self.wrap_blocks(model, compile_mode)
         self.shard(model, device, amp_dtype)
         model.to_empty(device=device)
@@ -452,10 +466,14 @@ class Parallel:
         self, model: nn.Module, names: Iterable[str], load: Callable[[str], torch.Tensor]
     ) -> None:
         """Load whole saved tensors into `model` (sharded or not): its state dict's `names`,
-        each read by `load(name)` where needed."""
+        each read by `load(name)` where needed; the rest of its state stays as it is."""
         current = model.state_dict()
+        unknown = [name for name in names if name not in current]
+        if unknown:
+            raise ValueError(f"the model has no {unknown[0]}")
         model.load_state_dict(
-            {name: self.place(lambda name=name: load(name), current.get(name)) for name in names}
+            {name: self.place(lambda name=name: load(name), current[name]) for name in names},
+            strict=False,
         )
 
     def rng_states(self, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

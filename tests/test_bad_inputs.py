@@ -474,6 +474,57 @@ FINETUNE_CASES = {
         r"cannot resume \S+: the run differs from the interrupted one in the base model: was "
         r"none \(a run of noodle train\), now \S+",
     ),
+    # LoRA's options (resuming with other adapters: tests/test_lora.py).
+    "lora-rank-zero": BadInput(
+        lambda i: i.finetune("--lora-rank", 0), 2, r"^--lora-rank must be positive, got 0$"
+    ),
+    "lora-rank-negative": BadInput(
+        lambda i: i.finetune("--lora-rank", -4), 2, r"^--lora-rank must be positive, got -4$"
+    ),
+    "lora-rank-not-a-number": BadInput(
+        lambda i: i.finetune("--lora-rank", "high"), 2, r"Invalid value for '--lora-rank'"
+    ),
+    "lora-alpha-nan": BadInput(
+        lambda i: i.finetune("--lora-rank", 4, "--lora-alpha", "nan"),
+        2,
+        r"^--lora-alpha must be a finite number, got nan$",
+    ),
+    "lora-alpha-infinite": BadInput(
+        lambda i: i.finetune("--lora-rank", 4, "--lora-alpha", "inf"),
+        2,
+        r"^--lora-alpha must be a finite number, got inf$",
+    ),
+    "lora-alpha-zero": BadInput(
+        lambda i: i.finetune("--lora-rank", 4, "--lora-alpha", 0),
+        2,
+        r"^--lora-alpha must be positive, got 0\.0$",
+    ),
+    "lora-unknown-target": BadInput(
+        lambda i: i.finetune("--lora-rank", 4, "--lora-targets", "qkv,mlp"),
+        2,
+        r"^unknown --lora-targets 'mlp' \(choose qkv, proj, up, down\)$",
+    ),
+    "lora-misspelt-target": BadInput(
+        lambda i: i.finetune("--lora-rank", 4, "--lora-targets", "dwon"),
+        2,
+        r"^unknown --lora-targets 'dwon'; did you mean 'down'\? \(choose qkv, proj, up, down\)$",
+    ),
+    "lora-alpha-without-rank": BadInput(
+        lambda i: i.finetune("--lora-alpha", 8),
+        2,
+        r"^--lora-alpha needs --lora-rank \(LoRA adapters' rank\)$",
+    ),
+    "lora-targets-without-rank": BadInput(
+        lambda i: i.finetune("--lora-targets", "qkv"),
+        2,
+        r"^--lora-targets needs --lora-rank \(LoRA adapters' rank\)$",
+    ),
+    "lora-with-muon": BadInput(
+        lambda i: i.finetune("--lora-rank", 4, "--optimizer", "muon"),
+        2,
+        r"^--optimizer muon orthogonalises the blocks' whole matrices, which LoRA freezes; "
+        r"train adapters with --optimizer adamw$",
+    ),
 }
 
 EVAL_CASES = {

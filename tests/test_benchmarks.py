@@ -221,3 +221,26 @@ def test_fsdp_benchmark_times_both_runs_and_checks_the_memory_plan_on_cpu(
     check = report["check"]["FSDP + activation checkpointing"]
     assert check["measured"]["loss"] > 0 and check["planned"]["total_gb"] > 0
     assert "tokens/s" in result.stdout and "planned" in result.stdout
+
+
+def test_lora_benchmark_compares_full_and_lora_fine_tuning_on_cpu(tmp_path):
+    out = tmp_path / "lora.json"
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    result = run_script(
+        "benchmarks/lora.py",
+        *("--device", "cpu", "--model", config, "--seconds", 0.5, "--warmup", 2),
+        *("--examples", 40, "--batch-size", 4, "--rank", 2, "--json", out),
+    )
+    assert result.returncode == 0, result.stderr
+    full, lora = json.loads(out.read_text())["rows"]
+    assert (full["run"], full["lora"]) == ("full", None)
+    assert lora["lora"] == {"rank": 2, "alpha": 4.0, "targets": ["qkv", "proj", "up", "down"]}
+    # Two blocks of four adapted layers: 2 × 2 × (64+192 + 64+64 + 64+128 + 128+64).
+    assert lora["trained_parameters"] == 3072 < full["trained_parameters"] == full["parameters"]
+    assert lora["lr"] == 10 * full["lr"] == 2e-4
+    for row in (full, lora):
+        assert row["steps"] >= 2 and row["tokens_per_s"] > 0 and row["peak_memory_gib"] is None
+        assert 9 < row["val_loss_start"] < 12  # ~ln(50304): the base is random
+    assert full["val_loss_start"] == lora["val_loss_start"]  # the same base and examples
+    assert "LoRA r2" in result.stdout and "full" in result.stdout

@@ -234,6 +234,54 @@ def test_fsdp_finetunes_like_one_process_saves_a_whole_model_and_resumes_alone(
     assert summary["status"] == "finished" and summary["steps"] == 12
 
 
+def test_lora_adapters_train_alike_replicated_or_sharded_and_a_sharded_run_resumes_alone(
+    trained_base, tmp_path, cli_in_process, one_torch_thread
+):
+    """Two processes train LoRA adapters as one process does: replicated with
+    DistributedDataParallel, and sharded with their blocks (the frozen base too) by FSDP.
+    Each saves whole adapters, the merged weights and a resume state of adapters alone."""
+    instructions = write_instructions(tmp_path / "qa.txt", PAIRS * 4)
+    options = ("--backend", "cpu", "--max-steps", 8, "--batch-size", 4, "--lr", 1e-3)
+    options += ("--lora-rank", 4, "--eval-interval", 4)
+    started = {
+        name: start_torchrun(
+            *("finetune", trained_base, instructions, tmp_path / name, *options, *extra),
+            log=tmp_path / f"{name}.log",
+            env=ONE_THREAD,
+        )
+        for name, extra in (("DDP", ()), ("FSDP", ("--fsdp",)))
+    }
+    one = tmp_path / "one"
+    code, _, err = cli_in_process("finetune", trained_base, instructions, one, *options)
+    assert code == 0, err
+    adapters = saved_tensors(one / "adapters.safetensors")
+    for name, process in started.items():
+        log = (tmp_path / f"{name}.log").read_text
+        assert finish(process) == 0, log()
+        assert f"2 processes ({name})" in log() and "Warning" not in log()
+        for file in ("adapters.safetensors", "model.safetensors"):
+            expected, actual = saved_tensors(one / file), saved_tensors(tmp_path / name / file)
+            assert expected.keys() == actual.keys()
+            for key, tensor in expected.items():  # float32 sums in another order
+                torch.testing.assert_close(actual[key], tensor, rtol=1e-4, atol=2e-5)
+        resume = saved_tensors(tmp_path / name / "resume.safetensors")
+        assert {k for k in resume if k.startswith("model.")} == {f"model.{k}" for k in adapters}
+
+    code, _, err = cli_in_process(
+        "finetune",
+        trained_base,
+        instructions,
+        tmp_path / "FSDP",
+        *options,
+        "--resume",
+        *("--max-steps", 12),
+    )
+    assert code == 0, err
+    assert "resuming at step 8 " in err
+    summary = json.loads((tmp_path / "FSDP" / "model.json").read_text())["training"]
+    assert summary["status"] == "finished" and summary["steps"] == 12
+
+
 def test_gradient_accumulation_ends_with_the_weights_of_the_whole_batch(
     tiny_run, tiny_config, tmp_path, one_torch_thread
 ):

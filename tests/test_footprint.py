@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noodle.config import PRESETS, ModelConfig
+from noodle.config import PRESETS, LoraSettings, ModelConfig
 from noodle.errors import NoodleError
 from noodle.footprint import MemoryNeed, inference_need, require_memory, training_need
 
@@ -20,6 +20,26 @@ def test_training_needs_sixteen_bytes_a_parameter_and_activations_per_sequence()
     assert need.total == sum(need.fixed.values()) + 8 * need.per_sequence
     halved = training_need(config, batch_size=8, activation_bytes=2)
     assert halved.per_sequence < need.per_sequence  # bfloat16 activations
+
+
+def test_lora_training_needs_the_frozen_weights_once_and_sixteen_bytes_an_adapter_weight():
+    config = PRESETS["soba"]
+    full = training_need(config, batch_size=4, activation_bytes=2)
+    lora = training_need(config, 4, 2, adapters=LoraSettings(rank=16, alpha=32.0))
+    # Each block: A and B of qkv (1024 in, 6144 out), proj (2048, 1024), up (1024, 4096)
+    # and down (4096, 1024), 16 columns or rows each.
+    adapters = 28 * 16 * (1024 + 6144 + 2048 + 1024 + 1024 + 4096 + 4096 + 1024)
+    # The embedding and norms in float32, the Linear layers in bfloat16.
+    float32 = 50304 * 1024 + (4 * 28 + 2) * 1024
+    linear = config.parameter_count() - float32
+    assert lora.fixed["frozen weights"] == 4 * float32 + 2 * linear
+    assert lora.fixed["adapters, their gradients and optimizer state"] == 16 * adapters
+    assert lora.per_sequence == full.per_sequence
+    assert sum(lora.fixed.values()) < 0.2 * sum(full.fixed.values())
+    # Sharded over two processes (FSDP), the frozen weights stay in float32.
+    sharded = training_need(config, 4, 2, shards=2, adapters=LoraSettings(rank=16, alpha=32.0))
+    assert sharded.fixed["frozen weights"] == 4 * config.parameter_count() // 2
+    assert sharded.fixed["adapters, their gradients and optimizer state"] == 16 * adapters // 2
 
 
 def test_chat_needs_the_weights_twice_on_the_cpu_and_a_key_value_cache():

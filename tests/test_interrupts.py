@@ -218,3 +218,36 @@ def test_interrupted_finetune_saves_its_state_and_its_resume_command_finishes(
     assert f"resuming at step {summary['steps']} " in resumed.stderr
     summary = json.loads((out / "model.json").read_text())["training"]
     assert summary["status"] == "finished" and summary["steps"] == FINETUNE_STEPS
+
+
+def test_interrupted_lora_finetune_resumes_to_the_uninterrupted_adapters_and_weights(
+    trained_base, tmp_path
+):
+    """A LoRA run's resume state holds its adapters alone; the frozen base comes back from
+    the base model's directory, and the resumed run ends bit-identical to one never
+    interrupted: adapters, merged weights and resume state."""
+    instructions = write_instructions(tmp_path / "qa.txt", PAIRS * 4)
+    options = ("--backend", "cpu", "--max-epochs", FINETUNE_EPOCHS, "--lora-rank", 4)
+    options += ("--lr", 1e-2, "--patience", 100)
+
+    def args(out: Path) -> list[str]:
+        return [*map(str, ("finetune", trained_base, instructions, out, *options))]
+
+    reference, out = tmp_path / "uninterrupted", tmp_path / "tuned"
+    uninterrupted = start_noodle(*args(reference), stderr=tmp_path / "ref.log", env=ONE_THREAD)
+    process = start_noodle(*args(out), stderr=tmp_path / "run.log", env=ONE_THREAD)
+    interrupt_at_step({signal.SIGINT: (process, out)}, FINETUNE_INTERRUPT_AFTER_STEP)
+    assert finish(process) == 130, (tmp_path / "run.log").read_text()
+    steps = json.loads((out / "model.json").read_text())["training"]["steps"]
+    assert FINETUNE_INTERRUPT_AFTER_STEP <= steps < FINETUNE_STEPS
+
+    resumed = run_noodle(*args(out), "--resume", env=ONE_THREAD)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {steps} " in resumed.stderr
+    assert finish(uninterrupted) == 0, (tmp_path / "ref.log").read_text()
+    for name in ("adapters.safetensors", "model.safetensors", "resume.safetensors"):
+        expected, actual = saved_tensors(reference / name), saved_tensors(out / name)
+        assert expected.keys() == actual.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(tensor, actual[key]), f"{name}: {key} differs"

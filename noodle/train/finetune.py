@@ -1,14 +1,26 @@
 """`noodle finetune`: a trained model further trained on instruction data, into a new
-model directory."""
+model directory: every weight, or through LoRA adapters on its frozen weights (see
+noodle.lora)."""
 
 from __future__ import annotations
 
+import functools
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from noodle.checkpoint import WEIGHTS, SavedTensors, open_model_dir
+from noodle.checkpoint import (
+    ADAPTERS,
+    WEIGHTS,
+    ModelFiles,
+    SavedTensors,
+    open_model_dir,
+    weights_sha256,
+)
+from noodle.config import LoraSettings
 from noodle.device import describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.instructions import (
@@ -17,6 +29,8 @@ from noodle.instructions import (
     load_examples,
     split_examples,
 )
+from noodle.lora import AdaptedModelDir, adapter_parameter_count, add_adapters, initial_adapters
+from noodle.model import NoodleModel
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.train.loop import Trainer
@@ -40,6 +54,42 @@ class FinetuneOptions:
     backend: str | None = None
     dtype: str = "auto"
     resume: bool = False
+    lora: LoraSettings | None = None  # None: every weight is trained
+
+
+def adapters_identity(lora: LoraSettings | None, base: ModelFiles) -> dict:
+    """What the adapters add to a run's identity: their settings (None for a run that
+    trains every weight, so that resuming either kind as the other is refused) and, for a
+    LoRA run, the base weights' hash: its resume state holds the adapters alone and the
+    base is read again from its directory, where other weights would not fit them."""
+    if lora is None:
+        return {"lora": None}
+    return {"lora": lora.to_dict(), "base_weights": weights_sha256(base)}
+
+
+def model_to_finetune(
+    parallel: Parallel,
+    base: ModelFiles,
+    lora: LoraSettings | None,
+    settings: TrainSettings,
+    amp_dtype: torch.dtype,
+    device: torch.device,
+) -> NoodleModel:
+    """The base model, ready for `parallel` to train: every weight, or its frozen weights
+    with LoRA adapters at their starting values (see `lora.add_adapters`)."""
+    compile_mode = settings.compile_mode if settings.compile else None
+    weights: Mapping[str, torch.Tensor] = SavedTensors(
+        base.directory / WEIGHTS, "unreadable weights"
+    )
+    adapt = None
+    if lora is not None:
+        # FSDP shards the frozen weights in float32 and gathers them in the compute dtype.
+        frozen_dtype = torch.float32 if parallel.fsdp else amp_dtype
+        adapt = functools.partial(add_adapters, settings=lora, frozen_dtype=frozen_dtype)
+        weights = ChainMap(initial_adapters(base.config, lora, settings.seed), weights)
+    return parallel.build_model(
+        base.config, device, settings.seed, amp_dtype, compile_mode, weights, adapt
+    )
 
 
 def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
@@ -54,22 +104,25 @@ def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
 def finetune_with(
     options: FinetuneOptions, parallel: Parallel, device: torch.device, reporter: Reporter
 ) -> TrainState:
-    settings = options.settings
+    settings, lora = options.settings, options.lora
     amp_dtype = select_dtype(options.dtype, device)
     base = open_model_dir(options.model)
     tokenizer, config = base.tokenizer, base.config
     micro_batch = settings.batch_size // parallel.batch_parts(settings.grad_accum)
     parallel = parallel.shard_if_needed(
-        config, micro_batch, settings.optimizer, amp_dtype, device, reporter
+        config, micro_batch, settings.optimizer, amp_dtype, device, reporter, lora
     )
     name = f"model {base.directory}"
-    parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device)
+    parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device, lora)
     if Path(options.output_dir).resolve() == base.directory.resolve():
         raise NoodleError(
             f"{options.output_dir} is the base model's directory; fine-tune into another one"
         )
     identity = run_identity(
-        settings, architecture=config.to_dict(), base_model=str(base.directory.resolve())
+        settings,
+        architecture=config.to_dict(),
+        base_model=str(base.directory.resolve()),
+        **adapters_identity(lora, base),
     )
     prepare_output_dir(options.output_dir, options.resume, identity)
 
@@ -78,9 +131,16 @@ def finetune_with(
     train_data, val_data = split_examples(
         examples, settings.batch_size, pad_id, settings.seed, options.input
     )
-    compile_mode = settings.compile_mode if settings.compile else None
-    weights = SavedTensors(base.directory / WEIGHTS, "unreadable weights")
-    model = parallel.build_model(config, device, settings.seed, amp_dtype, compile_mode, weights)
+    model = model_to_finetune(parallel, base, lora, settings, amp_dtype, device)
+    trained, adapters = config.parameter_count(), None
+    if lora is not None:
+        trained = adapter_parameter_count(config, lora)
+        adapters = {
+            **lora.to_dict(),
+            "file": ADAPTERS,
+            "trained_parameters": trained,
+            "base_weights_sha256": identity["base_weights"],
+        }
 
     # Only now, with every input checked (by every process), is OUTPUT_DIR created or
     # written to.
@@ -88,6 +148,8 @@ def finetune_with(
     with locked_output_dir(
         options.output_dir, options.resume, reporter, lock=parallel.is_main
     ) as out:
+        if lora is not None:
+            out = AdaptedModelDir(out.path, lora, base.directory / WEIGHTS)
         record = RunRecord(
             out,
             config,
@@ -102,13 +164,15 @@ def finetune_with(
                 "base_training": base.metadata.get("training"),
                 "examples": len(examples),
                 "skipped_blocks": skipped,
+                "lora": adapters,
             },
             writes=parallel.is_main,
         )
         if not options.resume and parallel.is_main:
             out.write_tokenizer(tokenizer)
+        through = f" (LoRA {lora.description()}: {trained:,} trained)" if lora else ""
         reporter.info(
-            f"fine-tuning {base.directory}: {config.parameter_count():,} parameters | "
+            f"fine-tuning {base.directory}: {config.parameter_count():,} parameters{through} | "
             f"device {describe_device(device)}{parallel.description()} | "
             f"precision {str(amp_dtype).removeprefix('torch.')} | "
             f"{len(examples):,} examples ({len(train_data.examples):,} training / "

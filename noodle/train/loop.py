@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from noodle.batching import Batch, to_device
-from noodle.checkpoint import METRICS, BestWeights, ModelDir, unwrap
+from noodle.checkpoint import METRICS, BestWeights, ModelDir
 from noodle.device import autocast, peak_memory
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError
 from noodle.evaluation import loss_sums
@@ -43,6 +43,7 @@ from noodle.train.resume import (
     restore,
     resume_metadata,
     resume_tensors,
+    trained_state,
 )
 from noodle.train.settings import TrainSettings, TrainState, planned_steps
 from noodle.train.writer import Writer
@@ -202,8 +203,10 @@ class Trainer:
         self, best: BestWeights | None = None, then: Callable[[], None] = lambda: None
     ) -> None:
         """Write the current weights as the model's (the best of evaluation `best`, if any),
-        then call `then`. Every process must call it: a sharded model is gathered."""
-        tensors = self.writer.snapshot(self.parallel.gathered(unwrap(self.model).state_dict()))
+        then call `then`: those the run trains (every weight, or the adapters of a LoRA run,
+        which its output directory merges into the weights they adapt). Every process must
+        call it: a sharded model is gathered."""
+        tensors = self.writer.snapshot(self.parallel.gathered(trained_state(self.model)))
         out = self.out
 
         def write() -> None:

@@ -2,10 +2,11 @@
 
 The identity says what a run trains (architecture, tokenizer, data) and with which
 settings; it is built once, saved in the resume state, and `--resume` refuses a saved
-run whose identity differs. The resume state is one safetensors file: the model's
-weights, one section of tensors per optimizer, the loss scale and the RNG states (of
-every process of the run), with the train state, the schedule, each optimizer's
-parameter groups and the identity in its JSON header.
+run whose identity differs. The resume state is one safetensors file: the model's trained
+weights (all of them, or a LoRA run's adapters alone), one section of tensors per
+optimizer, the loss scale and the RNG states (of every process of the run), with the train
+state, the schedule, each optimizer's parameter groups and the identity in its JSON
+header.
 
 Its tensors are whole, however the run was spread over processes (a sharded run gathers
 them to its first process, which writes the file): a run resumes on another number of
@@ -90,7 +91,35 @@ def describe_difference(path: tuple[str, ...], old: object, new: object, out: Mo
         )
     if part == "base_model":
         return f"the base model: was {old or 'none (a run of noodle train)'}, now {new}"
+    if part == "lora":
+        return describe_adapters_difference(path, old, new)
+    if part == "base_weights":
+        return (
+            "the base model's weights: they changed since the run started, and its resume "
+            "state holds only adapters trained on the old ones"
+        )
     return f"{'.'.join(path)} was {old!r}, now {new!r}"
+
+
+LORA_OPTIONS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "targets": "--lora-targets"}
+
+
+def describe_adapters_difference(path: tuple[str, ...], old: object, new: object) -> str:
+    """A difference in the adapters of a run (its "lora" part: None or LoraSettings'
+    dict, or one of its settings) in the user's terms."""
+    if len(path) > 1:
+
+        def value(setting: object) -> str:
+            return repr(",".join(setting) if isinstance(setting, list) else setting)
+
+        return f"{LORA_OPTIONS.get(path[-1], path[-1])} was {value(old)}, now {value(new)}"
+
+    def adapters(part: object) -> str:
+        if not isinstance(part, dict):
+            return "none (every weight trained)"
+        return f"LoRA rank {part.get('rank')}"
+
+    return f"the adapters: was {adapters(old)}, now {adapters(new)}"
 
 
 def check_resumable(out: ModelDir, identity: dict) -> None:
@@ -122,11 +151,22 @@ class TrainingParts:
     parallel: Parallel
 
 
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of the model's state dict that training changes: its parameters that
+    take gradients. A run with frozen weights (LoRA's base) reads them again from where it
+    started them, so that its resume state holds only what it trains."""
+    return {
+        name: value.detach()
+        for name, value in unwrap(model).state_dict(keep_vars=True).items()
+        if value.requires_grad
+    }
+
+
 def resume_tensors(parts: TrainingParts) -> dict[str, torch.Tensor]:
     """The resume state's tensors, where they live (on the device; sharded ones as this
     process's shard: see `Parallel.gathered`). Every process must call it: the first
     gathers the others' RNG states."""
-    tensors = {f"model.{k}": v for k, v in unwrap(parts.model).state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in trained_state(parts.model).items()}
     for name, optimizer in parts.optimizers.items():
         for index, values in optimizer.state_dict()["state"].items():
             for key, value in values.items():
@@ -162,13 +202,17 @@ def restore(
     parts: TrainingParts, tensors: SavedTensors, saved: dict
 ) -> tuple[TrainState, Schedule]:
     """Load a resume state into `parts`, each tensor laid out as the part it goes to is
-    (sharded or not); returns the saved train state and schedule.
+    (sharded or not); returns the saved train state and schedule. The model's frozen
+    weights, which it does not hold, stay as they are.
 
     Each process restores its own RNG states. A process the saved run did not have keeps
     the stream it was given at the start (see `Parallel.seed_streams`)."""
     parallel = parts.parallel
-    names = [k.removeprefix("model.") for k in tensors if k.startswith("model.")]
-    parallel.load_state(unwrap(parts.model), names, lambda name: tensors[f"model.{name}"])
+    trained = list(trained_state(parts.model))
+    missing = [name for name in trained if f"model.{name}" not in tensors]
+    if missing:
+        raise NoodleError(f"{tensors.path}: corrupt resume state (it has no {missing[0]})")
+    parallel.load_state(unwrap(parts.model), trained, lambda name: tensors[f"model.{name}"])
     for name, optimizer in parts.optimizers.items():
         prefix = f"optimizer.{name}."
         params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -7,7 +7,7 @@ Plain data, importing no torch, so that the command line can build settings (and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -82,6 +82,9 @@ FINETUNE_DEFAULTS = RunDefaults(
     patience=3,
     min_improvement=0.005,
 )
+# Adapters start from no change at all (B is zero) and are a few percent of the weights: they
+# take a learning rate ten times full fine-tuning's, as LoRA runs commonly do.
+LORA_FINETUNE_DEFAULTS = replace(FINETUNE_DEFAULTS, lr_at_batch_4=2e-4)
 
 
 @dataclass
