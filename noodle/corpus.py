@@ -562,22 +562,32 @@ def load_token_stream(
             return np.memmap(out, dtype=dtype, mode="r")
 
 
+def release_token_pages(tokens: np.ndarray, end: int | None = None) -> None:
+    """Unmap what reading has mapped of a memory-mapped token stream (up to token `end`);
+    the kernel keeps the pages in its page cache, and a read maps them again. No-op for an
+    array in memory.
+
+    Mapped pages count in the process's resident memory until they are unmapped, and a
+    read maps more than it reads: the cached pages around it too (~90 KB a window here,
+    Linux 6.18). Evaluations (400 windows by default) and training read windows all over
+    the corpus, so without this the whole token file would end up counted.
+    """
+    if isinstance(tokens.base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        length = len(tokens.base) if end is None else end * tokens.itemsize
+        tokens.base.madvise(mmap.MADV_DONTNEED, 0, min(length, len(tokens.base)))
+
+
 def token_chunks(tokens: np.ndarray, chunk_tokens: int) -> Iterator[np.ndarray]:
     """`tokens` in consecutive pieces of `chunk_tokens`, for one pass over a token stream.
 
-    Pages of a memory-mapped token file count in the process's resident memory from the
-    first read until they are unmapped, so a pass over a stream from `load_token_stream`
-    would leave all of it resident (60 MB for a 120 MB corpus). Once the next piece is
-    asked for, every page up to the end of this one is released (the kernel keeps them in
-    its page cache): from the start, because reading a page also maps the cached pages
-    around it, earlier ones included.
+    A pass over a stream from `load_token_stream` would leave all of it resident (60 MB for
+    a 120 MB corpus, see `release_token_pages`): once the next piece is asked for, every
+    page up to the end of this one is released, from the start, because reading a page also
+    maps the cached pages around it, earlier ones included.
     """
-    mapping = tokens.base if isinstance(tokens.base, mmap.mmap) else None
-    can_release = mapping is not None and hasattr(mmap, "MADV_DONTNEED")
     for start in range(0, len(tokens), chunk_tokens):
         yield tokens[start : start + chunk_tokens]
-        if can_release:
-            mapping.madvise(mmap.MADV_DONTNEED, 0, (start + chunk_tokens) * tokens.itemsize)
+        release_token_pages(tokens, start + chunk_tokens)
 
 
 def read_lines(spec: str, reporter: Reporter, what: str = "corpus") -> Iterator[str]:
