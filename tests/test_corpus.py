@@ -488,15 +488,17 @@ def wait_for(condition, timeout: float = 60) -> bool:
     return True
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+@LINUX_ONLY
 @pytest.mark.skipif(available_cores() < 2, reason="one core: tokenized in one process")
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill"])
-def test_a_stopped_run_leaves_no_tokenizer_processes_or_files(
-    tmp_path, tiny_config, server, signum
+def test_ctrl_c_while_tokenizing_leaves_no_tokenizer_processes_or_files(
+    tmp_path, tiny_config, server
 ):
     """Ctrl-C (to the whole process group, as a terminal sends it) while tokenizer processes
-    work stops them all and removes the partial cache file; SIGKILL of the command alone
-    stops them too. The download pauses, so the run is surely still tokenizing."""
+    work stops them all and removes the partial cache file. The download pauses, so the
+    run is surely still tokenizing."""
     body = story_corpus(140_000).encode()  # 9.6 MB: one process per core, at least two
     server.routes["/big.txt"] = Route(body, {"ETag": '"v1"'}, pause_after=len(body) // 4)
     cache, log = tmp_path / "xdg", tmp_path / "stderr.log"
@@ -514,19 +516,41 @@ def test_a_stopped_run_leaves_no_tokenizer_processes_or_files(
         assert wait_for(
             lambda: len(processes_with(str(cache))) >= 3 and any((cache / "noodle").glob(".*.tmp"))
         ), log.read_text()
-        if signum == signal.SIGINT:
-            os.killpg(process.pid, signum)
-        else:
-            process.send_signal(signum)
+        os.killpg(process.pid, signal.SIGINT)
         exit_code = process.wait(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert wait_for(lambda: not processes_with(str(cache)), timeout=10)
-    if signum == signal.SIGINT:
-        stderr = log.read_text()
-        assert exit_code == 130 and stderr.splitlines()[-1] == "error: interrupted by SIGINT", (
-            stderr
-        )
-        assert "Traceback" not in stderr
-        assert list((cache / "noodle").iterdir()) == []
+    stderr = log.read_text()
+    assert exit_code == 130 and stderr.splitlines()[-1] == "error: interrupted by SIGINT", stderr
+    assert "Traceback" not in stderr
+    assert list((cache / "noodle").iterdir()) == []
+
+
+@LINUX_ONLY
+def test_tokenizer_processes_end_with_a_killed_command(tmp_path):
+    """A command killed at once (no cleanup runs): its tokenizer processes read the end of
+    their input and exit, while it waits for more of its own input."""
+    marker = str(tmp_path)  # in the environment of the command and its processes
+    code = (
+        "import sys; from noodle.corpus import token_blocks; "
+        "from noodle.tokenizer import load_tokenizer; "
+        "[print(len(block.ids), flush=True) "
+        "for block in token_blocks(sys.stdin.buffer, load_tokenizer(), 2, 64)]"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=noodle_env({"NOODLE_TEST_MARKER": marker}),
+    )
+    try:
+        process.stdin.write(b"a line of text\n" * 100)  # 25 blocks; the input stays open
+        process.stdin.flush()
+        assert int(process.stdout.readline()) > 0  # the processes have tokenized a block
+        assert len(processes_with(marker)) == 3
+    finally:
+        process.kill()
+        process.wait()
+    assert wait_for(lambda: not processes_with(marker), timeout=10)
