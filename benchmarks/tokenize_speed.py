@@ -1,54 +1,256 @@
-"""Tokenization speed of the corpus pipeline against the tokenizers library's own ceiling.
+"""Tokenization speed of the corpus pipeline against the tokenizers library's own ceiling,
+with the cores each uses and its peak memory.
 
-The ceiling is `encode_batch` over all lines of the text at once (already in memory);
-the pipeline is `load_token_stream` (read, decode, encode in blocks, write the token
-file) on the same file, without the cache. Runs are interleaved; the best of each counts.
+Four measurements on one text file, each in a fresh process whose process tree's resident
+memory is sampled (see process_memory.py):
 
-    PYTHONPATH=. python benchmarks/tokenize_speed.py ../shared/data/tinystories-sample.txt
+- library, 1 process: `encode_batch_fast` with the library's own parallelism (a Rayon
+  thread per core) over batches of --batch-mb of lines; only those calls are timed.
+- library, N processes: N processes of one thread each encode a share of the lines (cut
+  at line boundaries) with `encode_batch_fast` in blocks of the pipeline's size and take
+  the ids out into an array, as any pipeline must; timed from a common start to the last
+  one done.
+- noodle, 1 process: `tokenize_to_file` in-process (a thread reads, the encoder runs on all
+  cores, the calling thread takes the ids out and writes them), as for a small corpus.
+- noodle, N processes: `tokenize_to_file` as `noodle train` runs it on a large corpus,
+  with N tokenizer processes; timed from the start, the processes' start-up included.
+
+N is the number of cores available (or --processes). Runs are interleaved; the best of
+--repeats counts, and the faster library measurement is the ceiling. MB/CPU-s is the speed
+per busy core (CPU time of all processes and threads; on a busy machine the wall-clock
+figures mislead, this less so), and the last line what the main process's own CPU time
+allows, the limit of scaling by more processes.
+
+    PYTHONPATH=. python benchmarks/tokenize_speed.py TEXT
+
+TEXT may be xz-compressed (`.xz`); it is then decompressed next to itself, once.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
+import lzma
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-from noodle.corpus import decode_lines, load_token_stream
+import tokenizers
+
+from benchmarks.process_memory import TreePeakMemory
+from noodle.corpus import (
+    BLOCK_BYTES,
+    available_cores,
+    flatten_ids,
+    text_blocks,
+    token_dtype,
+    tokenize_to_file,
+)
 from noodle.progress import Reporter
+from noodle.sources import LocalFile
 from noodle.tokenizer import load_tokenizer
+
+MEASUREMENTS = {
+    "library-1": "library: encode_batch_fast, 1 process",
+    "library-n": "library: encode_batch_fast + ids, N processes",
+    "noodle-1": "noodle: 1 process",
+    "noodle-n": "noodle: N tokenizer processes",
+}
+
+
+def decompressed(path: Path) -> Path:
+    if path.suffix != ".xz":
+        return path
+    plain = path.with_suffix("")
+    if not plain.exists():
+        print(f"decompressing {path} to {plain}", flush=True)
+        partial = plain.with_name(plain.name + ".partial")
+        with lzma.open(path) as source, partial.open("wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+        partial.rename(plain)
+    return plain
+
+
+def share_of(path: Path, index: int, count: int) -> bytes:
+    """Share `index` of `count` of the file's bytes, both ends moved to a line start."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+
+        def line_start(offset: int) -> int:
+            if offset in (0, size):
+                return offset
+            handle.seek(offset - 1)
+            return offset - 1 + len(handle.readline())
+
+        start, end = line_start(index * size // count), line_start((index + 1) * size // count)
+        handle.seek(start)
+        return handle.read(end - start)
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Timing(NamedTuple):
+    seconds: float  # wall clock
+    cpu_seconds: float  # all processes and threads
+    main_cpu_seconds: float  # the process that reads and writes (noodle, N processes)
+    tokens_sha256: str = ""  # of the token file (noodle)
+
+
+def library_one_process(text: Path, batch_bytes: int) -> Timing:
+    encode = load_tokenizer().backend.encode_batch_fast
+    seconds = cpu_seconds = 0.0
+    with text.open("rb") as stream:
+        for block in text_blocks(stream, batch_bytes):
+            started, cpu_started = time.perf_counter(), time.process_time()
+            encode(block.lines, add_special_tokens=False)
+            seconds += time.perf_counter() - started
+            cpu_seconds += time.process_time() - cpu_started
+    return Timing(seconds, cpu_seconds, cpu_seconds)
+
+
+def library_share(text: Path, index: int, count: int) -> None:
+    """One of the N processes: decode its share, say ready, encode when told, say done
+    and the CPU time that took."""
+    tokenizer = load_tokenizer()
+    encode, dtype = tokenizer.backend.encode_batch_fast, token_dtype(tokenizer.vocab_size)
+    blocks = list(text_blocks(io.BytesIO(share_of(text, index, count)), BLOCK_BYTES))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    cpu_started = time.process_time()
+    for block in blocks:
+        flatten_ids(encode(block.lines, add_special_tokens=False), dtype)
+    print(time.process_time() - cpu_started, flush=True)
+
+
+def library_processes(text: Path, count: int) -> Timing:
+    command = [sys.executable, __file__, str(text), "--share"]
+    shares = [
+        subprocess.Popen(
+            [*command, f"{index}/{count}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},  # one thread each
+        )
+        for index in range(count)
+    ]
+    for share in shares:
+        assert share.stdout.readline() == "ready\n"
+    started = time.perf_counter()
+    for share in shares:
+        share.stdin.write("go\n")
+        share.stdin.flush()
+    cpu_seconds = sum(float(share.stdout.readline()) for share in shares)
+    seconds = time.perf_counter() - started
+    for share in shares:
+        share.wait()
+    return Timing(seconds, cpu_seconds, 0.0)
+
+
+def noodle_pipeline(text: Path, processes: int) -> Timing:
+    tokenizer = load_tokenizer()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    children_started = children_cpu_seconds()
+    with LocalFile(text).open() as opened, tempfile.TemporaryFile() as out:
+        tokenize_to_file(opened, tokenizer, out, Reporter(quiet=True), processes=processes)
+        seconds = time.perf_counter() - started
+        main_cpu = time.process_time() - cpu_started
+        workers_cpu = children_cpu_seconds() - children_started
+        out.seek(0)
+        digest = hashlib.sha256(out.read()).hexdigest()
+    return Timing(seconds, main_cpu + workers_cpu, main_cpu, digest)
+
+
+def measure(name: str, text: Path, processes: int, batch_bytes: int) -> Timing:
+    if name == "library-1":
+        return library_one_process(text, batch_bytes)
+    if name == "library-n":
+        return library_processes(text, processes)
+    return noodle_pipeline(text, processes if name == "noodle-n" else 0)
+
+
+def run_measurement(name: str, args: argparse.Namespace) -> tuple[Timing, float]:
+    """The measurement's timing and the peak MiB of its process tree."""
+    command = [sys.executable, __file__, str(args.text), "--measure", name]
+    command += ["--processes", str(args.processes), "--batch-mb", str(args.batch_mb)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    memory = TreePeakMemory(child.pid)
+    output, _ = child.communicate()
+    peak = memory.stop()
+    if child.returncode != 0:
+        sys.exit(f"{name} failed (exit code {child.returncode})")
+    return Timing(*json.loads(output.splitlines()[-1])), peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("text", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=available_cores())
+    parser.add_argument("--batch-mb", type=float, default=16, help="library, 1 process")
+    parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)
+    parser.add_argument("--share", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    tokenizer = load_tokenizer()
-    data = args.text.read_bytes()
-    lines, _ = decode_lines(data)
-    megabytes = len(data) / 1e6
-    runs = {
-        "encode_batch (ceiling)": lambda: tokenizer.backend.encode_batch(
-            lines, add_special_tokens=False
-        ),
-        "encode_batch_fast": lambda: tokenizer.backend.encode_batch_fast(
-            lines, add_special_tokens=False
-        ),
-        "noodle pipeline": lambda: load_token_stream(
-            str(args.text), tokenizer, Reporter(quiet=True), use_cache=False
-        ),
-    }
-    best = dict.fromkeys(runs, float("inf"))
+    text = decompressed(args.text)
+    if args.share:
+        library_share(text, *map(int, args.share.split("/")))
+        return
+    if args.measure:
+        timing = measure(args.measure, text, args.processes, int(args.batch_mb * 1e6))
+        print(json.dumps(timing))
+        return
+
+    megabytes = text.stat().st_size / 1e6
+    print(
+        f"{text.name}: {megabytes:,.1f} MB | {available_cores()} cores available, "
+        f"N = {args.processes} | {platform.machine()} {os.cpu_count()} CPUs | "
+        f"tokenizers {tokenizers.__version__} | Python {platform.python_version()} | "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
+        flush=True,
+    )
+    best: dict[str, Timing] = {}
+    peak = dict.fromkeys(MEASUREMENTS, 0.0)
     for _ in range(args.repeats):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - started)
-    ceiling = best["encode_batch (ceiling)"]
-    for name, seconds in best.items():
+        for name in MEASUREMENTS:
+            timing, memory = run_measurement(name, args)
+            if name not in best or timing.seconds < best[name].seconds:
+                best[name] = timing
+            peak[name] = max(peak[name], memory)
+    cores = {
+        "library-1": f"{available_cores()} threads",
+        "library-n": f"{args.processes} x 1",
+        "noodle-1": f"{available_cores()} threads",
+        "noodle-n": f"1 + {args.processes} x 1",
+    }
+    ceiling = min(best["library-1"].seconds, best["library-n"].seconds)
+    header = f"{'cores':>12} {'MB/s':>7} {'of ceiling':>10} {'MB/CPU-s':>9} {'peak RSS':>12}"
+    print(f"{'':<46} {header}")
+    for name, label in MEASUREMENTS.items():
+        timing = best[name]
         print(
-            f"{name:<24} {megabytes / seconds:6.2f} MB/s  {ceiling / seconds:6.0%} of the ceiling"
+            f"{label:<46} {cores[name]:>12} {megabytes / timing.seconds:7.1f} "
+            f"{ceiling / timing.seconds:10.0%} {megabytes / timing.cpu_seconds:9.2f} "
+            f"{peak[name]:8,.0f} MiB"
         )
+    same = best["noodle-1"].tokens_sha256 == best["noodle-n"].tokens_sha256
+    print(f"noodle's two paths wrote the same token ids: {'yes' if same else 'NO'}")
+    main_cpu = best["noodle-n"].main_cpu_seconds
+    print(
+        f"noodle, N processes: its main process (reading, writing) took {main_cpu:.2f} CPU-s, "
+        f"so alone it would allow {megabytes / main_cpu:,.0f} MB/s"
+    )
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 token cache.
 
 Every source is streamed in blocks cut at line boundaries; each line (newline kept) is
-tokenized on its own with the tokenizer's parallel batch API, and the ids go straight to a
-flat uint16/uint32 file that training memory-maps. Memory is bounded by a few blocks in
-flight, never by the corpus.
+tokenized on its own with the tokenizer's batch API, and the ids go straight to a flat
+uint16/uint32 file that training memory-maps. Memory is bounded by a few blocks in flight,
+never by the corpus.
 
-Reading, encoding and writing overlap: a thread reads and decodes the next blocks (for a
-URL, the download keeps going while we tokenize), a second one runs the Rust encoder with
-the GIL released, and the caller's thread turns encodings into ids and writes them.
+A large or unbounded source is tokenized by one process per core: a thread reads the next
+blocks (for a URL, the download keeps going while we tokenize) and hands them to the
+processes, and the caller's thread writes their ids in order. In one process the work
+would stop scaling at a few cores, because turning encodings into ids holds the GIL. A
+small source is tokenized in this process: a thread reads and decodes, a second one runs
+the Rust encoder (in parallel, GIL released), and the caller's thread turns encodings into
+ids and writes them.
 
 Token files are cached in `$XDG_CACHE_HOME/noodle` under a key made of the source's
 identity (resolved path + size + mtime; URL + ETag/Last-Modified + length) and the
@@ -19,36 +23,60 @@ directory, gone when the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import math
 import mmap
 import os
 import queue
+import struct
+import subprocess
+import sys
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, NoReturn, TypeVar
 
 import numpy as np
+from tokenizers import normalizers
 
 from noodle.decoding import as_text
 from noodle.errors import NoodleError
 from noodle.files import atomic_write
-from noodle.progress import Reporter
+from noodle.memory import release_free_memory
 from noodle.sources import OpenedSource, parse_source
 from noodle.tokenizer import TextTokenizer
 
-# Encodings take about 25 times the memory of their text, and three blocks are in flight.
-# What the threads freed mostly stays in their glibc arenas for the rest of the run: after
-# tokenizing 120 MB, RSS was 321 MB with 512 KiB blocks, 358 MB with 1 MiB, 304 MB with
-# 256 KiB (262 MB before). Smaller blocks are slower (TinyStories sample, 2 cores: 256 KiB
-# 80%, 512 KiB 85%, 1 MiB 88-91% of the speed of encode_batch over all lines at once).
+if TYPE_CHECKING:  # tokenizer processes import this module; they need no progress display
+    from noodle.progress import Reporter
+
+# Encodings take about 25 times the memory of their text: a tokenizer process holds one
+# block's, the in-process path three. There, what the threads freed mostly stays in their
+# glibc arenas for the rest of the run: after tokenizing 120 MB in-process, RSS was 321 MB
+# with 512 KiB blocks, 358 MB with 1 MiB, 304 MB with 256 KiB (262 MB before). Smaller
+# blocks are slower (TinyStories sample, 2 cores: 256 KiB 80%, 512 KiB 85%, 1 MiB 88-91% of
+# the speed of encode_batch over all lines at once).
 BLOCK_BYTES = 1 << 19
 # A line longer than this is cut between two words (see `cut_point`) so memory stays bounded
 # even for text without newlines.
 MAX_LINE_BYTES = 1 << 20
+# A tokenizer process costs about half a second of one core to start (an interpreter and the
+# tokenizer): each gets at least this much text, and a source with less than twice this is
+# tokenized in this process.
+MIN_BYTES_PER_PROCESS = 4 << 20
+# Blocks handed to the tokenizer processes and not yet written, per process: enough slack
+# for the others to go on while one is slow with a block (results are written in order),
+# few enough to bound memory (with 16 processes, ~50 MB of text and ids).
+BLOCKS_PER_PROCESS = 4
+# The frames of a tokenizer process: its input's length before it (the tokenizer.json, then
+# each block); a result's token count, invalid UTF-8 sequences and blankness before its ids.
+BLOCK_HEADER = struct.Struct("<Q")
+RESULT_HEADER = struct.Struct("<QQ?")
+UNICODE_NORMALIZATIONS = (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)
 # Part of every cache key: bump it when the token stream of the same text changes.
 CACHE_FORMAT = 1
 REPLACEMENT = "\ufffd"
@@ -57,11 +85,23 @@ ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
 Item = TypeVar("Item")
 
 
-class TextBlock(NamedTuple):
+class LineBlock(NamedTuple):
     nbytes: int  # bytes read from the source for this block (for progress)
+    data: bytes  # whole lines, except at the end of the source or in an overlong line
+
+
+class TextBlock(NamedTuple):
+    nbytes: int
     lines: list[str]  # each with its newline, except a last line that has none
     replaced: int  # invalid UTF-8 sequences replaced with U+FFFD
     blank: bool  # nothing but whitespace
+
+
+class TokenBlock(NamedTuple):
+    nbytes: int
+    ids: np.ndarray
+    replaced: int
+    blank: bool
 
 
 def decode_lines(data: bytes) -> tuple[list[str], int, bool]:
@@ -102,18 +142,26 @@ def cut_point(data: bytes, max_line_bytes: int) -> int:
     return cut or len(data)  # no character start at all: invalid bytes, cut anywhere
 
 
-def text_blocks(
+def line_blocks(
     stream: BinaryIO, block_bytes: int = BLOCK_BYTES, max_line_bytes: int = MAX_LINE_BYTES
-) -> Iterator[TextBlock]:
-    """The stream's text in blocks of about `block_bytes`, cut at line boundaries."""
+) -> Iterator[LineBlock]:
+    """The stream's bytes in blocks of about `block_bytes`, cut at line boundaries."""
     pending = b""
     while chunk := stream.read(block_bytes):
         data = pending + chunk
         cut = cut_point(data, max_line_bytes)
         pending = data[cut:]
-        yield TextBlock(len(chunk), *decode_lines(data[:cut]))
+        yield LineBlock(len(chunk), data[:cut])
     if pending:
-        yield TextBlock(0, *decode_lines(pending))
+        yield LineBlock(0, pending)
+
+
+def text_blocks(
+    stream: BinaryIO, block_bytes: int = BLOCK_BYTES, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[TextBlock]:
+    """The stream's text in blocks of about `block_bytes`, cut at line boundaries."""
+    for block in line_blocks(stream, block_bytes, max_line_bytes):
+        yield TextBlock(block.nbytes, *decode_lines(block.data))
 
 
 def prefetch(items: Iterable[Item], depth: int = 2) -> Iterator[Item]:
@@ -173,14 +221,246 @@ def flatten_ids(encodings: list, dtype: np.dtype) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=count)
 
 
-def tokenize_blocks(
+def tokenize_in_threads(
     stream: BinaryIO, tokenizer: TextTokenizer, block_bytes: int = BLOCK_BYTES
-) -> Iterator[tuple[TextBlock, np.ndarray]]:
+) -> Iterator[TokenBlock]:
     """Each block of the stream with its token ids, read and encoded ahead in threads."""
     dtype = token_dtype(tokenizer.vocab_size)
     blocks = prefetch(text_blocks(stream, block_bytes))
     for block, encodings in prefetch(encode_blocks(blocks, tokenizer), depth=1):
-        yield block, flatten_ids(encodings, dtype)
+        ids = flatten_ids(encodings, dtype)
+        yield TokenBlock(block.nbytes, ids, block.replaced, block.blank)
+
+
+class BlockEncoder:
+    """Token ids of a block of whole lines, each line encoded on its own, in one thread.
+
+    Unicode normalization (NFC and its kin) leaves ASCII text as it is, so ASCII lines are
+    encoded with the normalizer switched off (13% fewer instructions on Gutenberg text):
+    the encoder owns its tokenizer.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.backend = tokenizer.backend
+        self.normalizer = self.backend.normalizer
+        self.dtype = token_dtype(tokenizer.vocab_size)
+
+    def __call__(self, data: bytes) -> tuple[np.ndarray, int, bool]:
+        """The ids of a block of lines, its invalid UTF-8 sequences and its blankness."""
+        lines, replaced, blank = decode_lines(data)
+        return flatten_ids(self.encodings(lines, data.isascii()), self.dtype), replaced, blank
+
+    def encodings(self, lines: list[str], all_ascii: bool) -> list:
+        if not isinstance(self.normalizer, UNICODE_NORMALIZATIONS):
+            return self.encode(lines)
+        if all_ascii:
+            return self.encode(lines, normalize=False)
+        is_ascii = [line.isascii() for line in lines]
+        ascii_lines = [line for line, flag in zip(lines, is_ascii, strict=True) if flag]
+        other_lines = [line for line, flag in zip(lines, is_ascii, strict=True) if not flag]
+        ascii_encodings = iter(self.encode(ascii_lines, normalize=False))
+        other_encodings = iter(self.encode(other_lines))
+        return [next(ascii_encodings if flag else other_encodings) for flag in is_ascii]
+
+    def encode(self, lines: list[str], normalize: bool = True) -> list:
+        if normalize:
+            return self.backend.encode_batch_fast(lines, add_special_tokens=False)
+        self.backend.normalizer = None  # switching costs ~40 us
+        try:
+            return self.backend.encode_batch_fast(lines, add_special_tokens=False)
+        finally:
+            self.backend.normalizer = self.normalizer
+
+
+def serve_tokenizer() -> None:
+    """A tokenizer process: reads from standard input the tokenizer.json, then blocks of
+    lines, each frame its 8-byte length and its bytes; writes for each block a RESULT_HEADER
+    and the ids. Ends at the end of its input, which comes when the command ends or dies."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+
+    def frames() -> Iterator[bytes]:
+        while header := stdin.read(BLOCK_HEADER.size):
+            yield stdin.read(BLOCK_HEADER.unpack(header)[0])
+
+    inputs = frames()
+    # The processes are the parallelism: one encoder thread each.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        encode = BlockEncoder(TextTokenizer(next(inputs), "the tokenizer"))
+    except (StopIteration, NoodleError) as exc:  # the command ended, or a bug
+        sys.exit(str(exc))
+    for data in inputs:
+        ids, replaced, blank = encode(data)
+        stdout.write(RESULT_HEADER.pack(len(ids), replaced, blank))
+        stdout.write(ids.data)
+        stdout.flush()
+
+
+class TokenizerProcess:
+    """A running `serve_tokenizer`. One thread writes its blocks and one collects its
+    results, so that it never waits on the caller, who takes the results in order (and on
+    its slowest process)."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        command = "from noodle.corpus import serve_tokenizer; serve_tokenizer()"
+        # Read only if it fails; a file, because a pipe nobody reads could fill and stall it.
+        self.errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.errors,
+            env={**os.environ, "PYTHONPATH": path},
+            # Out of the terminal's process group: Ctrl-C reaches the command alone, which
+            # then stops its tokenizer processes.
+            start_new_session=True,
+        )
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        # The tokenizer (too big for an argument, and maybe learned, with no file), then
+        # the blocks; None ends the input.
+        self.blocks: queue.Queue[bytes | None] = queue.Queue()
+        self.blocks.put(tokenizer.raw)
+        # (ids, invalid UTF-8 sequences, blank) per block; None once the output has ended.
+        self.results: queue.Queue[tuple[np.ndarray, int, bool] | None] = queue.Queue()
+        self.threads = [
+            threading.Thread(target=self.feed, daemon=True, name="noodle-feed"),
+            threading.Thread(target=self.collect, daemon=True, name="noodle-collect"),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def feed(self) -> None:
+        stdin = self.process.stdin
+        try:
+            while (data := self.blocks.get()) is not None:
+                stdin.write(BLOCK_HEADER.pack(len(data)))
+                stdin.write(data)
+                stdin.flush()
+            stdin.close()
+        except OSError:  # the process ended: `receive` says why
+            pass
+
+    def collect(self) -> None:
+        stdout = self.process.stdout
+        with contextlib.suppress(OSError):
+            while len(header := stdout.read(RESULT_HEADER.size)) == RESULT_HEADER.size:
+                count, replaced, blank = RESULT_HEADER.unpack(header)
+                data = stdout.read(count * self.dtype.itemsize)
+                if len(data) < count * self.dtype.itemsize:
+                    break
+                self.results.put((np.frombuffer(data, self.dtype), replaced, blank))
+        self.results.put(None)
+
+    def send(self, data: bytes) -> None:
+        self.blocks.put(data)
+
+    def receive(self) -> tuple[np.ndarray, int, bool]:
+        """The ids of the oldest block sent and not yet received, its invalid UTF-8
+        sequences and its blankness."""
+        result = self.results.get()
+        if result is None:
+            self.fail()
+        return result
+
+    def fail(self) -> NoReturn:
+        code = self.process.wait()
+        self.errors.seek(0)
+        reason = self.errors.read().decode(errors="replace").strip().splitlines()
+        raise NoodleError(
+            f"a tokenizer process ended unexpectedly (exit code {code})"
+            + (f": {reason[-1]}" if reason else "")
+        )
+
+    def finish(self) -> None:
+        """End the input and wait for the process to exit."""
+        self.blocks.put(None)
+        self.process.wait()
+
+    def stop(self) -> None:
+        """End the process now (a no-op once it has exited) and free its pipes."""
+        self.blocks.put(None)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for thread in self.threads:
+            thread.join()
+        for file in (self.process.stdin, self.process.stdout, self.errors):
+            with contextlib.suppress(OSError):
+                file.close()
+
+
+def tokenize_in_processes(
+    stream: BinaryIO, tokenizer: TextTokenizer, processes: int, block_bytes: int = BLOCK_BYTES
+) -> Iterator[TokenBlock]:
+    """Each block of the stream with its token ids, in order, encoded by `processes`
+    tokenizer processes in turn; at most BLOCKS_PER_PROCESS blocks per process in flight."""
+    workers: list[TokenizerProcess] = []
+    try:
+        workers += (TokenizerProcess(tokenizer) for _ in range(processes))
+        in_flight: deque[tuple[int, TokenizerProcess]] = deque()
+        for index, block in enumerate(prefetch(line_blocks(stream, block_bytes))):
+            worker = workers[index % processes]
+            worker.send(block.data)
+            in_flight.append((block.nbytes, worker))
+            if len(in_flight) == BLOCKS_PER_PROCESS * processes:
+                nbytes, worker = in_flight.popleft()
+                yield TokenBlock(nbytes, *worker.receive())
+        while in_flight:
+            nbytes, worker = in_flight.popleft()
+            yield TokenBlock(nbytes, *worker.receive())
+        for worker in workers:
+            worker.finish()
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota
+    (which the affinity does not show)."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota() -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2, else v1), or None."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
+            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    return int(quota) / int(period)
+
+
+def tokenizer_processes(size: int | None) -> int:
+    """How many tokenizer processes a source of `size` bytes (None: unknown) gets: one per
+    core, fewer for a small source, and 0 (tokenize in this process) for one process or
+    less."""
+    processes = available_cores()
+    if size is not None:
+        processes = min(processes, size // MIN_BYTES_PER_PROCESS)
+    return processes if processes > 1 else 0
+
+
+def token_blocks(
+    stream: BinaryIO, tokenizer: TextTokenizer, processes: int, block_bytes: int = BLOCK_BYTES
+) -> Iterator[TokenBlock]:
+    """The stream's token ids block by block, tokenized by `processes` processes or, with 0,
+    in this process."""
+    if processes:
+        return tokenize_in_processes(stream, tokenizer, processes, block_bytes)
+    return tokenize_in_threads(stream, tokenizer, block_bytes)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -215,19 +495,31 @@ def tokenize_to_file(
     out: BinaryIO,
     reporter: Reporter,
     block_bytes: int = BLOCK_BYTES,
+    processes: int | None = None,
 ) -> int:
     """Stream the text of `source` (decompressed if need be) through the tokenizer into
-    `out`; returns the number of tokens. Text that is only whitespace gets a warning."""
+    `out`; returns the number of tokens. Text that is only whitespace gets a warning.
+    `processes`: tokenizer processes (0: none, tokenize in this one); by default, see
+    `tokenizer_processes`."""
     source = as_text(source)
+    if processes is None:
+        processes = tokenizer_processes(source.size)
     count = replaced = 0
     blank = True
-    task = reporter.start_task("tokenizing", total=source.size, unit="bytes")
-    for block, ids in tokenize_blocks(source.stream, tokenizer, block_bytes):
-        ids.tofile(out)
-        count += len(ids)
-        replaced += block.replaced
-        blank = blank and block.blank
-        task.advance(block.nbytes, tokens=count)
+    description = f"tokenizing ({processes} processes)" if processes else "tokenizing"
+    task = reporter.start_task(description, total=source.size, unit="bytes")
+    blocks = token_blocks(source.stream, tokenizer, processes, block_bytes)
+    # Closed on any error or interruption, so the tokenizer processes stop at once.
+    with contextlib.closing(blocks):
+        for block in blocks:
+            block.ids.tofile(out)
+            count += len(block.ids)
+            replaced += block.replaced
+            blank = blank and block.blank
+            task.advance(block.nbytes, tokens=count)
+    # What the reading, feeding and encoding threads freed stays in their glibc arenas,
+    # where training (on the main thread) cannot reuse it: 10-20 MB after 30 MB of text.
+    release_free_memory()
     task.finish(tokens=count)
     warn_replaced(reporter, source.name, replaced)
     if count == 0:
@@ -270,22 +562,32 @@ def load_token_stream(
             return np.memmap(out, dtype=dtype, mode="r")
 
 
+def release_token_pages(tokens: np.ndarray, end: int | None = None) -> None:
+    """Unmap what reading has mapped of a memory-mapped token stream (up to token `end`);
+    the kernel keeps the pages in its page cache, and a read maps them again. No-op for an
+    array in memory.
+
+    Mapped pages count in the process's resident memory until they are unmapped, and a
+    read maps more than it reads: the cached pages around it too (~90 KB a window here,
+    Linux 6.18). Evaluations (400 windows by default) and training read windows all over
+    the corpus, so without this the whole token file would end up counted.
+    """
+    if isinstance(tokens.base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        length = len(tokens.base) if end is None else end * tokens.itemsize
+        tokens.base.madvise(mmap.MADV_DONTNEED, 0, min(length, len(tokens.base)))
+
+
 def token_chunks(tokens: np.ndarray, chunk_tokens: int) -> Iterator[np.ndarray]:
     """`tokens` in consecutive pieces of `chunk_tokens`, for one pass over a token stream.
 
-    Pages of a memory-mapped token file count in the process's resident memory from the
-    first read until they are unmapped, so a pass over a stream from `load_token_stream`
-    would leave all of it resident (60 MB for a 120 MB corpus). Once the next piece is
-    asked for, every page up to the end of this one is released (the kernel keeps them in
-    its page cache): from the start, because reading a page also maps the cached pages
-    around it, earlier ones included.
+    A pass over a stream from `load_token_stream` would leave all of it resident (60 MB for
+    a 120 MB corpus, see `release_token_pages`): once the next piece is asked for, every
+    page up to the end of this one is released, from the start, because reading a page also
+    maps the cached pages around it, earlier ones included.
     """
-    mapping = tokens.base if isinstance(tokens.base, mmap.mmap) else None
-    can_release = mapping is not None and hasattr(mmap, "MADV_DONTNEED")
     for start in range(0, len(tokens), chunk_tokens):
         yield tokens[start : start + chunk_tokens]
-        if can_release:
-            mapping.madvise(mmap.MADV_DONTNEED, 0, (start + chunk_tokens) * tokens.itemsize)
+        release_token_pages(tokens, start + chunk_tokens)
 
 
 def read_lines(spec: str, reporter: Reporter, what: str = "corpus") -> Iterator[str]:

@@ -10,7 +10,10 @@ import gzip
 import io
 import json
 import lzma
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -21,19 +24,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import normalizers
 
 from noodle import sources
 from noodle.corpus import (
+    BlockEncoder,
+    available_cores,
     load_token_stream,
     read_lines,
     text_blocks,
+    token_blocks,
     token_chunks,
-    tokenize_blocks,
+    tokenize_to_file,
 )
 from noodle.errors import NoodleError, UsageError
 from noodle.progress import Reporter
-from noodle.sources import WebFile, hf_url
-from tests.conftest import run_noodle, story_corpus
+from noodle.sources import LocalFile, WebFile, hf_url
+from noodle.tokenizer import load_tokenizer
+from tests.conftest import noodle_command, noodle_env, run_noodle, story_corpus
 
 # Multi-byte characters, CRLF line ends, blank lines, the end-of-text marker, a line of
 # only spaces, and a last line without a newline.
@@ -67,19 +75,45 @@ def reference_ids(tokenizer, text: str) -> list[int]:
     return ids + (tokenizer.encode(last) if last else [])
 
 
-def stream_ids(tokenizer, data: bytes, **block_sizes) -> np.ndarray:
-    blocks = tokenize_blocks(io.BytesIO(data), tokenizer, **block_sizes)
-    return np.concatenate([ids for _, ids in blocks])
-
-
-def test_parallel_tokenization_matches_the_sequential_reference(tokenizer):
-    text = TRICKY_TEXT * 40
+@pytest.mark.parametrize(
+    ("processes", "block_sizes"), [(0, (7, 100, 1 << 20)), (2, (64,))], ids=["threads", "2"]
+)
+def test_parallel_tokenization_matches_the_sequential_reference(tokenizer, processes, block_sizes):
+    text = " \n\t\n" * 40 + TRICKY_TEXT * 40
     expected = reference_ids(tokenizer, text)
-    # Small blocks put block boundaries everywhere, including inside multi-byte runs' lines.
-    for block_bytes in (7, 100, 1 << 20):
-        ids = stream_ids(tokenizer, text.encode(), block_bytes=block_bytes)
+    # Small blocks put block boundaries everywhere, including inside multi-byte runs' lines,
+    # and, with processes, hand consecutive lines to different processes.
+    for block_bytes in block_sizes:
+        blocks = list(token_blocks(io.BytesIO(text.encode()), tokenizer, processes, block_bytes))
+        ids = np.concatenate([block.ids for block in blocks])
         assert ids.dtype == np.uint16
         assert ids.tolist() == expected, block_bytes
+        # A block within the leading 160 bytes of whitespace is blank, the others not.
+        assert blocks[0].blank is (block_bytes < 160) and not blocks[-1].blank
+
+
+def test_the_block_encoder_skips_normalizing_ascii_lines_without_changing_ids(tokenizer):
+    own = load_tokenizer()
+    encoder = BlockEncoder(own)
+    mixed = TRICKY_TEXT * 3
+    for text in (mixed, "only ascii\r\n  here\n", "\n".join(["café ﬁ"] * 3)):
+        ids, replaced, blank = encoder(text.encode())
+        assert ids.tolist() == reference_ids(tokenizer, text) and replaced == 0 and not blank
+    assert isinstance(own.backend.normalizer, normalizers.NFC)  # switched back on
+    # A line that NFC changes: the normalizer really is on for non-ASCII lines.
+    decomposed = "e\u0301\n"
+    assert encoder(decomposed.encode())[0].tolist() == tokenizer.encode("\u00e9\n")
+
+
+def test_a_failing_tokenizer_process_is_one_clear_error():
+    broken = load_tokenizer()
+    broken.raw = b"{}"  # what the processes get: they fail to start
+    expected = (
+        r"a tokenizer process ended unexpectedly \(exit code 1\): "
+        r"the tokenizer: not a valid tokenizer.json"
+    )
+    with pytest.raises(NoodleError, match=expected):
+        list(token_blocks(io.BytesIO(b"some text\n" * 100), broken, 2, block_bytes=64))
 
 
 def test_an_overlong_line_is_cut_between_words_without_changing_its_ids(tokenizer):
@@ -130,12 +164,17 @@ def test_token_chunks_cut_any_array_in_order():
     assert [chunk.tolist() for chunk in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
-def test_invalid_utf8_is_replaced_and_warned(tmp_path, tokenizer, capsys, cache_home):
+@pytest.mark.parametrize("processes", [0, 2], ids=["threads", "2"])
+def test_invalid_utf8_is_replaced_and_warned(tmp_path, tokenizer, capsys, processes):
     path = tmp_path / "bad.txt"
-    path.write_bytes(b"good line\nbad \xff\xfe bytes\nend\n")
-    tokens = load_token_stream(str(path), tokenizer, Reporter(interactive=False))
-    assert tokens.tolist() == reference_ids(tokenizer, "good line\nbad \ufffd\ufffd bytes\nend\n")
-    assert "2 invalid UTF-8 byte sequence(s) replaced" in capsys.readouterr().err
+    path.write_bytes(b"good line\nbad \xff\xfe bytes\nend\n\x80" * 3)
+    with LocalFile(path).open() as opened, (tmp_path / "tokens").open("wb+") as out:
+        tokenize_to_file(opened, tokenizer, out, Reporter(interactive=False), 16, processes)
+        out.seek(0)
+        tokens = np.fromfile(out, dtype=np.uint16)
+    text = "good line\nbad \ufffd\ufffd bytes\nend\n\ufffd" * 3
+    assert tokens.tolist() == reference_ids(tokenizer, text)
+    assert "9 invalid UTF-8 byte sequence(s) replaced" in capsys.readouterr().err
 
 
 COMPRESSORS = {
@@ -426,3 +465,92 @@ def test_read_lines_streams_any_source(server, capsys):
     lines = list(read_lines(server.url("/lines.txt"), Reporter(interactive=False)))
     assert lines == ["one\n", "two \ufffd\n", "three"]
     assert "1 invalid UTF-8 byte sequence(s)" in capsys.readouterr().err
+
+
+def processes_with(marker: str) -> set[int]:
+    """Processes (of this user) whose environment contains `marker`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found.add(int(entry.name))
+        except OSError:  # gone meanwhile, or another user's
+            pass
+    return found
+
+
+def wait_for(condition, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+@LINUX_ONLY
+@pytest.mark.skipif(available_cores() < 2, reason="one core: tokenized in one process")
+def test_ctrl_c_while_tokenizing_leaves_no_tokenizer_processes_or_files(
+    tmp_path, tiny_config, server
+):
+    """Ctrl-C (to the whole process group, as a terminal sends it) while tokenizer processes
+    work stops them all and removes the partial cache file. The download pauses, so the
+    run is surely still tokenizing."""
+    body = story_corpus(140_000).encode()  # 9.6 MB: one process per core, at least two
+    server.routes["/big.txt"] = Route(body, {"ETag": '"v1"'}, pause_after=len(body) // 4)
+    cache, log = tmp_path / "xdg", tmp_path / "stderr.log"
+    args = ("train", server.url("/big.txt"), tmp_path / "model", "--model", tiny_config)
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            noodle_command((*args, "--backend", "cpu", "--max-steps", 1)),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=noodle_env({"XDG_CACHE_HOME": str(cache)}),
+            start_new_session=True,
+        )
+    try:
+        # The command, at least two tokenizer processes, and the cache file being written.
+        assert wait_for(
+            lambda: len(processes_with(str(cache))) >= 3 and any((cache / "noodle").glob(".*.tmp"))
+        ), log.read_text()
+        os.killpg(process.pid, signal.SIGINT)
+        exit_code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert wait_for(lambda: not processes_with(str(cache)), timeout=10)
+    stderr = log.read_text()
+    assert exit_code == 130 and stderr.splitlines()[-1] == "error: interrupted by SIGINT", stderr
+    assert "Traceback" not in stderr
+    assert list((cache / "noodle").iterdir()) == []
+
+
+@LINUX_ONLY
+def test_tokenizer_processes_end_with_a_killed_command(tmp_path):
+    """A command killed at once (no cleanup runs): its tokenizer processes read the end of
+    their input and exit, while it waits for more of its own input."""
+    marker = str(tmp_path)  # in the environment of the command and its processes
+    code = (
+        "import sys; from noodle.corpus import token_blocks; "
+        "from noodle.tokenizer import load_tokenizer; "
+        "[print(len(block.ids), flush=True) "
+        "for block in token_blocks(sys.stdin.buffer, load_tokenizer(), 2, 64)]"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=noodle_env({"NOODLE_TEST_MARKER": marker}),
+    )
+    try:
+        process.stdin.write(b"a line of text\n" * 100)  # 25 blocks; the input stays open
+        process.stdin.flush()
+        assert int(process.stdout.readline()) > 0  # the processes have tokenized a block
+        assert len(processes_with(marker)) == 3
+    finally:
+        process.kill()
+        process.wait()
+    assert wait_for(lambda: not processes_with(marker), timeout=10)
