@@ -23,6 +23,7 @@ tests) and report none.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -179,6 +180,7 @@ def check(args: argparse.Namespace, config: ModelConfig, device: torch.device) -
         measured = measure(small, device, args.plan_batch, checkpointing, args.compile)
         planned = memory_plan(small, 1, args.plan_batch, True, checkpointing)
         rows[name] = {"measured": measured, "planned": planned.__dict__}
+        gc.collect()  # FSDP's hooks hold the model in reference cycles
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -202,7 +204,7 @@ def main() -> None:
     parser.add_argument("corpus")
     parser.add_argument("--model", default="soba")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--max-steps", type=int, default=30)
+    parser.add_argument("--max-steps", type=int, default=30, help="0 skips the speed runs")
     parser.add_argument("--train-args", default="", help="further `noodle train` options")
     parser.add_argument("--plan-model", default="udon")
     parser.add_argument("--plan-gpus", type=int, default=8)
@@ -217,7 +219,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, **MULTICAST_OFF, "XDG_CACHE_HOME": str(Path(tmp) / "cache")}
         env["PYTHONPATH"] = str(REPO)
-        runs = speed(args, Path(tmp), env)
+        runs = speed(args, Path(tmp), env) if args.max_steps else {}
     device = select_device(args.device)
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -227,8 +229,9 @@ def main() -> None:
         "check": check(args, config, device),
     }
     print(f"device {results['device']} | torch {results['torch']}")
-    print(f"{args.model}, batch {args.batch}, {args.max_steps} steps on one GPU:")
-    for name in ("plain", "fsdp"):
+    if runs:
+        print(f"{args.model}, batch {args.batch}, {args.max_steps} steps on one GPU:")
+    for name in ("plain", "fsdp") if runs else ():
         run = runs[name]
         print(f"  {name:<6} {run['tokens_per_s']:>10,} tokens/s  peak {run['peak_memory_gb']} GB")
     print_plans(
