@@ -164,7 +164,8 @@ def test_noodle_train_uses_the_data_sized_dropout_and_a_resumed_run_keeps_its_ow
     args = ["train", corpus, out, "--model", "harusame", "--backend", "cpu", "--batch-size", 4]
     code, _, err = cli_in_process(*args, "--max-steps", 2, "--eval-batches", 1)
     assert code == 0, err
-    assert json.loads((out / "model.json").read_text())["dropout"] == 0.2
+    metadata = json.loads((out / "model.json").read_text())
+    assert (metadata["dropout"], metadata["training"]["schedule"]) == (0.2, "cosine")
 
     monkeypatch.setitem(PRESET_RUN_DEFAULTS, "harusame", harusame)
     code, _, err = cli_in_process(*args, "--max-steps", 3, "--eval-batches", 1, "--resume")

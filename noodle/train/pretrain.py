@@ -130,11 +130,12 @@ def train_with(
         tokenizer = run_tokenizer(options, to_learn, reporter)
     with parallel.main_first():  # one process per machine fills the token cache
         tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
-    config = data_sized_config(preset, config, len(tokens), device.type)
     if options.resume and preset in PRESET_RUN_DEFAULTS:
-        # The same corpus (its hash is checked) on another type of device may get another
-        # dropout from the preset's defaults, and no option sets it: the run keeps its own.
+        # On another type of device the preset's defaults may give the same corpus (its hash
+        # is checked) another dropout, and no option sets it: the run keeps its own.
         config = replace(config, dropout=saved_dropout(ModelDir(options.output_dir)))
+    else:
+        config = data_sized_config(preset, config, len(tokens), device.type)
     identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
     train_windows, val_windows = split_windows(
         tokens, config.ctx_len, settings.batch_size, settings.seed
