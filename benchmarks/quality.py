@@ -43,6 +43,7 @@ import torch
 from benchmarks.quality_corpora import CORPORA
 from benchmarks.quality_runs import Bench, BenchOptions, CorpusData, Run
 from noodle.cli import training_option_types
+from noodle.device import device_type
 from noodle.errors import NoodleError
 from noodle.train.settings import PRETRAIN_DEFAULTS, TrainSettings
 
@@ -97,6 +98,12 @@ def expand_rows(document: dict, only: list[str] | None, seeds: list[int] | None)
     return runs
 
 
+def runs_device_type(device: str) -> str:
+    """The type of device whose defaults the runs get: the one `--device` names, even on a
+    machine without it (`--plan` for the GPU, on a laptop), else the one `auto` finds."""
+    return device if device in ("cpu", "cuda", "mps") else device_type(device)
+
+
 def load_runs(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
     """The runs asked for, each one's settings checked before any is started."""
     try:
@@ -111,7 +118,7 @@ def load_runs(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
         raise NoodleError("no rows to run (give a rows file or --row)")
     for run in runs:
         try:
-            run.settings()
+            run.settings(runs_device_type(args.device))
             if run.dropout is not None and not 0 <= run.dropout < 1:
                 raise NoodleError(f"dropout must be in [0, 1), got {run.dropout}")
             if run.time_fraction <= 0:
@@ -384,7 +391,7 @@ def plan(args: argparse.Namespace) -> None:
     runs, _ = load_runs(args)
     graphs = set()
     for run in runs:
-        settings = run.settings()
+        settings = run.settings(runs_device_type(args.device))
         graphs.add((run.model, run.dropout, settings.batch_size))
         print(
             f"{run.row} | {run.corpus} | seed {run.seed} | {settings.optimizer} "

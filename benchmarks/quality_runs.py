@@ -30,7 +30,7 @@ import torch
 from benchmarks.quality_corpora import split_paths
 from noodle.batching import TokenWindows, split_windows
 from noodle.checkpoint import ModelDir
-from noodle.cli import training_option_types, training_settings
+from noodle.cli import resolved_settings, training_option_types
 from noodle.config import ModelConfig, resolve_model_config
 from noodle.corpus import load_token_stream
 from noodle.device import select_device, select_dtype, synchronize
@@ -43,7 +43,7 @@ from noodle.tokenizer import load_tokenizer
 from noodle.train.loop import Trainer
 from noodle.train.pretrain import data_sized_config
 from noodle.train.run import RunRecord, run_training
-from noodle.train.settings import PRESET_RUN_DEFAULTS, PRETRAIN_DEFAULTS, TrainSettings
+from noodle.train.settings import TrainSettings, run_defaults
 
 CALIBRATION_WARMUP, CALIBRATION_STEPS = 15, 30
 # Calibration trains a model that is thrown away; a small rate keeps its steps finite.
@@ -63,14 +63,15 @@ class Run:
     # `noodle train` options (snake_case) and other TrainSettings fields.
     options: dict = field(default_factory=dict)
 
-    def settings(self) -> TrainSettings:
-        """What `noodle train --model MODEL` runs with given these options: the others at
-        the preset's defaults (see PRESET_RUN_DEFAULTS), as the command line does."""
-        defaults = PRESET_RUN_DEFAULTS.get(self.model, PRETRAIN_DEFAULTS)
-        values = {name: value for name, (_, value) in training_option_types(defaults).items()}
-        given = {key: value for key, value in self.options.items() if key in values}
-        extra = {key: value for key, value in self.options.items() if key not in values}
-        settings = training_settings(defaults, {**values, **given, "seed": self.seed})
+    def settings(self, device_type: str) -> TrainSettings:
+        """What `noodle train --model MODEL` runs with given these options on a device of
+        this type: the others at the preset's defaults there (see PRESET_RUN_DEFAULTS), as
+        the command line does."""
+        defaults = run_defaults(self.model, device_type)
+        options = set(training_option_types(defaults))
+        given = {key: value for key, value in self.options.items() if key in options}
+        extra = {key: value for key, value in self.options.items() if key not in options}
+        settings = resolved_settings(defaults, {**given, "seed": self.seed})
         return replace(settings, **extra)
 
 
@@ -276,11 +277,15 @@ class Bench:
         started = time.perf_counter()
         preset, config = resolve_model_config(run.model, self.tokenizer.vocab_size)
         if run.dropout is None:
-            config = data_sized_config(preset, config, len(corpus().train_tokens))
+            tokens = len(corpus().train_tokens)
+            config = data_sized_config(preset, config, tokens, self.device.type)
         else:
             config = replace(config, dropout=run.dropout)
         settings = replace(
-            run.settings(), compile=self.compile, max_epochs=10**9, save_interval_s=math.inf
+            run.settings(self.device.type),
+            compile=self.compile,
+            max_epochs=10**9,
+            save_interval_s=math.inf,
         )
         step_s = None if self.options.steps else self.step_time(config, settings)
         steps = self.options.steps or max(

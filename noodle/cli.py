@@ -31,10 +31,10 @@ from noodle.train.settings import (
     LORA_FINETUNE_DEFAULTS,
     OPTIMIZERS,
     PRESET_RUN_DEFAULTS,
-    PRETRAIN_DEFAULTS,
     SCHEDULES,
     RunDefaults,
     TrainSettings,
+    run_defaults,
 )
 
 
@@ -147,6 +147,10 @@ Resume = Annotated[
 ]
 
 
+# `train --model`'s default; the shared options' help shows its defaults.
+DEFAULT_PRESET = "somen"
+
+
 def positive(name: str, value: int | float | None) -> None:
     if value is not None and value <= 0:
         raise UsageError(f"--{name} must be positive, got {value}")
@@ -165,8 +169,28 @@ def one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
         )
 
 
-def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, object]]:
-    """The options `train` and `finetune` share: name -> (annotation, default)."""
+def default_text(
+    defaults: RunDefaults, preset: str | None, show: Callable[[RunDefaults], object]
+) -> str:
+    """`Default: X.`, and where the defaults on a CUDA GPU differ, what they are there:
+    `Default: 8 (64 for somen on a GPU).`"""
+    here, on_gpu = show(defaults), show(defaults.for_device("cuda"))
+    if here == on_gpu:
+        return f"Default: {here}."
+    return f"Default: {here} ({on_gpu} for {preset} on a GPU)."
+
+
+def lr_rule(defaults: RunDefaults) -> str:
+    """The peak learning rate's rule, at the defaults' batch size: `0.003 × batch-size / 64`."""
+    batch = defaults.batch_size
+    return f"{defaults.lr_at_batch_4 * batch / 4:g} × batch-size / {batch}"
+
+
+def training_option_types(
+    defaults: RunDefaults, preset: str | None = None
+) -> dict[str, tuple[object, object]]:
+    """The options `train` and `finetune` share: name -> (annotation, default). Their help
+    shows `defaults` (those of `preset`, if they differ on a GPU)."""
     return {
         "max_epochs": (
             Annotated[int, typer.Option(help="Passes over the training split.")],
@@ -179,15 +203,22 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
             defaults.max_steps,
         ),
         "batch_size": (
-            Annotated[int, typer.Option(help="Sequences per optimizer step.")],
+            Annotated[
+                int,
+                typer.Option(
+                    help="Sequences per optimizer step. "
+                    + default_text(defaults, preset, lambda d: d.batch_size),
+                    show_default=False,
+                ),
+            ],
             defaults.batch_size,
         ),
         "lr": (
             Annotated[
                 float | None,
                 typer.Option(
-                    help=f"Peak learning rate. Default: {defaults.lr_at_batch_4:g} × "
-                    "batch-size / 4.",
+                    help="Peak learning rate (by default proportional to --batch-size). "
+                    + default_text(defaults, preset, lr_rule),
                     show_default=False,
                 ),
             ],
@@ -207,10 +238,12 @@ def training_option_types(defaults: RunDefaults) -> dict[str, tuple[object, obje
                 str,
                 typer.Option(
                     help="Learning rate after the warm-up: cosine (decay to a tenth of the "
-                    "peak) or wsd (flat, then a linear decay over the last fifth)."
+                    "peak) or wsd (flat, then a linear decay over the last fifth). "
+                    + default_text(defaults, preset, lambda d: d.schedule),
+                    show_default=False,
                 ),
             ],
-            TrainSettings.schedule,
+            defaults.schedule,
         ),
         "grad_accum": (
             Annotated[
@@ -354,14 +387,23 @@ def training_settings(defaults: RunDefaults, values: dict) -> TrainSettings:
     )
 
 
+def resolved_settings(defaults: RunDefaults, given: dict) -> TrainSettings:
+    """TrainSettings from the shared options `given` on the command line (name -> value)
+    and `defaults` for the others."""
+    values = {name: default for name, (_, default) in training_option_types(defaults).items()}
+    return training_settings(defaults, {**values, **given})
+
+
 def with_training_options(
-    defaults: RunDefaults, choose: Callable[[dict], RunDefaults] | None = None
+    defaults: RunDefaults,
+    choose: Callable[[dict], RunDefaults] | None = None,
+    preset: str | None = None,
 ) -> Callable[[Callable], Callable]:
     """Give a command the options `train` and `finetune` share (with `defaults`, or those
     `choose` gives for the values of the command's own options, e.g. a preset's, for the
-    options not given); the command receives them as one TrainSettings, its `settings`
-    parameter."""
-    options = training_option_types(defaults)
+    options not given; the help shows `defaults`, those of `preset`); the command receives
+    them as one TrainSettings, its `settings` parameter."""
+    options = training_option_types(defaults, preset)
 
     def decorate(command: Callable) -> Callable:
         own = inspect.signature(command, eval_str=True).parameters
@@ -379,11 +421,13 @@ def with_training_options(
         @functools.wraps(command)
         def run(context: typer.Context, **values: object) -> None:
             shared = {name: values.pop(name) for name in options}
+            given = {
+                name: value
+                for name, value in shared.items()
+                if context.get_parameter_source(name).name != "DEFAULT"
+            }
             chosen = defaults if choose is None else choose(values)
-            for name, (_, default) in training_option_types(chosen).items():
-                if context.get_parameter_source(name).name == "DEFAULT":
-                    shared[name] = default
-            command(settings=training_settings(chosen, shared), **values)
+            command(settings=resolved_settings(chosen, given), **values)
 
         run.__signature__ = inspect.Signature(parameters)
         run.__annotations__ = {p.name: p.annotation for p in parameters}
@@ -411,10 +455,16 @@ def run_with_reporter(work: Callable[[Reporter], object]) -> None:
         reporter.close()
 
 
+def pretrain_defaults(values: dict) -> RunDefaults:
+    """The defaults of `train --model` on the device `--backend` gives (somen's differ on a
+    CUDA GPU): the one place the command line looks for a device, so it imports torch."""
+    from noodle.device import device_type
+
+    return run_defaults(values["model"], device_type(values["backend"]))
+
+
 @command()
-@with_training_options(
-    PRETRAIN_DEFAULTS, lambda values: PRESET_RUN_DEFAULTS.get(values["model"], PRETRAIN_DEFAULTS)
-)
+@with_training_options(PRESET_RUN_DEFAULTS[DEFAULT_PRESET], pretrain_defaults, DEFAULT_PRESET)
 def train(
     corpus: Corpus,
     output_dir: OutputDir,
@@ -426,7 +476,7 @@ def train(
             "its own defaults: --tokenizer bpe:4096 --max-steps 1000 --batch-size 16 --lr 2e-3 "
             "--eval-interval 100 --eval-batches 20) or a CONFIG.json in model.json form."
         ),
-    ] = "somen",
+    ] = DEFAULT_PRESET,
     resume: Resume = False,
     tokenizer: Annotated[
         str | None,

@@ -14,9 +14,9 @@ BACKENDS = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def select_device(backend: str | None, local_rank: int = 0) -> torch.device:
-    """`--backend`, else $NOODLE_BACKEND, else auto (cuda, then mps, then cpu); on CUDA the
-    GPU `local_rank` (a process's own GPU when torchrun starts one per GPU)."""
+def device_type(backend: str | None) -> str:
+    """The type of device (cuda, mps or cpu) `--backend` names, else $NOODLE_BACKEND, else
+    auto (cuda, then mps, then cpu); refused if it is not there."""
     name = (backend or os.environ.get("NOODLE_BACKEND") or "auto").lower()
     if name not in BACKENDS:
         raise UsageError(
@@ -33,6 +33,13 @@ def select_device(backend: str | None, local_rank: int = 0) -> torch.device:
         raise NoodleError("backend cuda requested but no CUDA GPU is available")
     if name == "mps" and not torch.backends.mps.is_available():
         raise NoodleError("backend mps requested but MPS is not available")
+    return name
+
+
+def select_device(backend: str | None, local_rank: int = 0) -> torch.device:
+    """The device of `device_type(backend)`, set up; on CUDA the GPU `local_rank` (a
+    process's own GPU when torchrun starts one per GPU)."""
+    name = device_type(backend)
     if name == "cpu":
         keep_freed_memory()
         use_free_cores()

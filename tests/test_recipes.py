@@ -1,31 +1,133 @@
-"""Each preset's own training defaults (configs as data): batch size and peak learning rate
-where --batch-size and --lr are not given, and dropout by the corpus's tokens per
-parameter."""
+"""Each preset's own training defaults (configs as data): batch size, peak learning rate and
+schedule where --batch-size, --lr and --schedule are not given, and dropout by the corpus's
+tokens per parameter; somen's differ on a CUDA GPU, where they were measured."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 
-from noodle.cli import training_option_types, training_settings
-from noodle.config import PRESETS
+import torch
+
+from noodle.checkpoint import ModelDir
+from noodle.cli import resolved_settings, training_option_types
+from noodle.config import PRESETS, resolve_model_config
+from noodle.tokenizer import load_tokenizer
 from noodle.train.pretrain import data_sized_config
-from noodle.train.settings import PRESET_RUN_DEFAULTS, PRETRAIN_DEFAULTS
+from noodle.train.resume import RESUME_FORMAT, run_identity
+from noodle.train.settings import (
+    FINETUNE_DEFAULTS,
+    PRESET_RUN_DEFAULTS,
+    PRETRAIN_DEFAULTS,
+    TrainSettings,
+    run_defaults,
+)
 from tests.conftest import story_corpus
 
 SOMEN_PARAMETERS = PRESETS["somen"].parameter_count()
 
 
-def test_every_preset_has_its_defaults_and_today_somen_soba_udon_keep_the_original_ones():
+def settings_for(model: str, device_type: str, **given: object) -> TrainSettings:
+    """What `noodle train --model MODEL` trains with on a device of this type, given these
+    options (snake_case) on the command line."""
+    return resolved_settings(run_defaults(model, device_type), given)
+
+
+def recipe(settings: TrainSettings) -> tuple[int, float, str]:
+    return settings.batch_size, settings.lr, settings.schedule
+
+
+def test_somen_on_a_cuda_gpu_trains_with_the_measured_recipe_and_elsewhere_as_before():
     assert PRESET_RUN_DEFAULTS.keys() == PRESETS.keys()
-    for preset in ("somen", "soba", "udon"):
-        defaults = PRESET_RUN_DEFAULTS[preset]
-        values = {name: default for name, (_, default) in training_option_types(defaults).items()}
-        settings = training_settings(defaults, values)
-        assert (settings.batch_size, settings.lr) == (8, 1e-4 * 8 / 4)
-        for tokens in (10**3, 10**9, 10**12):
-            assert data_sized_config(preset, PRESETS[preset], tokens).dropout == 0.1
-    assert data_sized_config("harusame", PRESETS["harusame"], 10**9).dropout == 0.0
+    # benchmarks/QUALITY.md's winner: batch 64, 3e-3, warm-up-stable-decay.
+    assert recipe(settings_for("somen", "cuda")) == (64, 3e-3, "wsd")
+    assert settings_for("somen", "cuda").eval_batches == 7  # still 400 sequences' worth
+    # Not measured on a CPU or MPS, nor for larger presets: the original's defaults.
+    for device in ("cpu", "mps"):
+        assert recipe(settings_for("somen", device)) == (8, 2e-4, "cosine")
+    for preset in ("soba", "udon"):
+        for device in ("cuda", "cpu"):
+            assert recipe(settings_for(preset, device)) == (8, 2e-4, "cosine")
+    for device in ("cuda", "cpu"):
+        harusame = settings_for("harusame", device)
+        assert (*recipe(harusame), harusame.max_steps) == (16, 2e-3, "cosine", 1000)
+        # A CONFIG.json gets the general defaults.
+        assert recipe(settings_for("model.json", device)) == (8, 2e-4, "cosine")
+
+
+def test_the_options_given_win_and_the_learning_rate_rule_scales_with_the_batch():
+    assert recipe(settings_for("somen", "cuda", batch_size=8)) == (8, 3e-3 * 8 / 64, "wsd")
+    assert recipe(settings_for("somen", "cuda", lr=1e-3)) == (64, 1e-3, "wsd")
+    assert recipe(settings_for("somen", "cuda", schedule="cosine")) == (64, 3e-3, "cosine")
+    assert recipe(settings_for("somen", "cpu", batch_size=64)) == (64, 1.6e-3, "cosine")
+    assert recipe(settings_for("somen", "cpu", schedule="wsd")) == (8, 2e-4, "wsd")
+    given = {"batch_size": 4, "lr": 1e-3, "schedule": "wsd"}
+    assert recipe(settings_for("harusame", "cpu", **given)) == (4, 1e-3, "wsd")
+    assert recipe(settings_for("soba", "cuda", **given)) == (4, 1e-3, "wsd")
+
+
+def test_somen_on_a_gpu_drops_dropout_from_half_a_token_per_parameter():
+    somen = PRESETS["somen"]
+
+    def dropout(preset: str, device: str, tokens: float) -> float:
+        return data_sized_config(preset, PRESETS[preset], int(tokens), device).dropout
+
+    half = SOMEN_PARAMETERS / 2
+    assert dropout("somen", "cuda", half) == 0.0
+    assert dropout("somen", "cuda", half - 1) == somen.dropout == 0.1
+    assert dropout("somen", "cuda", 0.98 * SOMEN_PARAMETERS) == 0.0  # QUALITY.md's Gutenberg
+    assert dropout("somen", "cuda", 0.03 * SOMEN_PARAMETERS) == 0.1  # and its TinyStories
+    for tokens in (10**3, 10**9, 10**12):
+        assert dropout("somen", "cpu", tokens) == dropout("somen", "mps", tokens) == 0.1
+        for preset in ("soba", "udon"):
+            assert dropout(preset, "cuda", tokens) == dropout(preset, "cpu", tokens) == 0.1
+        assert dropout("harusame", "cpu", tokens) == 0.0
+
+
+def test_the_help_shows_the_defaults_and_somen_s_on_a_gpu():
+    def helps(options: dict) -> dict[str, str]:
+        return {name: kind.__metadata__[0].help for name, (kind, _) in options.items()}
+
+    train = helps(training_option_types(PRESET_RUN_DEFAULTS["somen"], "somen"))
+    assert train["batch_size"].endswith("Default: 8 (64 for somen on a GPU).")
+    assert train["lr"].endswith(
+        "Default: 0.0002 × batch-size / 8 (0.003 × batch-size / 64 for somen on a GPU)."
+    )
+    assert train["schedule"].endswith("Default: cosine (wsd for somen on a GPU).")
+    finetune = helps(training_option_types(FINETUNE_DEFAULTS))
+    assert finetune["batch_size"].endswith("Default: 4.")
+    assert finetune["lr"].endswith("Default: 2e-05 × batch-size / 4.")
+    assert finetune["schedule"].endswith("Default: cosine.")
+
+
+def test_a_run_started_with_somen_s_gpu_recipe_is_not_resumed_with_the_cpu_defaults(
+    tmp_path, cli_in_process
+):
+    """The resume state of a somen run started on a GPU with the defaults; resumed on the
+    CPU, where the defaults are the original's, it is refused (naming the first setting that
+    differs) until the options give the GPU's recipe: nothing changes silently."""
+    tokenizer = load_tokenizer("gpt-neox")
+    _, somen = resolve_model_config("somen", tokenizer.vocab_size)
+    identity = run_identity(
+        settings_for("somen", "cuda"),
+        architecture=replace(somen, dropout=0.0).to_dict(),
+        tokenizer=tokenizer.sha256,
+    )
+    out = tmp_path / "model"
+    out.mkdir()
+    state = {"format": RESUME_FORMAT, "identity": identity}
+    ModelDir(out).save_resume_state({"step": torch.zeros(1)}, state)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(story_corpus(50))
+
+    resume = ["train", corpus, out, "--backend", "cpu", "--resume"]
+    for options, refused in (
+        ([], "--batch-size was 64, now 8"),
+        (["--batch-size", 64], "--lr was 0.003, now 0.0016"),  # the CPU's 1e-4 × 64 / 4
+        (["--batch-size", 64, "--lr", 3e-3], "--schedule was 'wsd', now 'cosine'"),
+    ):
+        code, _, err = cli_in_process(*resume, *options)
+        assert code == 1 and refused in err and "Traceback" not in err, err
 
 
 def test_dropout_follows_the_tokens_per_parameter_of_the_corpus(monkeypatch):
@@ -34,39 +136,38 @@ def test_dropout_follows_the_tokens_per_parameter_of_the_corpus(monkeypatch):
         PRESET_RUN_DEFAULTS, "somen", replace(PRETRAIN_DEFAULTS, dropout_by_data=rule)
     )
     somen = PRESETS["somen"]
-    assert data_sized_config("somen", somen, SOMEN_PARAMETERS // 2).dropout == 0.2
-    assert data_sized_config("somen", somen, SOMEN_PARAMETERS).dropout == 0.1
-    assert data_sized_config("somen", somen, 20 * SOMEN_PARAMETERS - 1).dropout == 0.1
-    assert data_sized_config("somen", somen, 20 * SOMEN_PARAMETERS).dropout == 0.0
+    assert data_sized_config("somen", somen, SOMEN_PARAMETERS // 2, "cpu").dropout == 0.2
+    assert data_sized_config("somen", somen, SOMEN_PARAMETERS, "cpu").dropout == 0.1
+    assert data_sized_config("somen", somen, 20 * SOMEN_PARAMETERS - 1, "cpu").dropout == 0.1
+    assert data_sized_config("somen", somen, 20 * SOMEN_PARAMETERS, "cpu").dropout == 0.0
     # A rule that starts above the corpus's ratio leaves the architecture's own.
     late = replace(PRETRAIN_DEFAULTS, dropout_by_data=((5.0, 0.0),))
     monkeypatch.setitem(PRESET_RUN_DEFAULTS, "somen", late)
-    assert data_sized_config("somen", somen, SOMEN_PARAMETERS).dropout == 0.1
+    assert data_sized_config("somen", somen, SOMEN_PARAMETERS, "cpu").dropout == 0.1
     # A CONFIG.json (preset "custom") keeps the dropout it names, whatever the rules.
     custom = replace(somen, dropout=0.3)
-    assert data_sized_config("custom", custom, 100 * SOMEN_PARAMETERS).dropout == 0.3
+    assert data_sized_config("custom", custom, 100 * SOMEN_PARAMETERS, "cpu").dropout == 0.3
 
 
-def test_noodle_train_uses_the_data_sized_dropout_and_resumes_with_it(
+def test_noodle_train_uses_the_data_sized_dropout_and_a_resumed_run_keeps_its_own(
     monkeypatch, tmp_path, cli_in_process, one_torch_thread
 ):
     """harusame keeps a dropout of 0 in its architecture; a rule for small corpora gives
-    it 0.2, which model.json records and the resumed run (checked once the corpus is
-    read) accepts."""
+    it 0.2, which model.json records. Resumed where the defaults give another dropout (as
+    somen's do on another type of device; no option sets it), the run keeps its own."""
+    harusame = PRESET_RUN_DEFAULTS["harusame"]
     rule = ((0.0, 0.2), (1000.0, 0.0))
-    monkeypatch.setitem(
-        PRESET_RUN_DEFAULTS,
-        "harusame",
-        replace(PRESET_RUN_DEFAULTS["harusame"], dropout_by_data=rule),
-    )
+    monkeypatch.setitem(PRESET_RUN_DEFAULTS, "harusame", replace(harusame, dropout_by_data=rule))
     corpus = tmp_path / "stories.txt"
     corpus.write_text(story_corpus(300))
     out = tmp_path / "model"
     args = ["train", corpus, out, "--model", "harusame", "--backend", "cpu", "--batch-size", 4]
     code, _, err = cli_in_process(*args, "--max-steps", 2, "--eval-batches", 1)
     assert code == 0, err
-    assert json.loads((out / "model.json").read_text())["dropout"] == 0.2
+    metadata = json.loads((out / "model.json").read_text())
+    assert (metadata["dropout"], metadata["training"]["schedule"]) == (0.2, "cosine")
 
+    monkeypatch.setitem(PRESET_RUN_DEFAULTS, "harusame", harusame)
     code, _, err = cli_in_process(*args, "--max-steps", 3, "--eval-batches", 1, "--resume")
     assert code == 0, err
     metadata = json.loads((out / "model.json").read_text())

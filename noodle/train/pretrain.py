@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from noodle.batching import split_windows
-from noodle.checkpoint import TOKENIZER
+from noodle.checkpoint import TOKENIZER, ModelDir
 from noodle.config import ModelConfig, resolve_model_config
 from noodle.corpus import load_token_stream, read_lines, token_chunks
 from noodle.device import describe_device, select_device, select_dtype
@@ -20,7 +20,7 @@ from noodle.parallel import Parallel
 from noodle.progress import Reporter
 from noodle.tokenizer import TextTokenizer, learn_tokenizer, learned_vocabulary, load_tokenizer
 from noodle.train.loop import Trainer
-from noodle.train.resume import run_identity
+from noodle.train.resume import run_identity, saved_dropout
 from noodle.train.run import (
     RunRecord,
     locked_output_dir,
@@ -28,7 +28,7 @@ from noodle.train.run import (
     run_training,
     sample_from_best,
 )
-from noodle.train.settings import PRESET_RUN_DEFAULTS, TrainSettings, TrainState
+from noodle.train.settings import PRESET_RUN_DEFAULTS, TrainSettings, TrainState, run_defaults
 
 SAMPLE_PROMPT = "Once upon a time"
 FINGERPRINT_CHUNK = 1 << 24  # tokens hashed at a time
@@ -79,12 +79,14 @@ def run_tokenizer(options: TrainOptions, vocabulary: int, reporter: Reporter) ->
     return tokenizer
 
 
-def data_sized_config(preset: str, config: ModelConfig, corpus_tokens: int) -> ModelConfig:
-    """A preset's architecture with the dropout its defaults give for a corpus of this many
-    tokens (see `RunDefaults.dropout`); a CONFIG.json's keeps its own."""
-    defaults = PRESET_RUN_DEFAULTS.get(preset)
-    if defaults is None:
+def data_sized_config(
+    preset: str, config: ModelConfig, corpus_tokens: int, device_type: str
+) -> ModelConfig:
+    """A preset's architecture with the dropout its defaults on this type of device give for
+    a corpus of this many tokens (see `RunDefaults.dropout`); a CONFIG.json's keeps its own."""
+    if preset not in PRESET_RUN_DEFAULTS:
         return config
+    defaults = run_defaults(preset, device_type)
     dropout = defaults.dropout(corpus_tokens, config.parameter_count(), config.dropout)
     return replace(config, dropout=dropout)
 
@@ -128,7 +130,12 @@ def train_with(
         tokenizer = run_tokenizer(options, to_learn, reporter)
     with parallel.main_first():  # one process per machine fills the token cache
         tokens = load_token_stream(options.corpus, tokenizer, reporter, options.use_cache)
-    config = data_sized_config(preset, config, len(tokens))
+    if options.resume and preset in PRESET_RUN_DEFAULTS:
+        # On another type of device the preset's defaults may give the same corpus (its hash
+        # is checked) another dropout, and no option sets it: the run keeps its own.
+        config = replace(config, dropout=saved_dropout(ModelDir(options.output_dir)))
+    else:
+        config = data_sized_config(preset, config, len(tokens), device.type)
     identity = run_identity(settings, architecture=config.to_dict(), tokenizer=tokenizer.sha256)
     train_windows, val_windows = split_windows(
         tokens, config.ctx_len, settings.batch_size, settings.seed

@@ -122,6 +122,11 @@ def describe_adapters_difference(path: tuple[str, ...], old: object, new: object
     return f"the adapters: was {adapters(old)}, now {adapters(new)}"
 
 
+def saved_dropout(out: ModelDir) -> float:
+    """The dropout of the run saved in `out` (see `check_resumable`: a resumable one)."""
+    return out.read_resume_metadata()["identity"]["architecture"]["dropout"]
+
+
 def check_resumable(out: ModelDir, identity: dict) -> None:
     """Refuse to resume the run saved in `out` unless it was saved in this layout and
     matches `identity` (or whichever of its parts are given)."""

@@ -143,6 +143,7 @@ class RunRecord:
             "batch_size": self.settings.batch_size,
             "lr": self.settings.lr,
             "optimizer": self.settings.optimizer,
+            "schedule": self.settings.schedule,
             "seed": self.settings.seed,
             **self.extra,
         }

@@ -21,7 +21,8 @@ class RunDefaults:
     sequences (examples) in batches of the training batch size, whatever that is: the
     original's 50 batches of 8 (500 of 4 for fine-tuning). A larger batch makes steps
     larger, not the validation sample (at batch 64, 50 batches would cost a tenth of the
-    run's time)."""
+    run's time). `on_cuda`, where given, replaces them all on a CUDA GPU: a recipe
+    measured there (see `for_device`)."""
 
     max_epochs: int
     batch_size: int
@@ -36,6 +37,12 @@ class RunDefaults:
     # the corpus reaches applies (more text than the model can memorise needs less of it).
     # None keeps the dropout of the preset's architecture.
     dropout_by_data: tuple[tuple[float, float], ...] | None = None
+    schedule: str = "cosine"
+    on_cuda: RunDefaults | None = None
+
+    def for_device(self, device_type: str) -> RunDefaults:
+        """The defaults on a device of this type (`torch.device.type`: cuda, mps, cpu)."""
+        return self.on_cuda if device_type == "cuda" and self.on_cuda else self
 
     def dropout(self, corpus_tokens: int, parameters: int, architecture: float) -> float:
         """The dropout for a corpus of this many tokens and a model of this many parameters,
@@ -54,11 +61,25 @@ PRETRAIN_DEFAULTS = RunDefaults(
     patience=10,
     min_improvement=0.01,
 )
+# somen's recipe on a CUDA GPU, the best of benchmarks/QUALITY.md's second sweep (H200, equal
+# training time): a batch that fills the GPU, a higher peak rate, scaled with the batch size
+# like the original's rule, and warm-up-stable-decay. It ran without dropout on Gutenberg
+# (0.98 tokens per parameter) and with the architecture's 0.1 on TinyStories (0.03). Nothing
+# was measured on a CPU or MPS, where batch 64 is too slow: there somen keeps the general
+# defaults.
+SOMEN_ON_CUDA = replace(
+    PRETRAIN_DEFAULTS,
+    batch_size=64,
+    lr_at_batch_4=3e-3 / 16,  # 3e-3 at batch 64
+    schedule="wsd",
+    dropout_by_data=((0.5, 0.0),),
+)
 # Each preset's defaults (configs as data); the options given on the command line still
-# win, and a CONFIG.json model gets PRETRAIN_DEFAULTS. somen, soba and udon have the general
-# ones until the sweeps of benchmarks/QUALITY.md give them their own.
+# win, and a CONFIG.json model gets PRETRAIN_DEFAULTS. soba and udon keep the general ones
+# on every device: the sweeps measured somen only, and a rate of 3e-3 is not safe for
+# models 20 to 1,000 times its size.
 PRESET_RUN_DEFAULTS = {
-    "somen": PRETRAIN_DEFAULTS,
+    "somen": replace(PRETRAIN_DEFAULTS, on_cuda=SOMEN_ON_CUDA),
     "soba": PRETRAIN_DEFAULTS,
     "udon": PRETRAIN_DEFAULTS,
     # About ten minutes on two CPU cores (benchmarks/RESULTS.md), whatever the corpus.
@@ -73,6 +94,14 @@ PRESET_RUN_DEFAULTS = {
         min_improvement=0.01,
     ),
 }
+
+
+def run_defaults(model: str, device_type: str) -> RunDefaults:
+    """The defaults of `noodle train --model MODEL` on a device of this type: the preset's,
+    or for a CONFIG.json the general ones."""
+    return PRESET_RUN_DEFAULTS.get(model, PRETRAIN_DEFAULTS).for_device(device_type)
+
+
 FINETUNE_DEFAULTS = RunDefaults(
     max_epochs=5,
     batch_size=4,
