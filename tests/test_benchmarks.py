@@ -150,7 +150,6 @@ def test_quality_trains_scores_and_summarizes_rows_on_cpu(
     # What the benchmark's process sets for all its runs, put back for the other tests.
     monkeypatch.setattr(CompileOnce, "compiled", {})
     dynamic = torch._dynamo.config.automatic_dynamic_shapes
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", dynamic)
     books = quality_data(tmp_path / "data")
     rows = {
         "compare": ["base"],
@@ -169,11 +168,12 @@ def test_quality_trains_scores_and_summarizes_rows_on_cpu(
     }
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     out, work = tmp_path / "quality.json", tmp_path / "work"
-    code, stdout, stderr = script_in_process(
-        *("quality", tmp_path / "rows.json", "--data", tmp_path / "data"),
-        *("--work", work, "--tokenizer", tiny_tokenizer, "--device", "cpu"),
-        *("--time-budget", 0.3, "--eval-subset", 8, "--checkpoints", 3, "--json", out),
-    )
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=dynamic):
+        code, stdout, stderr = script_in_process(
+            *("quality", tmp_path / "rows.json", "--data", tmp_path / "data"),
+            *("--work", work, "--tokenizer", tiny_tokenizer, "--device", "cpu"),
+            *("--time-budget", 0.3, "--eval-subset", 8, "--checkpoints", 3, "--json", out),
+        )
     assert code == 0, stderr
     # Every tenth book (the 10th and the 20th) is the held-out test text, whole.
     assert (work / "gutenberg-test.txt").read_text() == "<|endoftext|>\n".join(
