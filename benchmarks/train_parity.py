@@ -48,6 +48,7 @@ def start_run(
     command += ["--model", str(model), "--backend", backend, "--no-cache"]
     command += ["--max-steps", str(args.steps), "--eval-interval", str(args.eval_interval)]
     command += ["--batch-size", "8", "--lr", "0.003", "--seed", "1"]
+    command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-interval", type=int, default=10)
     parser.add_argument("--lines", type=int, default=3000, help="lines of story corpus")
+    parser.add_argument("--tokenizer", help="a tokenizer.json (default: the bundled one)")
     parser.add_argument("--json", help="also write the curves to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,12 +3,16 @@ belong in benchmarks/RESULTS.md, not here."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import lzma
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from tests.conftest import ONE_THREAD, REPO, TINY_CONFIG, noodle_env, story_corpus
 
@@ -25,39 +29,68 @@ def run_script(*args: object) -> subprocess.CompletedProcess:
     )
 
 
-def test_train_speed_runs_the_real_training_step_and_its_variants_on_cpu(tmp_path):
+@pytest.fixture
+def script_in_process(monkeypatch, capsys, one_torch_thread):
+    """Run a benchmark script's main() in this process, as `python benchmarks/NAME.py ARGS`
+    would, without the seconds of CPU a new interpreter spends importing torch; the
+    processes the script starts get run_script's environment. Returns (exit code, stdout,
+    stderr)."""
+    for name, value in {"PYTHONPATH": str(REPO), **ONE_THREAD}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO)
+
+    def run(name: str, *args: object) -> tuple[int | str | None, str, str]:
+        module = importlib.import_module(f"benchmarks.{name}")
+        monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, args)])
+        capsys.readouterr()
+        try:
+            with torch.random.fork_rng(devices=[]):  # its seeds stay out of later tests
+                module.main()
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_train_speed_runs_the_real_training_step_and_its_variants_on_cpu(
+    tmp_path, script_in_process
+):
     out = tmp_path / "rows.json"
-    result = run_script(
-        "benchmarks/train_speed.py",
-        *("--device", "cpu", "--shapes", "tiny:2", "--steps", 2, "--warmup", 1),
+    code, stdout, stderr = script_in_process(
+        "train_speed",
+        *("--device", "cpu", "--shapes", "tiny:2", "--steps", 1, "--warmup", 1),
         *("--variants", "tiny:2:chunk256,tiny:2:mine", "--define", "mine:loss_chunk=5,dropout=0"),
         *("--compile", "off", "--json", out),
     )
-    assert result.returncode == 0, result.stderr
+    assert code == 0, stderr
     default, chunked, mine = json.loads(out.read_text())["rows"]
     assert default["shape"] == "tiny" and default["batch"] == 2 and default["compile"] is False
     assert default["tokens_per_s"] > 0 and 9 < default["final_loss"] < 12  # ~ln(50304) untrained
     assert default["loss_chunk"] == 0  # uncompiled: the plain loss
     assert (chunked["variant"], chunked["loss_chunk"], chunked["dropout"]) == ("chunk256", 256, 0.1)
     assert (mine["variant"], mine["loss_chunk"], mine["dropout"]) == ("mine", 5, 0.0)
-    assert "tokens/s" in result.stdout and "| tiny | 2 | mine | 5 |" in result.stdout
+    assert "tokens/s" in stdout and "| tiny | 2 | mine | 5 |" in stdout
 
 
-def test_train_speed_starts_no_row_past_its_budget(tmp_path):
-    result = run_script(
-        "benchmarks/train_speed.py",
+def test_train_speed_starts_no_row_past_its_budget(script_in_process):
+    code, stdout, stderr = script_in_process(
+        "train_speed",
         *("--device", "cpu", "--shapes", "tiny:2", "--variants", "tiny:2:plain"),
         *("--steps", 1, "--warmup", 1, "--compile", "off", "--budget-s", 0),
     )
-    assert result.returncode == 0, result.stderr
-    assert "skipped (past --budget-s): tiny:2:default, tiny:2:plain" in result.stdout
+    assert code == 0, stderr
+    assert "skipped (past --budget-s): tiny:2:default, tiny:2:plain" in stdout
 
 
-def test_train_parity_compares_two_real_runs_on_cpu(tmp_path):
+def test_train_parity_compares_two_real_runs_on_cpu(tmp_path, tiny_tokenizer):
     out = tmp_path / "parity.json"
     result = run_script(
         "benchmarks/train_parity.py",
-        *("--device", "cpu", "--steps", 2, "--eval-interval", 1, "--lines", 200, "--json", out),
+        *("--device", "cpu", "--steps", 2, "--eval-interval", 1, "--lines", 200),
+        *("--tokenizer", tiny_tokenizer, "--json", out),
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
@@ -65,13 +98,14 @@ def test_train_parity_compares_two_real_runs_on_cpu(tmp_path):
     assert report["largest"] == 0 and "largest difference 0.0000" in result.stdout
 
 
-def test_decode_benchmark_generates_on_cpu():
-    result = run_script(
-        "benchmarks/decode.py",
-        *("--device", "cpu", "--dtypes", "float32", "--new-tokens", 4, "--repeats", 1),
+def test_decode_benchmark_generates_on_cpu(script_in_process):
+    code, stdout, stderr = script_in_process(
+        "decode",
+        *("--device", "cpu", "--preset", "harusame", "--dtypes", "float32"),
+        *("--new-tokens", 4, "--repeats", 1),
     )
-    assert result.returncode == 0, result.stderr
-    row = result.stdout.splitlines()[-1].split()
+    assert code == 0, stderr
+    row = stdout.splitlines()[-1].split()
     assert row[:2] == ["float32", "off"] and float(row[3]) > 0
 
 
@@ -108,7 +142,14 @@ def quality_data(directory: Path) -> list[str]:
     return books
 
 
-def test_quality_trains_scores_and_summarizes_rows_on_cpu(tmp_path, tiny_config, tiny_tokenizer):
+def test_quality_trains_scores_and_summarizes_rows_on_cpu(
+    tmp_path, tiny_config, tiny_tokenizer, script_in_process, monkeypatch
+):
+    from benchmarks.quality_runs import CompileOnce
+
+    # What the benchmark's process sets for all its runs, put back for the other tests.
+    monkeypatch.setattr(CompileOnce, "compiled", {})
+    dynamic = torch._dynamo.config.automatic_dynamic_shapes
     books = quality_data(tmp_path / "data")
     rows = {
         "compare": ["base"],
@@ -127,12 +168,13 @@ def test_quality_trains_scores_and_summarizes_rows_on_cpu(tmp_path, tiny_config,
     }
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     out, work = tmp_path / "quality.json", tmp_path / "work"
-    result = run_script(
-        *("benchmarks/quality.py", tmp_path / "rows.json", "--data", tmp_path / "data"),
-        *("--work", work, "--tokenizer", tiny_tokenizer, "--device", "cpu"),
-        *("--time-budget", 0.3, "--eval-subset", 8, "--checkpoints", 3, "--json", out),
-    )
-    assert result.returncode == 0, result.stderr
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=dynamic):
+        code, stdout, stderr = script_in_process(
+            *("quality", tmp_path / "rows.json", "--data", tmp_path / "data"),
+            *("--work", work, "--tokenizer", tiny_tokenizer, "--device", "cpu"),
+            *("--time-budget", 0.3, "--eval-subset", 8, "--checkpoints", 3, "--json", out),
+        )
+    assert code == 0, stderr
     # Every tenth book (the 10th and the 20th) is the held-out test text, whole.
     assert (work / "gutenberg-test.txt").read_text() == "<|endoftext|>\n".join(
         [books[9], books[19]]
@@ -158,7 +200,7 @@ def test_quality_trains_scores_and_summarizes_rows_on_cpu(tmp_path, tiny_config,
     assert (runs[2]["optimizer"], runs[2]["schedule"], runs[2]["dropout"]) == ("muon", "wsd", 0.1)
     assert runs[0]["dropout"] == 0.0  # the tiny CONFIG.json's own
 
-    table = result.stdout.splitlines()
+    table = stdout.splitlines()
     assert sum(line.startswith("| base | ") for line in table) == 2 + 2  # runs and summary
     assert any(line.endswith("| vs base | time to base's best |") for line in table)
     (summary,) = [
@@ -167,22 +209,21 @@ def test_quality_trains_scores_and_summarizes_rows_on_cpu(tmp_path, tiny_config,
     assert re.search(r"± \d\.\d+ \| [+-]\d+\.\d% \| (\d+%|not reached) \|$", summary)
 
     # The saved runs summarized again against another row, with nothing trained.
-    again = run_script("benchmarks/quality.py", "--report", out, "--compare", "muon")
-    assert again.returncode == 0, again.stderr
-    assert any(
-        line.endswith("| vs muon | time to muon's best |") for line in again.stdout.splitlines()
-    )
-    assert "| muon | gutenberg | 1 | " in again.stdout and "| +0.0% | 100% |" in again.stdout
+    code, again, stderr = script_in_process("quality", "--report", out, "--compare", "muon")
+    assert code == 0, stderr
+    assert any(line.endswith("| vs muon | time to muon's best |") for line in again.splitlines())
+    assert "| muon | gutenberg | 1 | " in again and "| +0.0% | 100% |" in again
 
 
-def test_quality_refuses_an_unknown_setting_before_running(tmp_path):
-    result = run_script(
-        *("benchmarks/quality.py", "--row", '{"name": "x", "learning_rate": 1}'),
-        *("--device", "cpu", "--data", tmp_path),
+def test_quality_refuses_an_unknown_setting_before_running(tmp_path, script_in_process):
+    code, _, stderr = script_in_process(
+        *("quality", "--row", '{"name": "x", "learning_rate": 1}'),
+        *("--device", "cpu", "--data", tmp_path, "--work", tmp_path / "work"),
     )
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: row 'x': unknown setting(s) learning_rate (known: ")
-    assert len(result.stderr.splitlines()) == 1
+    assert code == 1
+    assert stderr.startswith("error: row 'x': unknown setting(s) learning_rate (known: ")
+    assert len(stderr.splitlines()) == 1
+    assert not (tmp_path / "work").exists()  # nothing prepared, nothing run
 
 
 def test_time_to_reach_reads_the_mean_curves():
@@ -199,17 +240,20 @@ def test_time_to_reach_reads_the_mean_curves():
 
 
 def test_fsdp_benchmark_times_both_runs_and_checks_the_memory_plan_on_cpu(
-    tmp_path, tiny_config, corpus_file
+    tmp_path, tiny_config, corpus_file, tiny_tokenizer, script_in_process
 ):
     out = tmp_path / "fsdp.json"
-    result = run_script(
-        "benchmarks/fsdp.py",
-        *(corpus_file, "--model", tiny_config, "--batch", 4, "--max-steps", 4),
-        *("--train-args", "--backend cpu --eval-interval 2 --eval-batches 1"),
+    timed = tmp_path / "timed.json"  # the runs timed: a small vocabulary, for the tiny tokenizer
+    timed.write_text(json.dumps({**TINY_CONFIG, "vocab_size": 512}))
+    options = f"--backend cpu --eval-interval 2 --eval-batches 1 --tokenizer {tiny_tokenizer}"
+    code, stdout, stderr = script_in_process(
+        "fsdp",
+        *(corpus_file, "--model", timed, "--batch", 4, "--max-steps", 4),
+        *("--train-args", options),
         *("--plan-model", tiny_config, "--plan-gpus", 2, "--blocks", 1),
         *("--device", "cpu", "--no-compile", "--json", out),
     )
-    assert result.returncode == 0, result.stderr
+    assert code == 0, stderr
     report = json.loads(out.read_text())
     assert {name: run["steps"] for name, run in report["speed"].items() if name != "commands"} == {
         "plain": 4,
@@ -220,19 +264,19 @@ def test_fsdp_benchmark_times_both_runs_and_checks_the_memory_plan_on_cpu(
     assert plan["FSDP"]["states_gb"] < plan["DDP (whole replica)"]["states_gb"]
     check = report["check"]["FSDP + activation checkpointing"]
     assert check["measured"]["loss"] > 0 and check["planned"]["total_gb"] > 0
-    assert "tokens/s" in result.stdout and "planned" in result.stdout
+    assert "tokens/s" in stdout and "planned" in stdout
 
 
-def test_lora_benchmark_compares_full_and_lora_fine_tuning_on_cpu(tmp_path):
+def test_lora_benchmark_compares_full_and_lora_fine_tuning_on_cpu(
+    tmp_path, tiny_config, script_in_process
+):
     out = tmp_path / "lora.json"
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_CONFIG))
-    result = run_script(
-        "benchmarks/lora.py",
-        *("--device", "cpu", "--model", config, "--seconds", 0.5, "--warmup", 2),
+    code, stdout, stderr = script_in_process(
+        "lora",
+        *("--device", "cpu", "--model", tiny_config, "--seconds", 0, "--warmup", 2),
         *("--examples", 40, "--batch-size", 4, "--rank", 2, "--json", out),
     )
-    assert result.returncode == 0, result.stderr
+    assert code == 0, stderr
     full, lora = json.loads(out.read_text())["rows"]
     assert (full["run"], full["lora"]) == ("full", None)
     assert lora["lora"] == {"rank": 2, "alpha": 4.0, "targets": ["qkv", "proj", "up", "down"]}
@@ -243,4 +287,4 @@ def test_lora_benchmark_compares_full_and_lora_fine_tuning_on_cpu(tmp_path):
         assert row["steps"] >= 2 and row["tokens_per_s"] > 0 and row["peak_memory_gib"] is None
         assert 9 < row["val_loss_start"] < 12  # ~ln(50304): the base is random
     assert full["val_loss_start"] == lora["val_loss_start"]  # the same base and examples
-    assert "LoRA r2" in result.stdout and "full" in result.stdout
+    assert "LoRA r2" in stdout and "full" in stdout
