@@ -387,7 +387,7 @@ def test_a_missing_base_model_stops_the_finetune_job_before_it_runs(jobs, volume
 
 
 def test_train_job_trains_a_model_into_the_volume(
-    jobs, volume, monkeypatch, capfd, one_torch_thread
+    jobs, volume, monkeypatch, capfd, tiny_tokenizer, one_torch_thread
 ):
     corpus = volume.mount / "corpus" / "stories.txt"
     corpus.parent.mkdir()
@@ -405,8 +405,12 @@ def test_train_job_trains_a_model_into_the_volume(
             model_dir=str(model_dir),
             max_epochs=1,
             model=str(config),
-            # A few small steps: what is checked here is the job, not learning.
-            extra_args=["--max-steps", "4", "--batch-size", "2", "--eval-batches", "1"],
+            # A few small steps of a small vocabulary: what is checked here is the job, not
+            # learning.
+            extra_args=[
+                *("--max-steps", "4", "--batch-size", "2", "--eval-batches", "1"),
+                *("--tokenizer", str(tiny_tokenizer)),
+            ],
         )
 
     assert volume.commit.count == 1
