@@ -55,7 +55,7 @@ def trained_model(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with pytest.raises(SystemExit) as exit:
+        with pytest.raises(SystemExit) as exit_info:
             main(
                 [
                     *map(str, ("train", root / "corpus.txt", root / "model")),
@@ -67,7 +67,7 @@ def trained_model(tmp_path_factory) -> Path:
             )
     finally:
         torch.set_num_threads(threads)
-    assert exit.value.code == 0
+    assert exit_info.value.code == 0
     return root / "model"
 
 
