@@ -45,19 +45,29 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory) -> Path:
+    """A tiny model trained on the story corpus through the CLI's entry point, in this
+    process (the chat tests below run the CLI as a subprocess)."""
     root = tmp_path_factory.mktemp("chat")
     text = story_corpus(600)
     (root / "corpus.txt").write_text(text)
     write_small_tokenizer(root / "tokenizer.json", text)
     (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
-    result = run_noodle(
-        *("train", root / "corpus.txt", root / "model", "--model", root / "tiny.json"),
-        *("--tokenizer", root / "tokenizer.json", "--no-cache", "--backend", "cpu"),
-        *("--max-steps", 80, "--batch-size", 8, "--lr", 3e-3, "--eval-interval", 40),
-        *("--eval-batches", 2),
-        env=ONE_THREAD,
-    )
-    assert result.returncode == 0, result.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                [
+                    *map(str, ("train", root / "corpus.txt", root / "model")),
+                    *("--model", str(root / "tiny.json")),
+                    *("--tokenizer", str(root / "tokenizer.json"), "--no-cache"),
+                    *("--backend", "cpu", "--max-steps", "80", "--batch-size", "8"),
+                    *("--lr", "3e-3", "--eval-interval", "40", "--eval-batches", "2"),
+                ]
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert exit_info.value.code == 0
     return root / "model"
 
 
@@ -66,9 +76,10 @@ def chat_cli(model: Path, *args: object, input: str | None = None):
     return run_noodle("chat", model, "--backend", "cpu", *args, input=input, env=ONE_THREAD)
 
 
-def chat_in_process(model: Path, *args: object, input: str, monkeypatch, capsys):
+def chat_in_process(model: Path, *args: object, input: str | bytes, monkeypatch, capsys):
     """The same CLI entry point in this process: quicker when a test needs a second run."""
-    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(input.encode())))
+    data = input if isinstance(input, bytes) else input.encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
     with pytest.raises(SystemExit) as exit:
         main(["chat", str(model), "--backend", "cpu", *map(str, args)])
     output = capsys.readouterr()
@@ -123,26 +134,13 @@ def test_greedy_chat_continues_a_training_prompt_with_what_the_corpus_taught(
     assert again.out == result.stdout  # temperature 0 is deterministic
 
 
-def test_piped_mode_prints_one_reply_per_input_line(trained_model, monkeypatch, capsys):
-    lines = "once upon a time mia\n\nonce upon a time\n"
+def test_piped_mode_prints_one_reply_per_input_line_and_replaces_invalid_utf8(
+    trained_model, monkeypatch, capsys
+):
+    lines = b"once upon a time mia\n\nonce upon a time \xff\xfe lily\n"
     args = ("--seed", 7, "--max-tokens", 40)
-    result = chat_cli(trained_model, *args, input=lines)
-    assert result.returncode == 0, result.stderr
-    replies = result.stdout
-    # 40 tokens run past a corpus line, yet each reply stays on one line.
-    assert len(replies.splitlines()) == 3 and replies.endswith("\n")
-    assert "happy. once upon" in replies
-    assert "Noodle" not in replies + result.stderr
-    again = chat_in_process(
-        trained_model, *args, input=lines, monkeypatch=monkeypatch, capsys=capsys
-    )
-    assert again.out == replies  # same seed, same sample
-
-
-def test_a_piped_line_that_is_not_utf8_is_replaced_with_a_warning(trained_model):
-    lines = b"once upon a time tom\nonce upon a time \xff\xfe lily\n"
     result = subprocess.run(
-        noodle_command(("chat", trained_model, "--backend", "cpu", "--seed", 1)),
+        noodle_command(("chat", trained_model, "--backend", "cpu", *args)),
         input=lines,
         capture_output=True,
         env=noodle_env(ONE_THREAD),
@@ -150,8 +148,17 @@ def test_a_piped_line_that_is_not_utf8_is_replaced_with_a_warning(trained_model)
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 2
-    assert result.stderr == b"warning: input line 2: invalid UTF-8 replaced with U+FFFD\n"
+    replies = result.stdout.decode()
+    # 40 tokens run past a corpus line, yet each reply stays on one line.
+    assert len(replies.splitlines()) == 3 and replies.endswith("\n")
+    assert "happy. once upon" in replies
+    # No banner: only the warning.
+    assert "Noodle" not in replies
+    assert result.stderr == b"warning: input line 3: invalid UTF-8 replaced with U+FFFD\n"
+    again = chat_in_process(
+        trained_model, *args, input=lines, monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert again.out == replies  # same seed, same sample
 
 
 def test_a_broken_model_is_one_error_line(tmp_path, monkeypatch, capsys):

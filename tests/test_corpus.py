@@ -311,30 +311,30 @@ def server() -> Iterator[CorpusServer]:
     httpd.server_close()
 
 
-def test_train_streams_a_corpus_from_a_url(tmp_path, tiny_config, server):
+def test_train_streams_a_corpus_from_a_url(
+    tmp_path, tiny_config, server, cli_in_process, one_torch_thread
+):
     server.routes["/stories.txt"] = Route(story_corpus(150).encode())
     out = tmp_path / "model"
-    result = run_noodle(
+    code, _, err = cli_in_process(
         *("train", server.url("/stories.txt"), out, "--model", tiny_config),
         *("--backend", "cpu", "--max-steps", 1, "--batch-size", 2, "--eval-batches", 1),
     )
-    assert result.returncode == 0, result.stderr
-    assert "tokenizing" in result.stderr
+    assert code == 0, err
+    assert "tokenizing" in err
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["source"] == server.url("/stories.txt")
     assert meta["training"]["steps"] == 1
     # No ETag or Last-Modified: nothing identifies the content, so nothing is cached.
-    assert "not caching the tokens" in result.stderr
+    assert "not caching the tokens" in err
 
 
-def test_a_missing_url_is_one_clear_error(tmp_path, server):
+def test_a_missing_url_is_one_clear_error(tmp_path, server, cli_in_process):
     url = server.url("/missing.txt")
-    result = run_noodle("train", url, tmp_path / "model")
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: cannot download {url}: HTTP 404 Not Found"
-    )
-    assert "Traceback" not in result.stderr
+    code, _, err = cli_in_process("train", url, tmp_path / "model")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == f"error: cannot download {url}: HTTP 404 Not Found"
+    assert "Traceback" not in err
 
 
 def test_an_unreachable_url_names_it(tokenizer):

@@ -34,7 +34,9 @@ def expected_windows(model_dir, text: str) -> tuple[int, int]:
     return evaluated, len(loaded.tokenizer.decode(ids[1 : evaluated + 1]).encode("utf-8"))
 
 
-def test_eval_reports_loss_perplexity_and_bits_per_byte(trained_base, tmp_path):
+def test_eval_reports_loss_perplexity_and_bits_per_byte(
+    trained_base, tmp_path, cli_in_process, one_torch_thread
+):
     corpus = tmp_path / "stories.txt"
     corpus.write_text(story_corpus(600))  # the text the model was trained on
     result = run_noodle("eval", trained_base, corpus, "--json", "--backend", "cpu", env=ONE_THREAD)
@@ -50,9 +52,10 @@ def test_eval_reports_loss_perplexity_and_bits_per_byte(trained_base, tmp_path):
 
     other = tmp_path / "ledger.txt"
     other.write_text(unrelated_text(300))
-    result = run_noodle("eval", trained_base, other, "--backend", "cpu", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
-    table = dict(line.rsplit(maxsplit=1) for line in result.stdout.splitlines())
+    # The table, through the CLI's entry point in this process.
+    code, out, err = cli_in_process("eval", trained_base, other, "--backend", "cpu")
+    assert code == 0, err
+    table = dict(line.rsplit(maxsplit=1) for line in out.splitlines())
     assert set(table) == {"loss", "perplexity", "bits per byte", "tokens", "tokens/s"}
     # The model knows its training text far better than text it never saw.
     assert report["loss"] < 0.5 * float(table["loss"])

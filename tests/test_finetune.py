@@ -47,19 +47,18 @@ def greedy_answers(model_dir: Path, questions: list[str]) -> list[str]:
 
 
 def test_finetuned_model_answers_training_questions_with_their_answers(
-    finetuned, trained_base, one_torch_thread
+    finetuned, trained_base, cli_in_process, one_torch_thread
 ):
     questions, answers = map(list, zip(*PAIRS, strict=True))
     assert greedy_answers(finetuned, questions) == answers
     # The base model had never seen these answers.
     assert greedy_answers(trained_base, questions[:1]) != answers[:1]
     # And `noodle chat` itself gives the trained answer.
-    result = run_noodle(
-        *("chat", finetuned, "--prompt", questions[0], "--temperature", 0, "--backend", "cpu"),
-        env=ONE_THREAD,
+    code, out, err = cli_in_process(
+        "chat", finetuned, "--prompt", questions[0], "--temperature", 0, "--backend", "cpu"
     )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == answers[0]
+    assert code == 0, err
+    assert out.strip() == answers[0]
 
 
 def test_finetuned_directory_is_complete_and_records_its_base(finetuned, trained_base):
@@ -84,12 +83,15 @@ def test_finetuned_directory_is_complete_and_records_its_base(finetuned, trained
     assert training["best_val_loss"] == min(e["val_loss"] for e in evals) < 0.1
 
 
-def test_info_shows_architecture_tokenizer_training_and_base(finetuned):
-    result = run_noodle("info", finetuned / "model.json", env={"COLUMNS": "120"})
-    assert result.returncode == 0, result.stderr
+def test_info_shows_architecture_tokenizer_training_and_base(
+    finetuned, cli_in_process, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, err = cli_in_process("info", finetuned / "model.json")
+    assert code == 0, err
     meta = json.loads((finetuned / "model.json").read_text())
     rows = {}
-    for line in result.stdout.splitlines():
+    for line in out.splitlines():
         cells = [cell.strip() for cell in line.strip("│ ").split("│")]
         if len(cells) == 2:
             rows[cells[0]] = cells[1]

@@ -34,7 +34,7 @@ from noodle.cloud import (
     run_and_commit,
     train_arguments,
 )
-from tests.conftest import REPO, TINY_CONFIG, run_noodle, story_corpus
+from tests.conftest import REPO, TINY_CONFIG, story_corpus
 
 JOBS = {"train": "train_noodle", "finetune": "finetune_noodle"}  # job file -> GPU function
 
@@ -386,7 +386,9 @@ def test_a_missing_base_model_stops_the_finetune_job_before_it_runs(jobs, volume
 # --- acceptance 2: the training job, run locally into a temporary "volume" ---------------
 
 
-def test_train_job_trains_a_model_into_the_volume(jobs, volume, monkeypatch, capfd):
+def test_train_job_trains_a_model_into_the_volume(
+    jobs, volume, monkeypatch, capfd, tiny_tokenizer, one_torch_thread
+):
     corpus = volume.mount / "corpus" / "stories.txt"
     corpus.parent.mkdir()
     corpus.write_text(story_corpus(100))
@@ -403,8 +405,12 @@ def test_train_job_trains_a_model_into_the_volume(jobs, volume, monkeypatch, cap
             model_dir=str(model_dir),
             max_epochs=1,
             model=str(config),
-            # A few small steps: what is checked here is the job, not learning.
-            extra_args=["--max-steps", "4", "--batch-size", "2", "--eval-batches", "1"],
+            # A few small steps of a small vocabulary: what is checked here is the job, not
+            # learning.
+            extra_args=[
+                *("--max-steps", "4", "--batch-size", "2", "--eval-batches", "1"),
+                *("--tokenizer", str(tiny_tokenizer)),
+            ],
         )
 
     assert volume.commit.count == 1
@@ -417,12 +423,17 @@ def test_train_job_trains_a_model_into_the_volume(jobs, volume, monkeypatch, cap
     loaded = load_model(model_dir)
     assert loaded.config.n_layers == TINY_CONFIG["n_layers"]
 
-    reply = run_noodle(
-        *("chat", model_dir, "--prompt", "once upon a time", "--temperature", "0"),
-        *("--max-tokens", "8"),
-    )
-    assert reply.returncode == 0, reply.stderr
-    assert reply.stdout.strip()
+    # The model it left answers (the CLI's entry point, in this process).
+    with pytest.raises(SystemExit) as exit_info:
+        noodle.cli.main(
+            [
+                *("chat", str(model_dir), "--prompt", "once upon a time"),
+                *("--temperature", "0", "--max-tokens", "8"),
+            ]
+        )
+    reply = capfd.readouterr()
+    assert exit_info.value.code == 0, reply.err
+    assert reply.out.strip()
 
 
 def test_list_volume_prints_the_tree_with_sizes(jobs, tmp_path, capsys):

@@ -181,9 +181,12 @@ def test_fused_adamw_clips_inside_its_kernel():
 
 def test_float16_loss_scaling_keeps_the_gradients_that_underflow_without_it():
     """At initialisation the output layer's gradient entries are about 1 / (tokens x
-    vocabulary): for 2,048 tokens and 50,304 ids, under float16's smallest subnormal."""
-    config = replace(CONFIG, vocab_size=50304)
-    data = torch.randint(0, 50304, (32, config.ctx_len + 1), generator=torch.Generator())
+    vocabulary): for 1,024 tokens and 50,304 ids, under half float16's smallest subnormal
+    (so they round to zero). A narrow model (the 50,304-way softmax is the cost, not the
+    width) starts with near-uniform logits: no entry but the targets' is much larger."""
+    narrow = {"n_layers": 1, "emb_dim": 16, "n_heads": 1, "head_dim": 16, "hidden_dim": 32}
+    config = replace(CONFIG, **narrow, vocab_size=50304)
+    data = torch.randint(0, 50304, (16, config.ctx_len + 1), generator=torch.Generator())
     inputs, targets = data[:, :-1], data[:, 1:]
     torch.manual_seed(0)
     model = NoodleModel(config)

@@ -12,15 +12,24 @@ import pytest
 import torch
 
 from noodle.checkpoint import load_model
+from noodle.config import padded_vocab_size
+from noodle.tokenizer import load_tokenizer
 from tests.conftest import ONE_THREAD, noodle_env, run_noodle
+from tests.stories import story_corpus
 from tests.tiny_runs import read_metrics
 
+# With the tiny tokenizer every story line is 18 tokens: 650 lines make 20 training batches
+# of 8 x 64 and a validation split.
+EPOCH_LINES = 650
 
-def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
+
+def test_train_end_to_end(tmp_path, tiny_config, tiny_tokenizer):
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text(story_corpus(EPOCH_LINES))
     out = tmp_path / "model"
     result = run_noodle(
-        *("train", corpus_file, out, "--model", tiny_config, "--backend", "cpu"),
-        *("--max-steps", 100, "--batch-size", 8, "--lr", 3e-3),
+        *("train", corpus, out, "--model", tiny_config, "--tokenizer", tiny_tokenizer),
+        *("--backend", "cpu", "--max-steps", 100, "--batch-size", 8, "--lr", 3e-3),
         *("--eval-interval", 50, "--eval-batches", 4),
         env=ONE_THREAD,
     )
@@ -35,9 +44,10 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     assert {20, 40, 50, 100} <= {e["step"] for e in evals}
     assert evals[-1]["step"] == 100
     assert all(m["tokens_per_second"] > 0 for m in steps)
-    # An untrained model's loss is about ln(50304) = 10.8; the corpus is easy to learn.
-    assert steps[0]["loss"] > 8.0
-    assert evals[-1]["val_loss"] < 2.0 < math.log(50304)
+    # An untrained model's loss is about ln(vocabulary); the corpus is easy to learn.
+    vocabulary = load_tokenizer(tiny_tokenizer).vocab_size
+    assert steps[0]["loss"] > 0.75 * math.log(vocabulary)
+    assert evals[-1]["val_loss"] < 2.0 < math.log(vocabulary)
 
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["status"] == "finished"
@@ -45,7 +55,8 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
     assert meta["training"]["epochs"] == 5.0  # five whole passes of 20 batches
     assert meta["training"]["best_val_loss"] == min(e["val_loss"] for e in evals)
     loaded = load_model(out)
-    assert loaded.config.n_layers == 2 and loaded.config.vocab_size == 50304
+    assert loaded.config.n_layers == 2
+    assert loaded.config.vocab_size == padded_vocab_size(vocabulary)
     # The saved weights are the best ones: their validation loss is what was logged.
     assert loaded.model.parameter_count() == meta["parameters"]
     assert torch.isfinite(next(loaded.model.parameters())).all()
@@ -71,6 +82,21 @@ def test_train_end_to_end(tmp_path, tiny_config, corpus_file):
         re.M,
     )
     assert not any(line.rstrip().endswith("|") or "eta" in line for line in lines)
+
+
+def test_without_a_tokenizer_train_uses_the_bundled_vocabulary(
+    tmp_path, tiny_config, corpus_file, tokenizer, cli_in_process, one_torch_thread
+):
+    out = tmp_path / "model"
+    code, _, err = cli_in_process(
+        *("train", corpus_file, out, "--model", tiny_config, "--backend", "cpu"),
+        *("--max-steps", 1, "--batch-size", 2, "--eval-batches", 1),
+    )
+    assert code == 0, err
+    assert (out / "tokenizer.json").read_bytes() == tokenizer.raw
+    assert load_model(out).config.vocab_size == 50304
+    # An untrained model's loss is about ln(50304) = 10.8.
+    assert read_metrics(out)[0]["loss"] > 8.0
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"]])
