@@ -31,12 +31,13 @@ from tests.conftest import (
 )
 from tests.tiny_runs import TinyRun, read_metrics, saved_tensors
 
-STEPS = 60
+STEPS = 30
+EVAL_INTERVAL = 10
 OPTIONS = (
     *("--max-steps", STEPS, "--batch-size", 8, "--lr", 3e-3),
-    *("--eval-interval", 15, "--eval-batches", 4, "--patience", 100, "--seed", 7),
+    *("--eval-interval", EVAL_INTERVAL, "--eval-batches", 4, "--patience", 100, "--seed", 7),
 )
-INTERRUPT_AFTER_STEP = 30
+INTERRUPT_AFTER_STEP = 15
 
 
 def torchrun_command(*args: object, processes: int = 2) -> list[str]:
@@ -90,19 +91,14 @@ def error_lines(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_run: TinyRun, tmp_path_factory) -> dict:
-    """Side by side: one process and two (DDP, two micro-batches each) on a model without
-    dropout; and, on the tiny run's model with dropout (resuming exactly needs each
-    process's RNG back), two processes uninterrupted and two stopped by a SIGTERM to the
-    second of them past step 30, then resumed with the command its message gives."""
+    """Side by side: two processes (DDP, two micro-batches each) on a model without dropout
+    (the test trains one process alike); and, on the tiny run's model with dropout (resuming
+    exactly needs each process's RNG back), two processes uninterrupted and two stopped by a
+    SIGTERM to the second of them past step 15, then resumed with the command its message
+    gives."""
     root = tmp_path_factory.mktemp("distributed")
     (root / "no-dropout.json").write_text(json.dumps(TINY_CONFIG))
     plain = replace(tiny_run, config=root / "no-dropout.json")
-    single = subprocess.Popen(
-        [sys.executable, "-m", "noodle", *plain.train_args(root / "single", *OPTIONS)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=noodle_env(tiny_run.env),
-    )
     started = {
         "ddp": start_torchrun(
             *plain.train_args(root / "ddp", *OPTIONS, "--grad-accum", 2),
@@ -123,7 +119,7 @@ def runs(tiny_run: TinyRun, tmp_path_factory) -> dict:
     second = process_of_rank(stopped, 1)
     deadline = time.monotonic() + 120
     while not any(r["step"] >= INTERRUPT_AFTER_STEP for r in read_metrics(root / "stopped")):
-        assert time.monotonic() < deadline and stopped.poll() is None, "no step 30"
+        assert time.monotonic() < deadline and stopped.poll() is None, "no step 15"
         time.sleep(0.02)
     os.kill(second, signal.SIGTERM)
     finish(stopped)
@@ -132,12 +128,12 @@ def runs(tiny_run: TinyRun, tmp_path_factory) -> dict:
     (message,) = error_lines(stopped_log)
     command = shlex.split(message.partition(" -m ")[2])
     resumed = start_torchrun(*command[1:], log=root / "resumed.log", env=tiny_run.env)
-    assert finish(single) == 0
     for name, process in started.items():
         assert finish(process) == 0, (root / f"{name}.log").read_text()
     assert finish(resumed) == 0, (root / "resumed.log").read_text()
     return {
         "root": root,
+        "plain": plain,
         "message": message,
         "summary": summary,
         "command": command,
@@ -145,8 +141,12 @@ def runs(tiny_run: TinyRun, tmp_path_factory) -> dict:
     }
 
 
-def test_two_processes_end_where_one_does_and_only_the_first_writes(runs):
+def test_two_processes_end_where_one_does_and_only_the_first_writes(
+    runs, cli_in_process, one_torch_thread
+):
     root = runs["root"]
+    code, _, err = cli_in_process(*runs["plain"].train_args(root / "single", *OPTIONS))
+    assert code == 0, err
     losses = [
         [r["val_loss"] for r in read_metrics(root / name) if r["kind"] == "eval"][-1]
         for name in ("single", "ddp")
@@ -163,7 +163,7 @@ def test_two_processes_end_where_one_does_and_only_the_first_writes(runs):
     log = (root / "ddp.log").read_text()
     lines = log.splitlines()
     assert [line.startswith("done: ") for line in lines].count(True) == 1
-    assert log.count("eval step 15 ") == 1
+    assert log.count(f"eval step {EVAL_INTERVAL} ") == 1
     assert "2 processes (DDP)" in log
 
 
