@@ -4,19 +4,22 @@ resumed run that ends with exactly the weights of an uninterrupted one; SIGINT d
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shlex
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from noodle.cli import sigterm_raises_interrupted
+from noodle.cli import main, sigterm_raises_interrupted
 from noodle.errors import Interrupted
 from noodle.train.loop import SignalCatcher
 from tests.conftest import PAIRS, start_noodle, write_instructions
@@ -38,8 +41,8 @@ LORA_OPTIONS = (*FINETUNE_OPTIONS, "--lora-rank", 4, "--lr", 1e-2, "--patience",
 
 
 @dataclass
-class StoppedRun:
-    """A run the `runs` fixture started, as it stopped (before any test resumes it)."""
+class FixtureRun:
+    """A run of the `runs` fixture, as it ended or stopped (before any test resumes it)."""
 
     out: Path
     args: list[str]  # the command, after `noodle`
@@ -79,22 +82,38 @@ def stop_at_steps(stops: dict[Path, tuple[subprocess.Popen, int, int]]) -> None:
         time.sleep(0.01)
 
 
+def run_here(*args: str) -> tuple[int, str]:
+    """`noodle ARGS` in this process on one thread (as cli_in_process runs it for one test):
+    its exit code and what it printed on stderr."""
+    stderr, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(stderr),
+            pytest.raises(SystemExit) as exit_info,
+        ):
+            main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    return exit_info.value.code, stderr.getvalue()
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_run: TinyRun, trained_base: Path, tmp_path_factory) -> dict[str, StoppedRun]:
-    """Side by side, each process on one thread: training runs, one uninterrupted, one per
-    signal stopped past step 20 and one killed (SIGKILL, no chance to save anything) once
-    it logged its first step, before its first evaluation; a fine-tuning stopped by SIGINT
-    past step 16; and two LoRA fine-tunings, one uninterrupted and one stopped likewise.
-    Each test resumes its own run in-process."""
+def runs(tiny_run: TinyRun, trained_base: Path, tmp_path_factory) -> dict[str, FixtureRun]:
+    """Side by side, each process on one thread: training runs, one per signal stopped past
+    step 20 and one killed (SIGKILL, no chance to save anything) once it logged its first
+    step, before its first evaluation; a fine-tuning and a LoRA fine-tuning stopped by
+    SIGINT past step 16. Meanwhile this process trains the same runs uninterrupted. Each
+    test resumes its own run in-process."""
     root = tmp_path_factory.mktemp("interrupts")
     instructions = write_instructions(root / "qa.txt", PAIRS * 4)
 
     def finetune(name: str, options: tuple) -> list[str]:
         return [*map(str, ("finetune", trained_base, instructions, root / name, *options))]
 
-    # name: (the command after `noodle`, the signal it gets and past which step, if any)
-    planned = {
-        "uninterrupted": (tiny_run.train_args(root / "uninterrupted", *OPTIONS), None),
+    # name: (the command after `noodle`, the signal that stops it and past which step)
+    interrupted = {
         **{
             signum.name: (
                 tiny_run.train_args(root / signum.name, *OPTIONS),
@@ -107,27 +126,33 @@ def runs(tiny_run: TinyRun, trained_base: Path, tmp_path_factory) -> dict[str, S
             finetune("finetune", FINETUNE_OPTIONS),
             (signal.SIGINT, FINETUNE_INTERRUPT_AFTER_STEP),
         ),
-        "lora-uninterrupted": (finetune("lora-uninterrupted", LORA_OPTIONS), None),
         "lora": (finetune("lora", LORA_OPTIONS), (signal.SIGINT, FINETUNE_INTERRUPT_AFTER_STEP)),
+    }
+    uninterrupted = {
+        "uninterrupted": tiny_run.train_args(root / "uninterrupted", *OPTIONS),
+        "lora-uninterrupted": finetune("lora-uninterrupted", LORA_OPTIONS),
     }
     started = {
         name: start_noodle(*args, stderr=root / f"{name}.log", env=tiny_run.env)
-        for name, (args, _) in planned.items()
+        for name, (args, _) in interrupted.items()
     }
-    stop_at_steps(
-        {
-            root / name: (started[name], *stop)
-            for name, (_, stop) in planned.items()
-            if stop is not None
-        }
-    )
-    stopped = {}
-    for name, (args, _) in planned.items():
-        out, exit_code = root / name, finish(started[name])
-        summary = json.loads((out / "model.json").read_text())["training"]
-        log = (root / f"{name}.log").read_text()
-        stopped[name] = StoppedRun(out, args, exit_code, log, summary)
-    return stopped
+    stops = {root / name: (started[name], *stop) for name, (_, stop) in interrupted.items()}
+    with ThreadPoolExecutor(max_workers=1) as stopper:  # it signals, this thread trains
+        stopping = stopper.submit(stop_at_steps, stops)
+        ended = {name: (args, *run_here(*args)) for name, args in uninterrupted.items()}
+        stopping.result()
+    for name, (args, _) in interrupted.items():
+        ended[name] = (args, finish(started[name]), (root / f"{name}.log").read_text())
+    return {
+        name: FixtureRun(
+            root / name,
+            args,
+            exit_code,
+            stderr,
+            json.loads((root / name / "model.json").read_text())["training"],
+        )
+        for name, (args, exit_code, stderr) in ended.items()
+    }
 
 
 def assert_same_tensors(reference: Path, out: Path, names: tuple[str, ...]) -> None:
