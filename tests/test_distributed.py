@@ -313,7 +313,7 @@ def test_lora_adapters_train_alike_replicated_or_sharded_and_a_sharded_run_resum
     assert summary["status"] == "finished" and summary["steps"] == 12
 
 
-# After the tests above, whose own runs it overlaps: the resumed run ends meanwhile.
+# Last of the tests of `runs`: the resumed run goes on while the tests above train theirs.
 def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_run_resumes(runs):
     root, summary = runs.root, runs.stopped_summary
     step = summary["steps"]

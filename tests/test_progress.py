@@ -27,8 +27,8 @@ from tests.conftest import noodle_command, noodle_env, run_noodle, story_corpus
 from tests.tiny_runs import TinyRun
 
 DURATION = r"\d+:\d\d:\d\d"
-# The terminal run's length: it is interrupted at step 2 or 3, and its resumption trains the
-# rest.
+# The terminal run's length: Ctrl-C stops it within its first steps, and its resumption trains
+# the rest.
 TERMINAL_STEPS = 8
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
