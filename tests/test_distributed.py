@@ -1,6 +1,7 @@
-"""Training over several processes with torchrun on the CPU (gloo): DistributedDataParallel
-against one process, one stop for all processes, resuming, FSDP, gradient accumulation, the
-global loss of fine-tuning, and the errors of a batch that does not share out."""
+"""Training over several processes on the CPU (gloo), given torchrun's variables (started by
+torchrun where stopping and resuming are checked): DistributedDataParallel against one
+process, one stop for all processes, resuming, FSDP, gradient accumulation, the global loss
+of fine-tuning, and the errors of a batch that does not share out."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -26,17 +29,19 @@ from tests.conftest import (
     ONE_THREAD,
     PAIRS,
     TINY_CONFIG,
+    noodle_command,
     noodle_env,
     write_instructions,
 )
 from tests.tiny_runs import TinyRun, read_metrics, saved_tensors
 
-STEPS = 60
+STEPS = 30
+EVAL_INTERVAL = 10
 OPTIONS = (
     *("--max-steps", STEPS, "--batch-size", 8, "--lr", 3e-3),
-    *("--eval-interval", 15, "--eval-batches", 4, "--patience", 100, "--seed", 7),
+    *("--eval-interval", EVAL_INTERVAL, "--eval-batches", 4, "--patience", 100, "--seed", 7),
 )
-INTERRUPT_AFTER_STEP = 30
+INTERRUPT_AFTER_STEP = 15
 
 
 def torchrun_command(*args: object, processes: int = 2) -> list[str]:
@@ -54,12 +59,48 @@ def start_torchrun(*args: object, log: Path, env: dict) -> subprocess.Popen:
         )
 
 
-def finish(process: subprocess.Popen) -> int:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_processes(
+    *args: object, log: Path, env: dict, processes: int = 2
+) -> list[subprocess.Popen]:
+    """`noodle ARGS` in PROCESSES processes given the variables torchrun gives its workers,
+    without torchrun's own process (one more interpreter importing torch): for the runs
+    about what the processes train and write, not about how torchrun starts or ends them."""
+    meeting = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    meeting |= {"WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes)}
+    with log.open("w") as handle:
+        return [
+            subprocess.Popen(
+                noodle_command(args),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=noodle_env({**env, **meeting, "RANK": str(rank), "LOCAL_RANK": str(rank)}),
+            )
+            for rank in range(processes)
+        ]
+
+
+def finish(*processes: subprocess.Popen) -> int:
+    """Wait for the processes; once one fails, end the rest (as torchrun does: they could
+    wait for it forever). The first failure's exit code, or 0."""
+    deadline = time.monotonic() + 300
     try:
-        return process.wait(timeout=300)
+        while time.monotonic() < deadline:
+            codes = [process.poll() for process in processes]
+            if None not in codes or any(codes):
+                break
+            time.sleep(0.05)
     finally:
-        if process.poll() is None:
-            process.kill()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    return next((process.returncode for process in processes if process.returncode), 0)
 
 
 def process_of_rank(launcher: subprocess.Popen, rank: int) -> int:
@@ -88,42 +129,54 @@ def error_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("error:")]
 
 
+@dataclass
+class Runs:
+    """The module's runs of two processes, still going when the fixture returns: each test
+    waits for those it checks while this process trains its own runs of one."""
+
+    root: Path
+    plain: TinyRun  # the tiny run on a model without dropout
+    processes: dict[str, list[subprocess.Popen]]
+    stopped_log: str  # of the run stopped by a SIGTERM to its second process
+    stopped_summary: dict  # that run's training summary, as it stopped
+
+    def finish(self, name: str) -> str:
+        """Wait for the run `name`, which must succeed; its output."""
+        log = (self.root / f"{name}.log").read_text
+        assert finish(*self.processes[name]) == 0, log()
+        return log()
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_run: TinyRun, tmp_path_factory) -> dict:
-    """Side by side: one process and two (DDP, two micro-batches each) on a model without
-    dropout; and, on the tiny run's model with dropout (resuming exactly needs each
-    process's RNG back), two processes uninterrupted and two stopped by a SIGTERM to the
-    second of them past step 30, then resumed with the command its message gives."""
+def runs(tiny_run: TinyRun, tmp_path_factory) -> Iterator[Runs]:
+    """Side by side: two processes (DDP, two micro-batches each) on a model without dropout;
+    and, on the tiny run's model with dropout (resuming exactly needs each process's RNG
+    back), two processes uninterrupted and, under torchrun, two stopped by a SIGTERM to the
+    second of them past step 15, then resumed with the command its message gives."""
     root = tmp_path_factory.mktemp("distributed")
     (root / "no-dropout.json").write_text(json.dumps(TINY_CONFIG))
     plain = replace(tiny_run, config=root / "no-dropout.json")
-    single = subprocess.Popen(
-        [sys.executable, "-m", "noodle", *plain.train_args(root / "single", *OPTIONS)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=noodle_env(tiny_run.env),
-    )
-    started = {
-        "ddp": start_torchrun(
-            *plain.train_args(root / "ddp", *OPTIONS, "--grad-accum", 2),
-            log=root / "ddp.log",
-            env=tiny_run.env,
-        ),
-        "reference": start_torchrun(
-            *tiny_run.train_args(root / "reference", *OPTIONS),
-            log=root / "reference.log",
-            env=tiny_run.env,
-        ),
-    }
     stopped = start_torchrun(
         *tiny_run.train_args(root / "stopped", *OPTIONS),
         log=root / "stopped.log",
         env=tiny_run.env,
     )
+    processes = {
+        "ddp": start_processes(
+            *plain.train_args(root / "ddp", *OPTIONS, "--grad-accum", 2),
+            log=root / "ddp.log",
+            env=tiny_run.env,
+        ),
+        "reference": start_processes(
+            *tiny_run.train_args(root / "reference", *OPTIONS),
+            log=root / "reference.log",
+            env=tiny_run.env,
+        ),
+    }
     second = process_of_rank(stopped, 1)
     deadline = time.monotonic() + 120
     while not any(r["step"] >= INTERRUPT_AFTER_STEP for r in read_metrics(root / "stopped")):
-        assert time.monotonic() < deadline and stopped.poll() is None, "no step 30"
+        assert time.monotonic() < deadline and stopped.poll() is None, "no step 15"
         time.sleep(0.02)
     os.kill(second, signal.SIGTERM)
     finish(stopped)
@@ -131,22 +184,21 @@ def runs(tiny_run: TinyRun, tmp_path_factory) -> dict:
     summary = json.loads((root / "stopped" / "model.json").read_text())["training"]
     (message,) = error_lines(stopped_log)
     command = shlex.split(message.partition(" -m ")[2])
-    resumed = start_torchrun(*command[1:], log=root / "resumed.log", env=tiny_run.env)
-    assert finish(single) == 0
-    for name, process in started.items():
-        assert finish(process) == 0, (root / f"{name}.log").read_text()
-    assert finish(resumed) == 0, (root / "resumed.log").read_text()
-    return {
-        "root": root,
-        "message": message,
-        "summary": summary,
-        "command": command,
-        "resumed_log": (root / "resumed.log").read_text(),
-    }
+    processes["resumed"] = [
+        start_torchrun(*command[1:], log=root / "resumed.log", env=tiny_run.env)
+    ]
+    yield Runs(root, plain, processes, stopped_log, summary)
+    for group in processes.values():  # any that a failed test left running
+        finish(*group)
 
 
-def test_two_processes_end_where_one_does_and_only_the_first_writes(runs):
-    root = runs["root"]
+def test_two_processes_end_where_one_does_and_only_the_first_writes(
+    runs, cli_in_process, one_torch_thread
+):
+    root = runs.root
+    code, _, err = cli_in_process(*runs.plain.train_args(root / "single", *OPTIONS))
+    assert code == 0, err
+    log = runs.finish("ddp")
     losses = [
         [r["val_loss"] for r in read_metrics(root / name) if r["kind"] == "eval"][-1]
         for name in ("single", "ddp")
@@ -160,31 +212,10 @@ def test_two_processes_end_where_one_does_and_only_the_first_writes(runs):
     summary = json.loads((root / "ddp" / "model.json").read_text())["training"]
     assert summary["status"] == "finished" and summary["steps"] == STEPS
     assert summary["tokens_seen"] == STEPS * 8 * 64  # the global batch's tokens
-    log = (root / "ddp.log").read_text()
     lines = log.splitlines()
     assert [line.startswith("done: ") for line in lines].count(True) == 1
-    assert log.count("eval step 15 ") == 1
+    assert log.count(f"eval step {EVAL_INTERVAL} ") == 1
     assert "2 processes (DDP)" in log
-
-
-def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_run_resumes(runs, tiny_run):
-    root, summary = runs["root"], runs["summary"]
-    step = summary["steps"]
-    assert summary["status"] == "interrupted" and INTERRUPT_AFTER_STEP <= step < STEPS
-    # One line, from the first process (the second one caught the signal), naming the step
-    # the resume state holds, with each process's RNG state in it.
-    assert runs["message"].startswith(f"error: interrupted by SIGTERM at step {step}; ")
-    state = saved_tensors(root / "stopped" / "resume.safetensors")
-    assert {"rng.cpu", "rank1.rng.cpu"} <= state.keys()
-    assert runs["command"][:2] == ["noodle", "train"] and runs["command"][-1] == "--resume"
-
-    assert f"resuming at step {step} " in runs["resumed_log"]
-    for name in ("resume.safetensors", "model.safetensors"):
-        expected = saved_tensors(root / "reference" / name)
-        resumed = saved_tensors(root / "stopped" / name)
-        assert expected.keys() == resumed.keys()
-        for key, tensor in expected.items():
-            assert torch.equal(tensor, resumed[key]), f"{name}: {key} differs"
 
 
 def test_fsdp_finetunes_like_one_process_saves_a_whole_model_and_resumes_alone(
@@ -196,7 +227,7 @@ def test_fsdp_finetunes_like_one_process_saves_a_whole_model_and_resumes_alone(
     instructions = write_instructions(tmp_path / "qa.txt", PAIRS * 4)
     options = ("--backend", "cpu", "--max-steps", 8, "--batch-size", 4, "--lr", 1e-3)
     out = tmp_path / "sharded"
-    sharded = start_torchrun(
+    sharded = start_processes(
         *("finetune", trained_base, instructions, out, *options),
         *("--grad-accum", 2, "--fsdp", "--activation-checkpointing"),
         log=tmp_path / "sharded.log",
@@ -207,7 +238,7 @@ def test_fsdp_finetunes_like_one_process_saves_a_whole_model_and_resumes_alone(
     )
     assert code == 0, err
     log = (tmp_path / "sharded.log").read_text
-    assert finish(sharded) == 0, log()
+    assert finish(*sharded) == 0, log()
     assert "2 processes (FSDP)" in log() and "Warning" not in log()
     expected = saved_tensors(tmp_path / "one" / "resume.safetensors")
     actual = saved_tensors(out / "resume.safetensors")
@@ -244,7 +275,7 @@ def test_lora_adapters_train_alike_replicated_or_sharded_and_a_sharded_run_resum
     options = ("--backend", "cpu", "--max-steps", 8, "--batch-size", 4, "--lr", 1e-3)
     options += ("--lora-rank", 4, "--eval-interval", 4)
     started = {
-        name: start_torchrun(
+        name: start_processes(
             *("finetune", trained_base, instructions, tmp_path / name, *options, *extra),
             log=tmp_path / f"{name}.log",
             env=ONE_THREAD,
@@ -255,9 +286,9 @@ def test_lora_adapters_train_alike_replicated_or_sharded_and_a_sharded_run_resum
     code, _, err = cli_in_process("finetune", trained_base, instructions, one, *options)
     assert code == 0, err
     adapters = saved_tensors(one / "adapters.safetensors")
-    for name, process in started.items():
+    for name, processes in started.items():
         log = (tmp_path / f"{name}.log").read_text
-        assert finish(process) == 0, log()
+        assert finish(*processes) == 0, log()
         assert f"2 processes ({name})" in log() and "Warning" not in log()
         for file in ("adapters.safetensors", "model.safetensors"):
             expected, actual = saved_tensors(one / file), saved_tensors(tmp_path / name / file)
@@ -280,6 +311,30 @@ def test_lora_adapters_train_alike_replicated_or_sharded_and_a_sharded_run_resum
     assert "resuming at step 8 " in err
     summary = json.loads((tmp_path / "FSDP" / "model.json").read_text())["training"]
     assert summary["status"] == "finished" and summary["steps"] == 12
+
+
+# Last of the tests of `runs`: the resumed run goes on while the tests above train theirs.
+def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_run_resumes(runs):
+    root, summary = runs.root, runs.stopped_summary
+    step = summary["steps"]
+    assert summary["status"] == "interrupted" and INTERRUPT_AFTER_STEP <= step < STEPS
+    # One line, from the first process (the second one caught the signal), naming the step
+    # the resume state holds, with each process's RNG state in it.
+    (message,) = error_lines(runs.stopped_log)
+    assert message.startswith(f"error: interrupted by SIGTERM at step {step}; ")
+    state = saved_tensors(root / "stopped" / "resume.safetensors")
+    assert {"rng.cpu", "rank1.rng.cpu"} <= state.keys()
+    command = shlex.split(message.partition(" -m ")[2])
+    assert command[:2] == ["noodle", "train"] and command[-1] == "--resume"
+
+    runs.finish("reference")
+    assert f"resuming at step {step} " in runs.finish("resumed")
+    for name in ("resume.safetensors", "model.safetensors"):
+        expected = saved_tensors(root / "reference" / name)
+        resumed = saved_tensors(root / "stopped" / name)
+        assert expected.keys() == resumed.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(tensor, resumed[key]), f"{name}: {key} differs"
 
 
 def test_gradient_accumulation_ends_with_the_weights_of_the_whole_batch(

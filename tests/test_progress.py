@@ -27,6 +27,9 @@ from tests.conftest import noodle_command, noodle_env, run_noodle, story_corpus
 from tests.tiny_runs import TinyRun
 
 DURATION = r"\d+:\d\d:\d\d"
+# The terminal run's length: Ctrl-C stops it within its first steps, and its resumption trains
+# the rest.
+TERMINAL_STEPS = 8
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -125,15 +128,17 @@ def run_in_terminal(args: list[str], env: dict, interrupt_on: str, columns: int 
 @pytest.fixture(scope="module")
 def interrupted_in_a_terminal(tiny_run: TinyRun, tmp_path_factory) -> TerminalRun:
     """A run in an 80-column terminal, given Ctrl-C as soon as its bar shows a loss (from
-    step 1): before its first evaluation (an epoch of this corpus is ~17 steps), and during
-    a step long enough (batches of 256) for the bar to acknowledge it before it ends."""
+    step 1): before its first evaluation (an epoch of this corpus is ~11 steps, more than
+    the whole run), and during a step long enough (batches of 256) for the bar to
+    acknowledge it before it ends."""
     root = tmp_path_factory.mktemp("terminal")
     corpus = root / "stories.txt"
-    corpus.write_text(story_corpus(20_000))
+    corpus.write_text(story_corpus(12_000))
     out = root / "model"
     args = [
         *TinyRun(corpus, tiny_run.config, tiny_run.tokenizer, tiny_run.env).train_args(out),
-        *("--max-steps", "20", "--batch-size", "256", "--eval-interval", "1000"),
+        *("--max-steps", str(TERMINAL_STEPS), "--batch-size", "256"),
+        *("--eval-interval", "1000"),
         *("--eval-batches", "2"),
     ]
     exit_code, output = run_in_terminal(args, tiny_run.env, interrupt_on="loss ")
@@ -144,8 +149,8 @@ def interrupted_in_a_terminal(tiny_run: TinyRun, tmp_path_factory) -> TerminalRu
 def test_the_bar_fits_80_columns_with_count_time_and_loss(interrupted_in_a_terminal):
     bars = [line for line in interrupted_in_a_terminal.screen if "━" in line]
     assert bars and all(len(line) <= 80 for line in bars), bars
-    progressing = rf"training [━╸╺ ]+ \d+/20 steps {DURATION}<({DURATION}|\?)"
-    stopping = r"training [━╸╺ ]+ \d+/20 steps Ctrl-C: stopping after this step$"
+    progressing = rf"training [━╸╺ ]+ \d+/{TERMINAL_STEPS} steps {DURATION}<({DURATION}|\?)"
+    stopping = rf"training [━╸╺ ]+ \d+/{TERMINAL_STEPS} steps Ctrl-C: stopping after this step$"
     training = [line for line in bars if line.startswith("training")]
     assert all(re.match(progressing, line) or re.match(stopping, line) for line in training)
     assert any(re.match(rf"{progressing} loss \d+\.\d+", line) for line in training), bars
@@ -157,7 +162,7 @@ def test_ctrl_c_is_acknowledged_at_once_and_the_stage_ends_interrupted(interrupt
     assert run.exit_code == 130
     assert any("Ctrl-C: stopping after this step" in line for line in run.screen), run.screen
     assert any(
-        re.match(rf"training interrupted at \d+/20 steps after {DURATION}", line)
+        re.match(rf"training interrupted at \d+/{TERMINAL_STEPS} steps after {DURATION}", line)
         for line in run.screen
     )
     assert not any(line.startswith("training done") for line in run.screen)
@@ -165,7 +170,7 @@ def test_ctrl_c_is_acknowledged_at_once_and_the_stage_ends_interrupted(interrupt
 
 
 def test_an_interrupt_before_the_first_evaluation_keeps_the_weights(
-    interrupted_in_a_terminal, cli_in_process
+    interrupted_in_a_terminal, cli_in_process, tiny_run
 ):
     run = interrupted_in_a_terminal
     summary = json.loads((run.out / "model.json").read_text())["training"]
@@ -191,18 +196,20 @@ def test_an_interrupt_before_the_first_evaluation_keeps_the_weights(
     )
     assert code == 0, err
     assert warning in err and out.strip()
-    code, out, err = cli_in_process("eval", run.out, run.args[1], "--backend", "cpu", "--json")
+    code, out, err = cli_in_process("eval", run.out, tiny_run.corpus, "--backend", "cpu", "--json")
     assert code == 0, err
     assert warning in err and json.loads(out)["tokens"] > 0
 
 
-def test_the_interrupted_run_resumes_with_no_evaluation_yet(interrupted_in_a_terminal, tiny_run):
+def test_the_interrupted_run_resumes_with_no_evaluation_yet(
+    interrupted_in_a_terminal, cli_in_process, one_torch_thread
+):
     run = interrupted_in_a_terminal
     steps = json.loads((run.out / "model.json").read_text())["training"]["steps"]
-    resumed = run_noodle(*run.args, "--resume", env=tiny_run.env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming at step {steps} (epoch 1, no evaluation yet)" in resumed.stderr
-    assert "inf" not in resumed.stderr
+    code, _, err = cli_in_process(*run.args, "--resume")
+    assert code == 0, err
+    assert f"resuming at step {steps} (epoch 1, no evaluation yet)" in err
+    assert "inf" not in err
     assert json.loads((run.out / "model.json").read_text())["training"]["weights"] == "best"
 
 
