@@ -10,11 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._inductor.config
 
 from noodle.instructions import Instruction, format_block
 from noodle.tokenizer import TextTokenizer, learn_tokenizer, load_tokenizer
 from tests.stories import story_corpus
 from tests.tiny_runs import TinyRun
+
+# On a 2-core machine with an empty compile cache (CI's), inductor's pool of compile workers
+# costs more than it saves: the compiling tests take a third longer with it.
+torch._inductor.config.compile_threads = 1
 
 REPO = Path(__file__).resolve().parent.parent
 
