@@ -23,7 +23,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from noodle import __version__
-from noodle.config import LORA_TARGETS, PRESET_TOKENIZERS, LoraSettings
+from noodle.config import DEFAULT_PRESET, LORA_TARGETS, PRESET_TOKENIZERS, LoraSettings
 from noodle.errors import Interrupted, NoodleError, UsageError, did_you_mean
 from noodle.progress import Reporter
 from noodle.train.settings import (
@@ -145,10 +145,6 @@ Resume = Annotated[
         "same inputs and options; only --max-epochs/--max-steps may change).",
     ),
 ]
-
-
-# `train --model`'s default; the shared options' help shows its defaults.
-DEFAULT_PRESET = "somen"
 
 
 def positive(name: str, value: int | float | None) -> None:
