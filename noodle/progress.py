@@ -187,7 +187,7 @@ class Reporter:
         self.quiet, self.silent = quiet or silent, silent
         interactive = sys.stderr.isatty() if interactive is None else interactive
         self.progress: Progress | None = None
-        if interactive and not quiet:
+        if interactive and not self.quiet:
             self.progress = Progress(
                 TextColumn("{task.description}", table_column=Column(no_wrap=True)),
                 BarColumn(bar_width=BAR_WIDTH),

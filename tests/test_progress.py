@@ -49,6 +49,19 @@ def test_a_plain_line_has_the_count_the_time_and_no_empty_field(capsys, monkeypa
     assert len(lines) == 3
 
 
+def test_a_silent_reporter_draws_no_bar_even_on_a_terminal(capsys):
+    """The later processes of a torchrun run share the first one's terminal: only the first
+    draws progress."""
+    reporter = Reporter(interactive=True, silent=True)
+    assert reporter.progress is None and Reporter(interactive=True).progress is not None
+    task = reporter.start_task("training", total=10)
+    task.update(completed=5)
+    task.stop("done")
+    reporter.warn("nobody hears this")
+    reporter.close()
+    assert capsys.readouterr().err == ""
+
+
 def test_a_stage_stopped_early_says_where_not_done(capsys):
     task = Reporter(interactive=False).start_task("training", total=100, completed=40)
     task.update(completed=45)
