@@ -106,6 +106,12 @@ class TimedTrainer(Trainer):
         self.excluded = 0.0  # seconds of evaluations and probes since the first log
         self.curve: list[tuple[int, float, float]] = []  # (step, timed seconds, bits/byte)
 
+    def clock(self) -> float:
+        """Now, once the device has done the steps queued so far: they count as training,
+        not as what follows (the loop's logging no longer waits for the device)."""
+        synchronize(self.device)
+        return time.perf_counter()
+
     def timed(self, now: float) -> float:
         return 0.0 if self.first_log is None else now - self.first_log[1] - self.excluded
 
@@ -113,8 +119,8 @@ class TimedTrainer(Trainer):
         self.curve.append((self.state.step, self.timed(now), self.probe(self.step_model)))
 
     def log(self, lr: float, task: object) -> None:
-        super().log(lr, task)  # reads the loss back: the device has caught up
-        now = time.perf_counter()
+        super().log(lr, task)
+        now = self.clock()
         if self.first_log is None:
             self.first_log = (self.state.step, now)
         self.last_log = (self.state.step, self.timed(now))
@@ -125,7 +131,7 @@ class TimedTrainer(Trainer):
             self.excluded += time.perf_counter() - now
 
     def run_evaluation(self) -> None:
-        started = time.perf_counter()
+        started = self.clock()
         super().run_evaluation()
         stopped = self.state.stopped_early
         if stopped and (not self.curve or self.curve[-1][0] != self.state.step):
