@@ -184,7 +184,8 @@ def run_training(
         f"done: {plural(state.step, 'step')}, {state.tokens_seen:,} tokens, "
         f"{state.best_description()} -> {record.out.path}"
     )
-    report_resume_state(record.out, trainer.settings.drop_resume_state, reporter)
+    if record.writes:  # the others would race the first process for the file
+        report_resume_state(record.out, trainer.settings.drop_resume_state, reporter)
     return state
 
 
