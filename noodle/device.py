@@ -110,6 +110,30 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+class HostCopy:
+    """A tensor on its way to host memory: on a GPU the copy completes once the work queued
+    before it does, and until then the host goes on queueing more."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.event: torch.cuda.Event | None = None
+        if values.is_cuda:
+            self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def tolist(self) -> list:
+        """The values; waits for the copy if it is not done."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values.tolist()
+
+
 def peak_memory(device: torch.device) -> dict[str, float]:
     """{"peak_memory_gb": the most memory tensors held on `device` so far} on CUDA (each
     process its own GPU's), else nothing."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from noodle.batching import Batch
 from noodle.config import LoraSettings, ModelConfig
+from noodle.device import HostCopy
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError, UsageError
 from noodle.footprint import available_memory, require_training_memory, size_text, training_need
 from noodle.loss import IGNORE
@@ -361,7 +362,7 @@ class Parallel:
 
     def step_shares(
         self, targets: list[torch.Tensor], received: int | None, device: torch.device
-    ) -> tuple[list[torch.Tensor | float | None], torch.Tensor | None]:
+    ) -> tuple[list[torch.Tensor | float | None], HostCopy | None]:
         """How much each micro-batch's mean loss weighs in the step's loss, given the
         micro-batches' (host) targets, and the stop flags the processes agree on.
 
@@ -384,9 +385,11 @@ class Parallel:
         agreed = host.to(device, non_blocking=True)
         dist.all_reduce(agreed[len(counts) :])
         shares = agreed[: len(counts)] * self.world_size / agreed[-1].clamp(min=1)
-        return list(shares.float()), agreed[len(counts) : -1]
+        # Copied to the host now, behind the all-reduce and ahead of the step's work, so that
+        # reading the flags after the step waits for the all-reduce alone.
+        return list(shares.float()), HostCopy(agreed[len(counts) : -1])
 
-    def stop_signal(self, agreed: torch.Tensor | None, received: int | None) -> int | None:
+    def stop_signal(self, agreed: HostCopy | None, received: int | None) -> int | None:
         """The signal every process stops for after this step, or None: with several
         processes, what `step_shares` agreed on (a signal caught by any of them, read back
         once the step's work is queued); alone, the signal received."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from noodle.batching import Batch, to_device
 from noodle.checkpoint import METRICS, BestWeights, ModelDir
-from noodle.device import autocast, peak_memory
+from noodle.device import HostCopy, autocast, peak_memory
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError
 from noodle.evaluation import loss_sums
 from noodle.loss import FUSED_CHUNK
@@ -320,7 +320,7 @@ class Trainer:
 
     def train_step(
         self, batch: Batch, lr_factor: float, received: int | None = None
-    ) -> tuple[torch.Tensor, StepOutcome, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, StepOutcome, HostCopy | None]:
         """One optimizer step at `lr_factor` times each group's peak learning rate, on this
         process's share of the global batch in `grad_accum` micro-batches. Returns the loss
         (the mean over the whole global batch), what the step did (device tensors: reading

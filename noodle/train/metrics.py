@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from noodle.device import HostCopy
 from noodle.errors import NoodleError
 from noodle.files import atomic_write_bytes
 from noodle.progress import Reporter
@@ -24,23 +25,14 @@ class StatsReading:
 
     def __init__(self, values: torch.Tensor, steps: int, tokens: int, seconds: float) -> None:
         self.steps, self.tokens, self.seconds = steps, tokens, seconds
-        self.event: torch.cuda.Event | None = None
-        if values.is_cuda:
-            self.values = torch.empty(values.shape, pin_memory=True)
-            self.values.copy_(values, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.values = values
+        self.values = HostCopy(values)
 
     def ready(self) -> bool:
-        return self.event is None or self.event.query()
+        return self.values.ready()
 
     def result(self) -> tuple[float, float, int, int, int]:
         """(mean finite loss, tokens/s, non-finite steps, non-finite in a row now, longest
         run of them so far); waits for the copy if it is not done."""
-        if self.event is not None:
-            self.event.synchronize()
         loss_sum, finite, *counts = self.values.tolist()
         mean_loss = loss_sum / finite if finite else math.nan
         nonfinite, in_row, longest = (int(v) for v in counts)
