@@ -221,11 +221,12 @@ def main() -> None:
         env["PYTHONPATH"] = str(REPO)
         runs = speed(args, Path(tmp), env) if args.max_steps else {}
     device = select_device(args.device)
+    plan_table = plans(config, args.plan_gpus, args.plan_batch)
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "speed": runs,
-        "plan": {k: v.__dict__ for k, v in plans(config, args.plan_gpus, args.plan_batch).items()},
+        "plan": {k: v.__dict__ for k, v in plan_table.items()},
         "check": check(args, config, device),
     }
     print(f"device {results['device']} | torch {results['torch']}")
@@ -237,7 +238,7 @@ def main() -> None:
     print_plans(
         f"{args.plan_model}: planned memory per GPU on {args.plan_gpus} GPUs, "
         f"{args.plan_batch} sequence(s) of {config.ctx_len} per GPU",
-        plans(config, args.plan_gpus, args.plan_batch),
+        plan_table,
     )
     print(f"check: {args.plan_model}'s first {args.blocks} blocks on this device, sharded alone")
     for name, row in results["check"].items():
