@@ -133,8 +133,9 @@ class TimedTrainer(Trainer):
     def run_evaluation(self) -> None:
         started = self.clock()
         super().run_evaluation()
-        stopped = self.state.stopped_early
-        if stopped and (not self.curve or self.curve[-1][0] != self.state.step):
+        # A WSD run that plateaus ends sooner than planned, at its new last step.
+        ended = self.state.stopped_early or self.state.step >= self.schedule.total_steps
+        if ended and (not self.curve or self.curve[-1][0] != self.state.step):
             self.measure(started)  # the curve ends where the run does
         if self.first_log is not None:
             self.excluded += time.perf_counter() - started

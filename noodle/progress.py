@@ -120,6 +120,11 @@ class Task:
             f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in self.fields.items()
         )
 
+    def set_total(self, total: float) -> None:
+        self.total = total
+        if self.id is not None:
+            self.reporter.progress.update(self.id, total=total)
+
     def advance(self, amount: float, **fields: object) -> None:
         self.update(self.done + amount, **fields)
 

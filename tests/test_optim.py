@@ -13,6 +13,7 @@ from torch import nn
 
 from noodle.config import ModelConfig
 from noodle.model import NoodleModel
+from noodle.train.muon import BatchedMuon
 from noodle.train.optim import (
     LossScale,
     OptimizerStep,
@@ -21,7 +22,7 @@ from noodle.train.optim import (
     build_optimizers,
     decay_groups,
     hidden_matrices,
-    is_fused_adam,
+    skips_on_device,
 )
 from noodle.train.settings import TrainSettings
 from tests.conftest import TINY_CONFIG
@@ -132,10 +133,9 @@ def clipped_reference_gradients(seed: int) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in reference.named_parameters()}
 
 
-@pytest.mark.parametrize("kind", ["plain-adamw", "muon"])
-def test_optimizers_without_a_fused_kernel_are_handed_clipped_gradients(kind):
+def test_optimizers_without_a_fused_kernel_are_handed_clipped_gradients():
     model = tiny_model()
-    optimizers = OPTIMIZERS[kind](model)
+    optimizers = plain_adamw(model)
     names = {id(p): name for name, p in model.named_parameters()}
     seen: dict[str, torch.Tensor] = {}
 
@@ -143,8 +143,7 @@ def test_optimizers_without_a_fused_kernel_are_handed_clipped_gradients(kind):
         for group in optimizer.param_groups:
             seen.update({names[id(p)]: p.grad.clone() for p in group["params"]})
 
-    # (Muon's companion AdamW is fused: it clips inside its kernel, tested below.)
-    unfused = {name: o for name, o in optimizers.items() if not is_fused_adam(o)}
+    unfused = {name: o for name, o in optimizers.items() if not skips_on_device(o)}
     for optimizer in unfused.values():
         optimizer.register_step_pre_hook(record)
     train(model, OptimizerStep(list(model.parameters()), optimizers, GRAD_CLIP), range(1))
@@ -177,6 +176,67 @@ def test_fused_adamw_clips_inside_its_kernel():
         for name, tensor in ours.state_dict().items()
     ]
     assert max(differences) > 1e-3
+
+
+MUON_SHAPES = [(8, 4), (4, 8), (8, 4), (6, 6), (6, 6), (3, 5)]
+
+
+def muon_pair(options: dict) -> tuple[list[nn.Parameter], BatchedMuon, torch.optim.Muon]:
+    """Matrices of the shapes above (tall and wide ones sharing a stack) and two copies of
+    them, one under BatchedMuon, one under PyTorch's Muon."""
+    generator = torch.Generator().manual_seed(0)
+    ours = [nn.Parameter(torch.randn(shape, generator=generator)) for shape in MUON_SHAPES]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    return ours + theirs, BatchedMuon(ours, **options), torch.optim.Muon(theirs, **options)
+
+
+def set_gradients(params: list[nn.Parameter], seed: int, scale: float = 1.0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator) * scale
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"lr": 0.02, "adjust_lr_fn": "match_rms_adamw"},
+        {"lr": 0.05, "nesterov": False, "weight_decay": 0.0},
+        {"lr": 0.02, "adjust_lr_fn": "original", "momentum": 0.9},
+    ],
+)
+def test_batched_muon_steps_as_pytorchs_muon_and_takes_over_its_state(options):
+    """Its steps are PyTorch Muon's on the gradients divided by grad_scale (the clipping),
+    a step flagged by found_inf changes nothing, and it resumes from PyTorch Muon's state."""
+    params, ours, theirs = muon_pair(options)
+    count = len(MUON_SHAPES)
+    for seed in range(3):
+        set_gradients(params[:count], seed, scale=8.0)
+        set_gradients(params[count:], seed)
+        ours.grad_scale, ours.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+        ours.step()
+        theirs.step()
+        # A non-finite step between the others: flagged, it leaves no trace.
+        before = copy.deepcopy((params[:count], ours.state_dict()))
+        set_gradients(params[:count], 9, scale=torch.nan)
+        ours.found_inf = torch.tensor(1.0)
+        ours.step()
+        for kept, now in zip(before[0], params[:count], strict=True):
+            assert torch.equal(kept, now)
+        for index, state in before[1]["state"].items():
+            assert torch.equal(
+                state["momentum_buffer"], ours.state[params[index]]["momentum_buffer"]
+            )
+    for mine, reference in zip(params[:count], params[count:], strict=True):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-5)
+
+    resumed = BatchedMuon([nn.Parameter(p.detach().clone()) for p in params[count:]], **options)
+    resumed.load_state_dict(copy.deepcopy(theirs.state_dict()))  # as if read from disk
+    set_gradients(resumed.param_groups[0]["params"], 3)
+    set_gradients(params[count:], 3)
+    resumed.step()
+    theirs.step()
+    for mine, reference in zip(resumed.param_groups[0]["params"], params[count:], strict=True):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-5)
 
 
 def test_float16_loss_scaling_keeps_the_gradients_that_underflow_without_it():
@@ -273,8 +333,26 @@ def test_a_run_replanned_in_its_warm_up_or_flat_stretch_takes_the_new_plan():
     assert shortened.factor(70) == 1.0 and shortened.factor(80) == pytest.approx(0.1)
 
 
+def test_a_plateau_begins_the_wsd_decay_early_and_a_resume_keeps_the_shorter_plan():
+    wsd = Schedule("wsd", warmup_steps=10, total_steps=110, decay_fraction=0.2)
+    assert wsd.decays_early(50) and not wsd.decays_early(88)
+    assert not Schedule("cosine", warmup_steps=10, total_steps=110).decays_early(50)
+    early = wsd.decay_now(50)
+    assert early.total_steps == 72 and early.decay_start() == 50  # the planned 22-step decay
+    assert early.factor(50) == 1.0 and early.factor(72) == pytest.approx(0.1)
+    factors = [early.factor(s) for s in range(50, 73)]
+    assert factors == sorted(factors, reverse=True)
+    assert not early.decays_early(60)
+    # Resumed with the length it was planned for, it keeps its shorter plan; asked for
+    # another length, it re-plans the rest of its decay to that one.
+    assert early.replan(60, 110) == early == early.replan(60, 72)
+    longer = early.replan(60, 200)
+    assert longer.factor(60) == pytest.approx(early.factor(60))
+    assert longer.factor(200) == pytest.approx(0.1) and longer.requested_steps is None
+
+
 def test_a_schedule_round_trips_through_json_data():
-    schedule = Schedule("wsd", 10, 100).replan(95, 120)
+    schedule = Schedule("wsd", 10, 100).decay_now(50).replan(55, 120)
     assert Schedule.from_dict(schedule.to_dict()) == schedule
     assert all(isinstance(v, (int, float, str, type(None))) for v in schedule.to_dict().values())
     assert not math.isnan(schedule.factor(100))

@@ -158,6 +158,51 @@ def test_a_run_resumed_with_more_steps_keeps_its_rate_and_decays_the_rest(tiny_r
     assert state["schedule"]["total_steps"] == 90 and state["schedule"]["decay_from_step"] == 30
 
 
+def test_a_wsd_run_that_plateaus_at_its_peak_decays_from_there_and_resumes_so(tiny_run, tmp_path):
+    """With a min_improvement no evaluation meets, the first evaluation sets the reference
+    and three more (at steps 18, the first epoch's end, 20 and 30) make the plateau at step
+    30: a cosine run stops there; a WSD run, still at its peak rate, begins its 20-step decay
+    there and ends at step 50, also after a crash in the decay and a resume with the run's
+    original length."""
+    plateau = replace(
+        SETTINGS, max_steps=100, eval_interval=10, patience=3, min_improvement=10.0, log_interval=1
+    )
+    cosine = tiny_run.trainer(tmp_path / "cosine", plateau).run()
+    assert cosine.stopped_early and cosine.step == 30
+
+    wsd_settings = replace(plateau, schedule="wsd")
+    wsd = tiny_run.trainer(tmp_path / "wsd", wsd_settings)
+    finished = wsd.run()
+    assert finished.step == 50 and wsd.schedule.total_steps == 50
+    rates = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "wsd") if m["kind"] == "train"}
+    # The rate logged at step s is the one step s - 1 was taken with.
+    assert rates[11] == rates[31] == pytest.approx(wsd_settings.lr)
+    decay = [rates[s] for s in range(31, 51)]
+    assert decay == sorted(decay, reverse=True) and len(set(decay)) == 20
+    assert rates[50] == pytest.approx(wsd.schedule.factor(49) * wsd_settings.lr)
+    assert wsd.schedule.factor(50) == pytest.approx(0.1)
+
+    out = tmp_path / "crashed"
+    crashing = tiny_run.trainer(out, wsd_settings)
+    crashing.save_due = lambda: crashing.state.step % wsd_settings.eval_interval == 0
+    get_batch = crashing.train_data.get
+
+    def get_batch_or_crash(epoch: int, index: int):
+        if crashing.state.step == 43:
+            raise SimulatedCrash
+        return get_batch(epoch, index)
+
+    crashing.train_data.get = get_batch_or_crash
+    with pytest.raises(SimulatedCrash):
+        crashing.run()
+    resumed = tiny_run.trainer(out, wsd_settings)
+    resumed.resume()
+    assert resumed.state.step == 40 and resumed.schedule == wsd.schedule
+    assert asdict(resumed.run()) == asdict(finished)
+    for name, tensor in wsd.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
 def test_saving_in_the_background_ends_with_the_same_files(tiny_run, tmp_path):
     """On GPUs the saves are written off the training thread from host copies; the files
     must be those the inline writer (the CPU's) leaves."""

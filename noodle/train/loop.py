@@ -302,7 +302,17 @@ class Trainer:
         else:
             state.evals_without_improvement += 1
         if state.evals_without_improvement >= settings.patience:
-            state.stopped_early = True
+            if self.schedule.decays_early(state.step):
+                planned = self.schedule.total_steps
+                self.schedule = self.schedule.decay_now(state.step)
+                state.evals_without_improvement = 0
+                self.reporter.info(
+                    f"no improvement of {settings.min_improvement} in {settings.patience} "
+                    f"evaluations at the peak learning rate: its decay begins now and the run "
+                    f"ends at step {self.schedule.total_steps} (was {planned})"
+                )
+            else:
+                state.stopped_early = True
         self.metrics.record(
             kind="eval",
             step=state.step,
@@ -403,6 +413,7 @@ class Trainer:
                     if evaluated:
                         self.finish_log(task)
                         self.run_evaluation()
+                        task.set_total(self.schedule.total_steps)
                     stop = self.parallel.stop_signal(agreed, signals.received)
                     if stop is not None:
                         self.finish_log(task)

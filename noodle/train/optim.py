@@ -2,11 +2,11 @@
 
 The step works for any set of torch optimizers: it clips the gradients to a total norm
 and, when the loss or the gradient is not finite, skips the whole update (no optimizer
-changes a weight or its own state). Fused AdamW gets both for free: its kernel divides the
-gradients by `grad_scale` and skips where `found_inf` is set (the protocol GradScaler
-uses), so clipping costs no extra pass over the gradients and the guard no host sync. Any
-other optimizer gets its gradients divided in one foreach pass and costs one host read of
-the guard per step.
+changes a weight or its own state). Fused AdamW and `BatchedMuon` get both for free: they
+divide the gradients by `grad_scale` and skip where `found_inf` is set (the protocol
+GradScaler uses), so clipping costs no extra pass over the gradients and the guard no host
+sync. Any other optimizer gets its gradients divided in one foreach pass and costs one host
+read of the guard per step.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from noodle.parallel import replicated_value
+from noodle.train.muon import BatchedMuon
 from noodle.train.settings import TrainSettings
 
 MIN_LR_FRACTION = 0.1
@@ -35,7 +36,8 @@ class Schedule:
     It is part of the run and saved with its resume state. A run resumed with another
     length keeps the rate it has reached and re-plans only the rest: from the step it
     resumes at, the decay goes from that rate to the minimum at the new last step (see
-    `replan`). Plain JSON via `to_dict`/`from_dict`.
+    `replan`). A "wsd" run whose validation loss stops improving at the peak rate begins
+    its decay there (see `decay_now`). Plain JSON via `to_dict`/`from_dict`.
     """
 
     kind: str
@@ -46,6 +48,9 @@ class Schedule:
     # Set by `replan` once a decay had begun: the decay restarts here, from `decay_from`.
     decay_from_step: int | None = None
     decay_from: float = 1.0
+    # Set by `decay_now`: the length the run was planned for before a plateau ended it
+    # sooner (a resume asking for that length again keeps the shorter plan).
+    requested_steps: int | None = None
 
     @classmethod
     def plan(cls, settings: TrainSettings, total_steps: int) -> Schedule:
@@ -78,13 +83,42 @@ class Schedule:
         Otherwise the rate reached at `step` is kept and decays to the minimum at the new
         last step: a finished run extended further goes on at its minimum rate.
         """
-        if total_steps == self.total_steps:
+        if total_steps in (self.total_steps, self.requested_steps):
             return self
-        fresh = replace(self, total_steps=total_steps, decay_from_step=None, decay_from=1.0)
+        fresh = replace(
+            self,
+            total_steps=total_steps,
+            decay_from_step=None,
+            decay_from=1.0,
+            requested_steps=None,
+        )
         if step < self.decay_start() and step < fresh.decay_start():
             return fresh
         return replace(
-            self, total_steps=total_steps, decay_from_step=step, decay_from=self.factor(step)
+            self,
+            total_steps=total_steps,
+            decay_from_step=step,
+            decay_from=self.factor(step),
+            requested_steps=None,
+        )
+
+    def decays_early(self, step: int) -> bool:
+        """Whether a plateau at `step` should begin the decay (see `decay_now`) rather than
+        stop the run: a "wsd" run before its decay has begun."""
+        return self.kind == "wsd" and step < self.decay_start()
+
+    def decay_now(self, step: int) -> Schedule:
+        """This "wsd" schedule with its decay begun at `step`, over its planned decay length
+        (`decay_fraction` of the run), the run ending with it. At the peak rate the loss
+        settles on a plateau that only the decay takes it below; stopping there, as a
+        cosine run may, would keep weights that the decay would still improve a lot."""
+        decay_steps = self.total_steps - self.decay_start()
+        return replace(
+            self,
+            total_steps=step + decay_steps,
+            decay_from_step=step,
+            decay_from=self.factor(step),
+            requested_steps=self.requested_steps or self.total_steps,
         )
 
     def to_dict(self) -> dict:
@@ -132,7 +166,7 @@ def build_optimizers(model: nn.Module, settings: TrainSettings) -> dict[str, tor
         rest = [p for p in trainable if id(p) not in chosen]
         # Moonshot's scaling gives Muon's updates AdamW's RMS, so one peak learning rate
         # and weight decay serve both.
-        muon = torch.optim.Muon(
+        muon = BatchedMuon(
             matrices, weight_decay=settings.weight_decay, adjust_lr_fn="match_rms_adamw"
         )
         optimizers = {"muon": muon, "adamw": adamw(decay_groups(rest, settings))}
@@ -144,10 +178,12 @@ def build_optimizers(model: nn.Module, settings: TrainSettings) -> dict[str, tor
     return optimizers
 
 
-def is_fused_adam(optimizer: torch.optim.Optimizer) -> bool:
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` divides by `grad_scale` and skips on `found_inf` itself."""
+    fused_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(
         optimizer.defaults.get("fused")
     )
+    return fused_adam or isinstance(optimizer, BatchedMuon)
 
 
 class LossScale:
@@ -228,7 +264,7 @@ class OptimizerStep:
         divisor = torch.clamp(norm / self.grad_clip, min=scale)
         skip_on_host: bool | None = None
         for optimizer in self.optimizers.values():
-            if is_fused_adam(optimizer):
+            if skips_on_device(optimizer):
                 optimizer.grad_scale = divisor
                 optimizer.found_inf = skipped.float()
                 optimizer.step()
