@@ -224,10 +224,12 @@ def training_option_types(
             Annotated[
                 str,
                 typer.Option(
-                    help="adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)."
+                    help="adamw, or muon (Muon for the blocks' matrices, AdamW for the rest). "
+                    + default_text(defaults, preset, lambda d: d.optimizer),
+                    show_default=False,
                 ),
             ],
-            TrainSettings.optimizer,
+            defaults.optimizer,
         ),
         "schedule": (
             Annotated[

@@ -1,6 +1,7 @@
-"""Each preset's own training defaults (configs as data): batch size, peak learning rate and
-schedule where --batch-size, --lr and --schedule are not given, and dropout by the corpus's
-tokens per parameter; somen's differ on a CUDA GPU, where they were measured."""
+"""Each preset's own training defaults (configs as data): batch size, peak learning rate,
+schedule and optimizer where --batch-size, --lr, --schedule and --optimizer are not given,
+and dropout by the corpus's tokens per parameter; somen's differ on a CUDA GPU, where they
+were measured."""
 
 from __future__ import annotations
 
@@ -39,8 +40,12 @@ def recipe(settings: TrainSettings) -> tuple[int, float, str]:
 
 def test_somen_on_a_cuda_gpu_trains_with_the_measured_recipe_and_elsewhere_as_before():
     assert PRESET_RUN_DEFAULTS.keys() == PRESETS.keys()
-    # benchmarks/QUALITY.md's winner: batch 64, 3e-3, warm-up-stable-decay.
+    # benchmarks/QUALITY.md's winner: batch 64, 3e-3, warm-up-stable-decay, Muon.
     assert recipe(settings_for("somen", "cuda")) == (64, 3e-3, "wsd")
+    assert settings_for("somen", "cuda").optimizer == "muon"
+    assert settings_for("somen", "cuda", optimizer="adamw").optimizer == "adamw"
+    for preset, device in (("somen", "cpu"), ("somen", "mps"), ("soba", "cuda"), ("udon", "cuda")):
+        assert settings_for(preset, device).optimizer == "adamw"
     assert settings_for("somen", "cuda").eval_batches == 7  # still 400 sequences' worth
     # Not measured on a CPU or MPS, nor for larger presets: the original's defaults.
     for device in ("cpu", "mps"):
@@ -94,6 +99,7 @@ def test_the_help_shows_the_defaults_and_somen_s_on_a_gpu():
         "Default: 0.0002 × batch-size / 8 (0.003 × batch-size / 64 for somen on a GPU)."
     )
     assert train["schedule"].endswith("Default: cosine (wsd for somen on a GPU).")
+    assert train["optimizer"].endswith("Default: adamw (muon for somen on a GPU).")
     finetune = helps(training_option_types(FINETUNE_DEFAULTS))
     assert finetune["batch_size"].endswith("Default: 4.")
     assert finetune["lr"].endswith("Default: 2e-05 × batch-size / 4.")
@@ -124,7 +130,11 @@ def test_a_run_started_with_somen_s_gpu_recipe_is_not_resumed_with_the_cpu_defau
     for options, refused in (
         ([], "--batch-size was 64, now 8"),
         (["--batch-size", 64], "--lr was 0.003, now 0.0016"),  # the CPU's 1e-4 × 64 / 4
-        (["--batch-size", 64, "--lr", 3e-3], "--schedule was 'wsd', now 'cosine'"),
+        (["--batch-size", 64, "--lr", 3e-3], "--optimizer was 'muon', now 'adamw'"),
+        (
+            ["--batch-size", 64, "--lr", 3e-3, "--optimizer", "muon"],
+            "--schedule was 'wsd', now 'cosine'",
+        ),
     ):
         code, _, err = cli_in_process(*resume, *options)
         assert code == 1 and refused in err and "Traceback" not in err, err
