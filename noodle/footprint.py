@@ -219,32 +219,6 @@ def require_memory(
     )
 
 
-def require_training_memory(
-    config: ModelConfig,
-    name: str,
-    batch_size: int,
-    amp_dtype: torch.dtype,
-    device: torch.device,
-    shards: int = 1,
-    checkpointing: bool = False,
-    batch_parts: int = 1,
-    adapters: LoraSettings | None = None,
-) -> None:
-    """Refuse to train `config` (through LoRA `adapters`, if given) where it cannot fit (see
-    `require_memory`); `shards`, `checkpointing` and `batch_parts` say what one process of
-    several holds (see `training_need`)."""
-    activation_bytes = torch.finfo(amp_dtype).bits // 8
-    require_memory(
-        config,
-        lambda c: training_need(
-            c, batch_size, activation_bytes, shards, checkpointing, batch_parts, adapters
-        ),
-        name,
-        device,
-        available_memory(device),
-    )
-
-
 def require_inference_memory(
     config: ModelConfig, name: str, purpose: str, device: torch.device, batch_size: int = 0
 ) -> None:
