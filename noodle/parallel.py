@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from noodle.batching import Batch
+from noodle.batching import Batch, share_of
 from noodle.config import LoraSettings, ModelConfig
 from noodle.device import HostCopy
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError, UsageError
@@ -438,9 +438,7 @@ class Parallel:
             if not self.distributed:
                 yield batch
                 continue
-            bounds = np.linspace(0, len(batch[0]), self.world_size + 1).round().astype(int)
-            start, end = bounds[self.rank], bounds[self.rank + 1]
-            yield tuple(tensor[start:end] for tensor in batch)
+            yield tuple(share_of(tensor, self.rank, self.world_size) for tensor in batch)
 
     def mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
         """total / count, each summed over the processes first."""
