@@ -508,7 +508,7 @@ class Parallel:
 
     def own_rng_name(self, name: str) -> str:
         """Where this process's state `name` is among `rng_states`' names."""
-        return name if self.rank == 0 else f"rank{self.rank}.{name}"
+        return name if self.is_main else f"rank{self.rank}.{name}"
 
 
 def replicated_value(tensor: torch.Tensor) -> torch.Tensor:
