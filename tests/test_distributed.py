@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from noodle.config import ModelConfig, config_from_dict, padded_vocab_size
+from noodle.config import ModelConfig, resolve_model_config
 from noodle.evaluation import loss_sums
 from noodle.model import NoodleModel
 from noodle.tokenizer import load_tokenizer
@@ -120,9 +120,7 @@ def process_of_rank(launcher: subprocess.Popen, rank: int) -> int:
 
 
 def tiny_config(run: TinyRun) -> ModelConfig:
-    config, _ = config_from_dict(json.loads(run.config.read_text()), str(run.config))
-    vocab = load_tokenizer(run.tokenizer).vocab_size
-    return replace(config, vocab_size=padded_vocab_size(vocab))
+    return resolve_model_config(str(run.config), load_tokenizer(run.tokenizer).vocab_size)[1]
 
 
 def error_lines(output: str) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from noodle.batching import split_windows
 from noodle.checkpoint import ModelDir
-from noodle.config import config_from_dict, padded_vocab_size
+from noodle.config import resolve_model_config
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
 from noodle.tokenizer import load_tokenizer
@@ -49,8 +49,7 @@ class TinyRun:
     def trainer(self, out: Path, settings: TrainSettings) -> Trainer:
         """A Trainer on a real model and the real corpus, for in-process tests."""
         tokenizer = load_tokenizer(self.tokenizer)
-        config, _ = config_from_dict(json.loads(self.config.read_text()), str(self.config))
-        config = replace(config, vocab_size=padded_vocab_size(tokenizer.vocab_size))
+        _, config = resolve_model_config(str(self.config), tokenizer.vocab_size)
         tokens = np.asarray(tokenizer.encode(self.corpus.read_text()), dtype=np.uint16)
         train_data, eval_data = split_windows(
             tokens, config.ctx_len, settings.batch_size, settings.seed
