@@ -33,7 +33,7 @@ from tests.conftest import (
     noodle_env,
     write_instructions,
 )
-from tests.tiny_runs import TinyRun, read_metrics, saved_tensors
+from tests.tiny_runs import TinyRun, assert_same_files, read_metrics, saved_tensors
 
 STEPS = 30
 EVAL_INTERVAL = 10
@@ -331,12 +331,9 @@ def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_run_resumes(run
 
     runs.finish("reference")
     assert f"resuming at step {step} " in runs.finish("resumed")
-    for name in ("resume.safetensors", "model.safetensors"):
-        expected = saved_tensors(root / "reference" / name)
-        resumed = saved_tensors(root / "stopped" / name)
-        assert expected.keys() == resumed.keys()
-        for key, tensor in expected.items():
-            assert torch.equal(tensor, resumed[key]), f"{name}: {key} differs"
+    assert_same_files(
+        root / "reference", root / "stopped", ("resume.safetensors", "model.safetensors")
+    )
 
 
 def test_gradient_accumulation_ends_with_the_weights_of_the_whole_batch(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def read_metrics(out: Path) -> list[dict]:
 def saved_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(path, framework="pt") as reader:
         return {name: reader.get_tensor(name) for name in reader.keys()}  # noqa: SIM118
+
+
+def assert_same_tensors(
+    expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """`actual` holds the tensors of `expected` (`what` they are, for the message), bit for
+    bit, and no others."""
+    assert expected.keys() == actual.keys(), what
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), f"{what}: {name} differs"
+
+
+def assert_same_files(reference: Path, out: Path, names: Iterable[str]) -> None:
+    """The safetensors files `names` of `out` are bit-identical to those of `reference`."""
+    for name in names:
+        assert_same_tensors(saved_tensors(reference / name), saved_tensors(out / name), name)
 
 
 def directory_snapshot(directory: Path) -> dict[str, bytes | None]:
