@@ -369,12 +369,18 @@ def test_gradient_accumulation_ends_with_the_weights_of_the_whole_batch(
             "step orthogonalises whole matrices, and FSDP gives each process a slice of each; "
             "use --optimizer adamw with FSDP, or Muon without --fsdp",
         ),
+        (
+            ("--tokenizer", "bpe:12"),
+            "error: --tokenizer bpe:12: the vocabulary of a learned tokenizer must be a number "
+            "from 512 to 65,536, e.g. bpe:4096",
+        ),
     ],
 )
-def test_what_processes_cannot_share_is_a_one_line_usage_error(
+def test_a_bad_training_option_is_a_one_line_usage_error_before_the_processes_meet(
     options, message, cli_in_process, tiny_run, tmp_path, monkeypatch
 ):
-    """torchrun's variables, one process: the check comes before the processes meet."""
+    """torchrun's variables, one process, no MASTER_ADDR: the check comes before the
+    processes would meet (where the missing address would be the error)."""
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     code, out, err = cli_in_process(*tiny_run.train_args(tmp_path / "out", *options))

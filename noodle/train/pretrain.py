@@ -92,23 +92,35 @@ def data_sized_config(
     return replace(config, dropout=dropout)
 
 
-def train(options: TrainOptions, reporter: Reporter) -> TrainState:
-    with training_processes(options.settings, options.backend) as (parallel, device):
-        return train_with(options, parallel, device, reporter)
-
-
-def train_with(
-    options: TrainOptions, parallel: Parallel, device: torch.device, reporter: Reporter
-) -> TrainState:
-    amp_dtype = select_dtype(options.dtype, device)
-    compile_model = device.type == "cuda" if options.compile is None else options.compile
-    settings = replace(options.settings, compile=compile_model)
+def vocabulary_to_learn(options: TrainOptions) -> int | None:
+    """N of `--tokenizer bpe:N` (None for a tokenizer given whole), refused out of range or
+    with the corpus on standard input, which it would read twice."""
     to_learn = learned_vocabulary(options.tokenizer)
     if to_learn is not None and options.corpus == "-":
         raise UsageError(
             f"--tokenizer {options.tokenizer} reads the corpus twice (to learn the tokenizer, "
             "then to tokenize it): give a file or URL, not standard input"
         )
+    return to_learn
+
+
+def train(options: TrainOptions, reporter: Reporter) -> TrainState:
+    to_learn = vocabulary_to_learn(options)  # before the processes meet: a usage error
+    with training_processes(options.settings, options.backend) as (parallel, device):
+        return train_with(options, to_learn, parallel, device, reporter)
+
+
+def train_with(
+    options: TrainOptions,
+    to_learn: int | None,
+    parallel: Parallel,
+    device: torch.device,
+    reporter: Reporter,
+) -> TrainState:
+    """`train` in its processes; `to_learn` is `vocabulary_to_learn(options)`."""
+    amp_dtype = select_dtype(options.dtype, device)
+    compile_model = device.type == "cuda" if options.compile is None else options.compile
+    settings = replace(options.settings, compile=compile_model)
     tokenizer = load_tokenizer(options.tokenizer) if to_learn is None else None
     vocabulary = to_learn if tokenizer is None else tokenizer.vocab_size
     preset, config = resolve_model_config(options.model, vocabulary)
