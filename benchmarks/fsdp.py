@@ -38,7 +38,11 @@ import torch
 
 from noodle.config import ModelConfig, resolve_model_config
 from noodle.device import autocast, select_device, select_dtype
-from noodle.footprint import TRAINING_BYTES_PER_PARAMETER
+from noodle.footprint import (
+    TRAINING_BYTES_PER_PARAMETER,
+    kept_bytes_per_token,
+    logits_bytes_per_token,
+)
 from noodle.model import NoodleModel
 from noodle.parallel import MULTICAST_OFF, Parallel
 from noodle.tokenizer import load_tokenizer
@@ -47,6 +51,7 @@ from noodle.train.settings import TrainSettings
 
 REPO = Path(__file__).resolve().parent.parent
 GB = 1e9
+BFLOAT16_BYTES = 2
 # Activations a block keeps for its backward pass, in bytes per token and per unit of
 # emb_dim, in 16-bit precision with flash attention (Korthikanti et al., 2022: 34 s·h).
 ACTIVATION_BYTES = 34
@@ -105,7 +110,11 @@ class Plan:
 def memory_plan(
     config: ModelConfig, gpus: int, batch: int, sharded: bool, checkpointing: bool
 ) -> Plan:
-    """Memory per GPU of a training step of `batch` sequences of ctx_len tokens per GPU."""
+    """Memory per GPU of a training step of `batch` sequences of ctx_len tokens per GPU.
+
+    FSDP's padded shards, its gathered copies and a block's activations (Korthikanti's
+    estimate) are the plan's own; what activation checkpointing keeps and the logits are
+    counted as `noodle.footprint` counts them."""
     with torch.device("meta"):  # shapes only, whatever the size
         model = NoodleModel(config)
     shards = gpus if sharded else 1
@@ -117,12 +126,9 @@ def memory_plan(
     # their float32 copy being reduced; the embedding and output layer stay gathered.
     gathered = (2 * 2 + 2 + 4) * block + 2 * outer if sharded else 0
     tokens = batch * config.ctx_len
-    per_block = ACTIVATION_BYTES * tokens * config.emb_dim
-    if checkpointing:  # each block's input, and one block's activations being recomputed
-        activations = 2 * tokens * config.emb_dim * config.n_layers + per_block
-    else:
-        activations = per_block * config.n_layers
-    logits = (2 + 4 + 4) * tokens * config.vocab_size  # bfloat16, float32 and its gradient
+    block_bytes = ACTIVATION_BYTES * config.emb_dim
+    activations = tokens * kept_bytes_per_token(config, block_bytes, BFLOAT16_BYTES, checkpointing)
+    logits = tokens * logits_bytes_per_token(config, BFLOAT16_BYTES)
     total = states + gathered + activations + logits
     return Plan(*(value / GB for value in (states, gathered, activations, logits, total)))
 

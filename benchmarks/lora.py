@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from noodle.checkpoint import ModelDir, model_metadata, open_model_dir
-from noodle.config import PRESETS, LoraSettings, ModelConfig, config_from_dict
+from noodle.config import LoraSettings, resolve_model_config
 from noodle.device import select_device, select_dtype, synchronize
 from noodle.evaluation import evaluate
 from noodle.instructions import Instruction, format_block, load_examples, split_examples
@@ -102,18 +102,11 @@ def synthetic_examples(count: int, seed: int) -> list[Instruction]:
     return examples
 
 
-def model_config(name: str) -> tuple[str, ModelConfig]:
-    """A preset, or a CONFIG.json in model.json's form."""
-    if name in PRESETS:
-        return name, PRESETS[name]
-    return "custom", config_from_dict(json.loads(Path(name).read_text()), name)[0]
-
-
 def write_base(directory: Path, model: str, device: torch.device) -> None:
     """A randomly initialised model (seed 0) saved as a model directory with the bundled
     tokenizer, as `noodle train` would leave it."""
-    preset, config = model_config(model)
     tokenizer = load_tokenizer()
+    preset, config = resolve_model_config(model, tokenizer.vocab_size)
     torch.manual_seed(0)
     with torch.device(device):
         weights = {k: v.cpu() for k, v in NoodleModel(config).state_dict().items()}

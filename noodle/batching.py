@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ HELD_OUT_BLOCK = 32
 LAYOUT_STREAM = 2**32 - 1
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Items = TypeVar("Items", np.ndarray, torch.Tensor)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -88,11 +90,13 @@ class TokenWindows:
             yield batch
 
 
-def share_of(chosen: np.ndarray, rank: int, ranks: int) -> np.ndarray:
-    """Process `rank`'s contiguous share of a global batch's items: every process reads its
-    own windows of the same shuffled order, together the whole batch."""
-    size = len(chosen) // ranks
-    return chosen[rank * size : (rank + 1) * size]
+def share_of(items: Items, rank: int, ranks: int) -> Items:
+    """Process `rank`'s contiguous share of a batch's `items` (window indices, or a tensor's
+    rows): every process takes its own part of the same order, together the whole batch.
+    Where `ranks` does not divide the items the shares differ by one at most (some may be
+    empty)."""
+    bounds = np.linspace(0, len(items), ranks + 1).round().astype(int)
+    return items[bounds[rank] : bounds[rank + 1]]
 
 
 def window_count(n_tokens: int, ctx_len: int) -> int:

@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from rich.console import Console
 
-from noodle.checkpoint import load_weights, open_model_dir, unfinished_run_warning
 from noodle.device import describe_device, select_device
-from noodle.footprint import require_inference_memory
-from noodle.inference import Session
+from noodle.inference import Session, load_for_inference
 from noodle.instructions import format_prompt
 from noodle.precision import prepare_for_inference, select_inference_dtype, uses_packed_float16
 from noodle.sampling import SamplingSettings
@@ -109,12 +107,12 @@ def open_session(options: ChatOptions) -> Conversation:
     precision = str(dtype).removeprefix("torch.")
     if uses_packed_float16(dtype, device, compile_decode):
         precision = "float16 weights, float32 arithmetic"
-    files = open_model_dir(options.model)
-    require_inference_memory(files.config, f"model {files.directory}", "to chat", device)
-    loaded = load_weights(files, device)
-    warning = unfinished_run_warning(loaded.directory, loaded.metadata)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    loaded = load_for_inference(
+        options.model,
+        "to chat",
+        device,
+        lambda warning: print(f"warning: {warning}", file=sys.stderr),
+    )
     parameters = loaded.model.parameter_count()
     prepare_for_inference(loaded.model, dtype, compile_decode)
     session = Session(loaded.model, loaded.tokenizer, compile_decode)

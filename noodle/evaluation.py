@@ -20,11 +20,10 @@ import torch
 from tokenizers import decoders
 
 from noodle.batching import Batch, TokenWindows, to_device
-from noodle.checkpoint import load_weights, open_model_dir, unfinished_run_warning
 from noodle.corpus import load_token_stream
 from noodle.device import autocast, describe_device, select_device, select_dtype
 from noodle.errors import NoodleError
-from noodle.footprint import require_inference_memory
+from noodle.inference import load_for_inference
 from noodle.loss import IGNORE
 from noodle.progress import Reporter
 from noodle.tokenizer import TextTokenizer
@@ -172,14 +171,7 @@ def evaluate_model(
 ) -> EvalResult:
     device = select_device(backend)
     amp_dtype = select_dtype(dtype, device)
-    files = open_model_dir(model_spec)
-    require_inference_memory(
-        files.config, f"model {files.directory}", "to evaluate", device, batch_size
-    )
-    loaded = load_weights(files, device)
-    warning = unfinished_run_warning(loaded.directory, loaded.metadata)
-    if warning:
-        reporter.warn(warning)
+    loaded = load_for_inference(model_spec, "to evaluate", device, reporter.warn, batch_size)
     tokens = load_token_stream(corpus, loaded.tokenizer, reporter, use_cache)
     windows = corpus_windows(tokens, loaded.config.ctx_len, batch_size, corpus)
     reporter.info(

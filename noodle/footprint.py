@@ -66,6 +66,22 @@ def activation_elements_per_token(config: ModelConfig) -> int:
     return 8 * config.emb_dim + 6 * inner + 2 * config.hidden_dim
 
 
+def kept_bytes_per_token(
+    config: ModelConfig, block_bytes: int, activation_bytes: int, checkpointing: bool
+) -> int:
+    """What the forward pass keeps per token for the backward pass, given what one block
+    keeps (`block_bytes`): every block's activations or, with activation checkpointing,
+    each block's input and the activations of the one block being recomputed."""
+    if checkpointing:
+        return config.n_layers * config.emb_dim * activation_bytes + block_bytes
+    return config.n_layers * block_bytes
+
+
+def logits_bytes_per_token(config: ModelConfig, activation_bytes: int) -> int:
+    """The logits, their float32 copy for the loss, and its gradient."""
+    return config.vocab_size * (activation_bytes + 2 * FLOAT32_BYTES)
+
+
 def training_need(
     config: ModelConfig,
     batch_size: int,
@@ -102,11 +118,9 @@ def training_need(
             "adapters, their gradients and optimizer state": -(-trained // shards)
             * TRAINING_BYTES_PER_PARAMETER,
         }
-    block = activation_elements_per_token(config)
-    kept = config.n_layers * config.emb_dim + block if checkpointing else config.n_layers * block
-    per_token = kept * activation_bytes
-    # The logits, their float32 copy for the loss, and its gradient.
-    per_token += config.vocab_size * (activation_bytes + 2 * FLOAT32_BYTES)
+    block_bytes = activation_elements_per_token(config) * activation_bytes
+    per_token = kept_bytes_per_token(config, block_bytes, activation_bytes, checkpointing)
+    per_token += logits_bytes_per_token(config, activation_bytes)
     return MemoryNeed(
         f"to train at batch size {batch_size * batch_parts}",
         {**weights, "rotary tables": rotary_bytes(config)},
@@ -202,32 +216,6 @@ def require_memory(
         f"{name} ({config.parameter_count():,} parameters) needs about {size_text(need.total)} "
         f"{need.purpose} ({parts}), but {device} has {size_text(available)} available; "
         f"{'; '.join(hints)}"
-    )
-
-
-def require_training_memory(
-    config: ModelConfig,
-    name: str,
-    batch_size: int,
-    amp_dtype: torch.dtype,
-    device: torch.device,
-    shards: int = 1,
-    checkpointing: bool = False,
-    batch_parts: int = 1,
-    adapters: LoraSettings | None = None,
-) -> None:
-    """Refuse to train `config` (through LoRA `adapters`, if given) where it cannot fit (see
-    `require_memory`); `shards`, `checkpointing` and `batch_parts` say what one process of
-    several holds (see `training_need`)."""
-    activation_bytes = torch.finfo(amp_dtype).bits // 8
-    require_memory(
-        config,
-        lambda c: training_need(
-            c, batch_size, activation_bytes, shards, checkpointing, batch_parts, adapters
-        ),
-        name,
-        device,
-        available_memory(device),
     )
 
 

@@ -1,5 +1,5 @@
-"""An inference session: one conversation's tokens, the key/value cache that covers them and
-the device they live on."""
+"""A model directory loaded for inference (chat, eval), and an inference session: one
+conversation's tokens, the key/value cache that covers them and the device they live on."""
 
 from __future__ import annotations
 
@@ -8,10 +8,31 @@ from functools import partial
 
 import torch
 
+from noodle.checkpoint import LoadedModel, load_weights, open_model_dir, unfinished_run_warning
+from noodle.footprint import require_inference_memory
 from noodle.model import NoodleModel
 from noodle.precision import Float16Linear
 from noodle.sampling import SamplingSettings, noise_size, sample_next, sample_with_noise
 from noodle.tokenizer import TextTokenizer
+
+
+def load_for_inference(
+    spec: str,
+    purpose: str,
+    device: torch.device,
+    warn: Callable[[str], None],
+    batch_size: int = 0,
+) -> LoadedModel:
+    """The model of directory `spec` on `device`, refused before its weights are read where
+    it cannot fit `purpose` (to chat: batch_size 0, or to evaluate batches of batch_size;
+    see `footprint`). `warn` is told when the weights come from a run that did not finish."""
+    files = open_model_dir(spec)
+    require_inference_memory(files.config, f"model {files.directory}", purpose, device, batch_size)
+    loaded = load_weights(files, device)
+    warning = unfinished_run_warning(loaded.directory, loaded.metadata)
+    if warning:
+        warn(warning)
+    return loaded
 
 
 class Session:

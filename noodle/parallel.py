@@ -28,11 +28,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from noodle.batching import Batch
+from noodle.batching import Batch, share_of
 from noodle.config import LoraSettings, ModelConfig
 from noodle.device import HostCopy
 from noodle.errors import STOP_SIGNALS, Interrupted, NoodleError, UsageError
-from noodle.footprint import available_memory, require_training_memory, size_text, training_need
+from noodle.footprint import (
+    MemoryNeed,
+    available_memory,
+    require_memory,
+    size_text,
+    training_need,
+)
 from noodle.loss import IGNORE
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
@@ -129,34 +135,66 @@ class Parallel:
         `grad_accum` micro-batches (a part is what a process holds at a time)."""
         return self.world_size * grad_accum
 
-    def shard_if_needed(
+    def fit_memory(
         self,
         config: ModelConfig,
-        micro_batch: int,
+        name: str,
+        batch_size: int,
+        grad_accum: int,
         optimizer: str,
         amp_dtype: torch.dtype,
         device: torch.device,
         reporter: Reporter,
         adapters: LoraSettings | None = None,
     ) -> Parallel:
-        """This run with FSDP turned on when a GPU would not hold the whole model with its
-        optimizer state (or, training LoRA `adapters`, the frozen model and theirs) and the
-        activations of `micro_batch` sequences (see `footprint`), and there are several
-        GPUs to share it. The processes decide together: their GPUs' free memory may differ
-        a little, and they must all shard or none."""
+        """This run as it trains `config` (called `name` in messages; through LoRA
+        `adapters`, if given) at `batch_size` over `grad_accum` micro-batches: sharded when
+        a GPU would not hold it whole (see `shard_if_needed`), and refused where this
+        process's device cannot hold its share (see `footprint`): of the weights and their
+        state, or of the frozen weights and the adapters', and a micro-batch's
+        activations."""
+        parts = self.batch_parts(grad_accum)
+        activation_bytes = torch.finfo(amp_dtype).bits // 8
+
+        def need_for(candidate: ModelConfig, shards: int) -> MemoryNeed:
+            return training_need(
+                candidate,
+                batch_size // parts,
+                activation_bytes,
+                shards,
+                self.activation_checkpointing,
+                parts,
+                adapters,
+            )
+
+        available = available_memory(device)
+        whole = need_for(config, 1).total
+        fitted = self.shard_if_needed(whole, available, optimizer, device, reporter)
+        shards = fitted.world_size if fitted.fsdp else 1
+        require_memory(
+            config, lambda candidate: need_for(candidate, shards), name, device, available
+        )
+        return fitted
+
+    def shard_if_needed(
+        self,
+        whole_need: int,
+        available: int | None,
+        optimizer: str,
+        device: torch.device,
+        reporter: Reporter,
+    ) -> Parallel:
+        """This run with FSDP turned on when a GPU's `available` bytes would not hold the
+        `whole_need` of training the model unsharded, and there are several GPUs to share
+        it. The processes decide together: their GPUs' free memory may differ a little, and
+        they must all shard or none."""
         if self.fsdp or self.world_size == 1 or device.type != "cuda":
             return self
-        bytes_each = torch.finfo(amp_dtype).bits // 8
-        checkpointing = self.activation_checkpointing
-        need = training_need(
-            config, micro_batch, bytes_each, checkpointing=checkpointing, adapters=adapters
-        ).total
-        available = available_memory(device)
-        if not self.any(available is not None and need > available, device):
+        if not self.any(available is not None and whole_need > available, device):
             return self
         why = (
-            f"the model, its optimizer state and a micro-batch need {size_text(need)}, and a "
-            f"GPU has {size_text(available)} free"
+            f"the model, its optimizer state and a micro-batch need {size_text(whole_need)}, "
+            f"and a GPU has {size_text(available)} free"
         )
         if optimizer == "muon":
             raise UsageError(
@@ -165,31 +203,6 @@ class Parallel:
             )
         reporter.info(f"{why}: sharding it over {self.world_size} processes (FSDP)")
         return replace(self, fsdp=True)
-
-    def require_memory(
-        self,
-        config: ModelConfig,
-        name: str,
-        micro_batch: int,
-        grad_accum: int,
-        amp_dtype: torch.dtype,
-        device: torch.device,
-        adapters: LoraSettings | None = None,
-    ) -> None:
-        """Refuse a model this process's device cannot train (see `footprint`): its share of
-        the weights and their state (or of the frozen weights and LoRA `adapters`), and the
-        activations of `micro_batch` sequences."""
-        require_training_memory(
-            config,
-            name,
-            micro_batch,
-            amp_dtype,
-            device,
-            shards=self.world_size if self.fsdp else 1,
-            checkpointing=self.activation_checkpointing,
-            batch_parts=self.batch_parts(grad_accum),
-            adapters=adapters,
-        )
 
     @contextlib.contextmanager
     def processes(self, device: torch.device) -> Iterator[Parallel]:
@@ -425,9 +438,7 @@ class Parallel:
             if not self.distributed:
                 yield batch
                 continue
-            bounds = np.linspace(0, len(batch[0]), self.world_size + 1).round().astype(int)
-            start, end = bounds[self.rank], bounds[self.rank + 1]
-            yield tuple(tensor[start:end] for tensor in batch)
+            yield tuple(share_of(tensor, self.rank, self.world_size) for tensor in batch)
 
     def mean(self, total: torch.Tensor, count: torch.Tensor) -> float:
         """total / count, each summed over the processes first."""
@@ -497,7 +508,7 @@ class Parallel:
 
     def own_rng_name(self, name: str) -> str:
         """Where this process's state `name` is among `rng_states`' names."""
-        return name if self.rank == 0 else f"rank{self.rank}.{name}"
+        return name if self.is_main else f"rank{self.rank}.{name}"
 
 
 def replicated_value(tensor: torch.Tensor) -> torch.Tensor:

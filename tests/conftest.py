@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,14 +64,23 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("NOODLE_DEBUG", raising=False)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """PyTorch's intra-op threads set to `count` for the `with`, then put back."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def one_torch_thread():
     """One thread for tiny models run in-process: they gain nothing from a second one, and
     on a busy machine thread contention makes them several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture
@@ -168,20 +180,32 @@ def trained_base(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def cli_in_process(capsys):
+def run_cli_here(*args: object) -> tuple[int, str, str]:
     """Run the CLI's entry point in this process (no interpreter start-up, for quick error
     checks); returns (exit code, stdout, stderr)."""
     from noodle.cli import main
 
-    def run(*args: object) -> tuple[int, str, str]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(arg) for arg in args])
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        pytest.raises(SystemExit) as exit_info,
+    ):
+        main([str(arg) for arg in args])
+    return exit_info.value.code, out.getvalue(), err.getvalue()
 
-    return run
+
+def run_cli_on_one_thread(*args: object) -> tuple[int, str, str]:
+    """`run_cli_here` on one torch thread (see `one_torch_thread`), for the module-scoped
+    fixtures that train a tiny model in this process."""
+    with torch_threads(1):
+        return run_cli_here(*args)
+
+
+@pytest.fixture
+def cli_in_process():
+    """`run_cli_here`, for tests."""
+    return run_cli_here
 
 
 @pytest.fixture(scope="session")

@@ -20,36 +20,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-import torch
 
-from noodle.cli import main
 from noodle.train.lock import RunLock
-from tests.conftest import PAIRS, run_noodle, story_corpus, write_instructions
+from tests.conftest import (
+    PAIRS,
+    run_cli_on_one_thread,
+    run_noodle,
+    story_corpus,
+    write_instructions,
+)
 from tests.tiny_runs import TinyRun, directory_snapshot
 
 # The options the resumable model below was trained with; resuming repeats them.
 TRAINED_OPTIONS = ("--max-steps", 12, "--batch-size", 8, "--eval-interval", 6, "--eval-batches", 2)
 
 
-def run_main(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def trained_model(tiny_run: TinyRun, tmp_path_factory) -> Path:
     """A finished tiny run with its resume state (copied by each test that needs it)."""
     out = tmp_path_factory.mktemp("trained") / "model"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(tiny_run.train_args(out, *TRAINED_OPTIONS))
-    finally:
-        torch.set_num_threads(threads)
-    assert exit_info.value.code == 0
+    code, _, err = run_cli_on_one_thread(*tiny_run.train_args(out, *TRAINED_OPTIONS))
+    assert code == 0, err
     return out
 
 
@@ -835,12 +826,12 @@ MARKS = {
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=MARKS.get(name, ())) for name in CASES])
-def test_bad_input_is_one_error_line_and_changes_nothing(name, inputs, capsys):
+def test_bad_input_is_one_error_line_and_changes_nothing(name, inputs, cli_in_process):
     case = CASES[name]
     args = case.args(inputs)
     before = directory_snapshot(inputs.root)
 
-    code, stdout, stderr = run_main(args, capsys)
+    code, stdout, stderr = cli_in_process(*args)
 
     lines = stderr.splitlines()
     assert code == case.exit_code, stderr
@@ -860,10 +851,10 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["train-missing-corpus", "eval-weights-of-another-width"])
-def test_noodle_debug_shows_the_traceback_too(name, inputs, capsys, monkeypatch):
+def test_noodle_debug_shows_the_traceback_too(name, inputs, cli_in_process, monkeypatch):
     monkeypatch.setenv("NOODLE_DEBUG", "1")
     case = CASES[name]
-    code, _, stderr = run_main(case.args(inputs), capsys)
+    code, _, stderr = cli_in_process(*case.args(inputs))
 
     assert code == case.exit_code
     assert stderr.startswith("Traceback (most recent call last):")
@@ -882,11 +873,11 @@ def invalid_utf8_warning(corpus: Path) -> str:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_invalid_utf8_in_the_corpus_is_replaced_with_a_warning(inputs, capsys):
+def test_invalid_utf8_in_the_corpus_is_replaced_with_a_warning(inputs, cli_in_process):
     corpus = with_invalid_utf8(inputs)
     args = inputs.train("--max-steps", 4, "--eval-interval", 4, "--eval-batches", 1, corpus=corpus)
 
-    code, stdout, stderr = run_main(args, capsys)
+    code, stdout, stderr = cli_in_process(*args)
 
     assert code == 0, stderr
     assert invalid_utf8_warning(corpus) in stderr
@@ -895,22 +886,22 @@ def test_invalid_utf8_in_the_corpus_is_replaced_with_a_warning(inputs, capsys):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_eval_replaces_invalid_utf8_with_a_warning_and_evaluates(inputs, capsys):
+def test_eval_replaces_invalid_utf8_with_a_warning_and_evaluates(inputs, cli_in_process):
     corpus = with_invalid_utf8(inputs)
 
-    code, stdout, stderr = run_main(inputs.eval("--json", corpus=corpus), capsys)
+    code, stdout, stderr = cli_in_process(*inputs.eval("--json", corpus=corpus))
 
     assert code == 0, stderr
     assert invalid_utf8_warning(corpus) in stderr
     assert json.loads(stdout)["tokens"] > 0
 
 
-def test_a_directory_whose_run_died_before_its_first_save_is_taken_over(inputs, capsys):
+def test_a_directory_whose_run_died_before_its_first_save_is_taken_over(inputs, cli_in_process):
     directory = inputs.aborted_start()
     (directory / "metrics.jsonl").write_text('{"kind": "train", "step": 3}\n')
     args = inputs.train("--max-steps", 2, "--eval-interval", 2, "--eval-batches", 1, out=directory)
 
-    code, _, stderr = run_main(args, capsys)
+    code, _, stderr = cli_in_process(*args)
 
     assert code == 0, stderr
     assert f"{directory} holds a run that stopped before its first save: replaced" in stderr
@@ -921,13 +912,13 @@ def test_a_directory_whose_run_died_before_its_first_save_is_taken_over(inputs, 
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_resume_drops_a_damaged_metrics_line_with_a_warning(inputs, capsys):
+def test_resume_drops_a_damaged_metrics_line_with_a_warning(inputs, cli_in_process):
     metrics = inputs.model / "metrics.jsonl"
     lines = metrics.read_text().splitlines(keepends=True)
     lines[1] = '{"kind": "train", "st\x00\x00 damaged\n'
     metrics.write_text("".join(lines) + '{"kind": "tr')  # and a torn last line
 
-    code, _, stderr = run_main(inputs.resume("--max-steps", 14), capsys)
+    code, _, stderr = cli_in_process(*inputs.resume("--max-steps", 14))
 
     assert code == 0, stderr
     assert [line for line in stderr.splitlines() if line.startswith("warning:")] == [
@@ -939,10 +930,10 @@ def test_resume_drops_a_damaged_metrics_line_with_a_warning(inputs, capsys):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_a_corpus_of_only_line_breaks_is_warned_about(inputs, capsys):
+def test_a_corpus_of_only_line_breaks_is_warned_about(inputs, cli_in_process):
     corpus = inputs.file("newlines.txt", "\n" * 20_000)
 
-    code, _, stderr = run_main(inputs.eval(corpus=corpus), capsys)
+    code, _, stderr = cli_in_process(*inputs.eval(corpus=corpus))
 
     assert code == 0, stderr
     assert (

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from noodle.batching import minimum_corpus_tokens, split_fits, split_windows
+from noodle.batching import minimum_corpus_tokens, share_of, split_fits, split_windows
 from noodle.errors import NoodleError
 
 CTX = 16
@@ -90,3 +91,12 @@ def test_the_minimum_corpus_is_exact(ctx_len, batch_size):
     )
     # Every larger corpus fits too, so "at least" is true.
     assert all(split_fits(n, ctx_len, batch_size) for n in range(needed, needed + 40 * ctx_len))
+
+
+def test_the_processes_shares_of_a_batch_are_contiguous_and_make_it_whole():
+    windows = np.arange(8) * 3
+    shares = [share_of(windows, rank, 4).tolist() for rank in range(4)]
+    assert shares == [[0, 3], [6, 9], [12, 15], [18, 21]]
+    # An evaluation batch of fewer rows than processes: one gets none.
+    rows = [share_of(torch.arange(3), rank, 4) for rank in range(4)]
+    assert torch.cat(rows).tolist() == [0, 1, 2] and sorted(map(len, rows)) == [0, 1, 1, 1]

@@ -17,7 +17,6 @@ import torch
 from noodle import chat
 from noodle.chat import BANNER, ChatOptions, TextStream, open_session
 from noodle.checkpoint import load_model
-from noodle.cli import main
 from noodle.errors import NoodleError
 from noodle.inference import generate
 from noodle.sampling import SamplingSettings
@@ -26,6 +25,8 @@ from tests.conftest import (
     TINY_CONFIG,
     noodle_command,
     noodle_env,
+    run_cli_here,
+    run_cli_on_one_thread,
     run_noodle,
     story_corpus,
     write_small_tokenizer,
@@ -52,22 +53,13 @@ def trained_model(tmp_path_factory) -> Path:
     (root / "corpus.txt").write_text(text)
     write_small_tokenizer(root / "tokenizer.json", text)
     (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main(
-                [
-                    *map(str, ("train", root / "corpus.txt", root / "model")),
-                    *("--model", str(root / "tiny.json")),
-                    *("--tokenizer", str(root / "tokenizer.json"), "--no-cache"),
-                    *("--backend", "cpu", "--max-steps", "80", "--batch-size", "8"),
-                    *("--lr", "3e-3", "--eval-interval", "40", "--eval-batches", "2"),
-                ]
-            )
-    finally:
-        torch.set_num_threads(threads)
-    assert exit_info.value.code == 0
+    code, _, err = run_cli_on_one_thread(
+        *("train", root / "corpus.txt", root / "model", "--model", root / "tiny.json"),
+        *("--tokenizer", root / "tokenizer.json", "--no-cache"),
+        *("--backend", "cpu", "--max-steps", 80, "--batch-size", 8),
+        *("--lr", 3e-3, "--eval-interval", 40, "--eval-batches", 2),
+    )
+    assert code == 0, err
     return root / "model"
 
 
@@ -76,15 +68,14 @@ def chat_cli(model: Path, *args: object, input: str | None = None):
     return run_noodle("chat", model, "--backend", "cpu", *args, input=input, env=ONE_THREAD)
 
 
-def chat_in_process(model: Path, *args: object, input: str | bytes, monkeypatch, capsys):
-    """The same CLI entry point in this process: quicker when a test needs a second run."""
+def chat_in_process(model: Path, *args: object, input: str | bytes, monkeypatch) -> str:
+    """The same CLI entry point in this process, quicker when a test needs a second run: what
+    it printed on stdout."""
     data = input if isinstance(input, bytes) else input.encode()
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
-    with pytest.raises(SystemExit) as exit:
-        main(["chat", str(model), "--backend", "cpu", *map(str, args)])
-    output = capsys.readouterr()
-    assert exit.value.code == 0, output.err
-    return output
+    code, out, err = run_cli_here("chat", model, "--backend", "cpu", *args)
+    assert code == 0, err
+    return out
 
 
 # Streaming text
@@ -122,7 +113,7 @@ def test_a_reply_that_stops_mid_character_ends_with_a_replacement_character():
 
 
 def test_greedy_chat_continues_a_training_prompt_with_what_the_corpus_taught(
-    trained_model, monkeypatch, capsys
+    trained_model, monkeypatch
 ):
     args = ("--prompt", "once upon a time tom found a", "--temperature", 0)
     args += ("--repetition-penalty", 1, "--max-tokens", 16)
@@ -130,12 +121,12 @@ def test_greedy_chat_continues_a_training_prompt_with_what_the_corpus_taught(
     assert result.returncode == 0, result.stderr
     assert TAUGHT_CONTINUATION.match(result.stdout), result.stdout
     assert BANNER not in result.stderr
-    again = chat_in_process(trained_model, *args, input="", monkeypatch=monkeypatch, capsys=capsys)
-    assert again.out == result.stdout  # temperature 0 is deterministic
+    again = chat_in_process(trained_model, *args, input="", monkeypatch=monkeypatch)
+    assert again == result.stdout  # temperature 0 is deterministic
 
 
 def test_piped_mode_prints_one_reply_per_input_line_and_replaces_invalid_utf8(
-    trained_model, monkeypatch, capsys
+    trained_model, monkeypatch
 ):
     lines = b"once upon a time mia\n\nonce upon a time \xff\xfe lily\n"
     args = ("--seed", 7, "--max-tokens", 40)
@@ -155,19 +146,14 @@ def test_piped_mode_prints_one_reply_per_input_line_and_replaces_invalid_utf8(
     # No banner: only the warning.
     assert "Noodle" not in replies
     assert result.stderr == b"warning: input line 3: invalid UTF-8 replaced with U+FFFD\n"
-    again = chat_in_process(
-        trained_model, *args, input=lines, monkeypatch=monkeypatch, capsys=capsys
-    )
-    assert again.out == replies  # same seed, same sample
+    again = chat_in_process(trained_model, *args, input=lines, monkeypatch=monkeypatch)
+    assert again == replies  # same seed, same sample
 
 
-def test_a_broken_model_is_one_error_line(tmp_path, monkeypatch, capsys):
-    with pytest.raises(SystemExit) as exit:
-        main(["chat", str(tmp_path / "missing"), "--prompt", "hi"])
-    assert exit.value.code == 1
-    output = capsys.readouterr()
-    assert output.err == f"error: model {tmp_path / 'missing'}: no such directory\n"
-    assert output.out == ""
+def test_a_broken_model_is_one_error_line(tmp_path, cli_in_process):
+    code, out, err = cli_in_process("chat", tmp_path / "missing", "--prompt", "hi")
+    assert (code, out) == (1, "")
+    assert err == f"error: model {tmp_path / 'missing'}: no such directory\n"
 
 
 # In-process: precision, the terminal and loading

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from noodle.config import ModelConfig, config_from_dict, padded_vocab_size
+from noodle.config import ModelConfig, resolve_model_config
 from noodle.evaluation import loss_sums
 from noodle.model import NoodleModel
 from noodle.tokenizer import load_tokenizer
@@ -33,7 +33,7 @@ from tests.conftest import (
     noodle_env,
     write_instructions,
 )
-from tests.tiny_runs import TinyRun, read_metrics, saved_tensors
+from tests.tiny_runs import TinyRun, assert_same_files, read_metrics, saved_tensors
 
 STEPS = 30
 EVAL_INTERVAL = 10
@@ -120,9 +120,7 @@ def process_of_rank(launcher: subprocess.Popen, rank: int) -> int:
 
 
 def tiny_config(run: TinyRun) -> ModelConfig:
-    config, _ = config_from_dict(json.loads(run.config.read_text()), str(run.config))
-    vocab = load_tokenizer(run.tokenizer).vocab_size
-    return replace(config, vocab_size=padded_vocab_size(vocab))
+    return resolve_model_config(str(run.config), load_tokenizer(run.tokenizer).vocab_size)[1]
 
 
 def error_lines(output: str) -> list[str]:
@@ -333,12 +331,9 @@ def test_a_sigterm_to_one_process_stops_both_at_one_step_and_the_run_resumes(run
 
     runs.finish("reference")
     assert f"resuming at step {step} " in runs.finish("resumed")
-    for name in ("resume.safetensors", "model.safetensors"):
-        expected = saved_tensors(root / "reference" / name)
-        resumed = saved_tensors(root / "stopped" / name)
-        assert expected.keys() == resumed.keys()
-        for key, tensor in expected.items():
-            assert torch.equal(tensor, resumed[key]), f"{name}: {key} differs"
+    assert_same_files(
+        root / "reference", root / "stopped", ("resume.safetensors", "model.safetensors")
+    )
 
 
 def test_gradient_accumulation_ends_with_the_weights_of_the_whole_batch(
@@ -374,12 +369,18 @@ def test_gradient_accumulation_ends_with_the_weights_of_the_whole_batch(
             "step orthogonalises whole matrices, and FSDP gives each process a slice of each; "
             "use --optimizer adamw with FSDP, or Muon without --fsdp",
         ),
+        (
+            ("--tokenizer", "bpe:12"),
+            "error: --tokenizer bpe:12: the vocabulary of a learned tokenizer must be a number "
+            "from 512 to 65,536, e.g. bpe:4096",
+        ),
     ],
 )
-def test_what_processes_cannot_share_is_a_one_line_usage_error(
+def test_a_bad_training_option_is_a_one_line_usage_error_before_the_processes_meet(
     options, message, cli_in_process, tiny_run, tmp_path, monkeypatch
 ):
-    """torchrun's variables, one process: the check comes before the processes meet."""
+    """torchrun's variables, one process, no MASTER_ADDR: the check comes before the
+    processes would meet (where the missing address would be the error)."""
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     code, out, err = cli_in_process(*tiny_run.train_args(tmp_path / "out", *options))

@@ -4,8 +4,6 @@ resumed run that ends with exactly the weights of an uninterrupted one; SIGINT d
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shlex
@@ -17,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
-from noodle.cli import main, sigterm_raises_interrupted
+from noodle.cli import sigterm_raises_interrupted
 from noodle.errors import Interrupted
 from noodle.train.loop import SignalCatcher
-from tests.conftest import PAIRS, start_noodle, write_instructions
-from tests.tiny_runs import TinyRun, read_metrics, saved_tensors
+from tests.conftest import PAIRS, run_cli_on_one_thread, start_noodle, write_instructions
+from tests.tiny_runs import TinyRun, assert_same_files, read_metrics
 
 STEPS = 40
 INTERRUPT_AFTER_STEP = 20
@@ -82,23 +79,6 @@ def stop_at_steps(stops: dict[Path, tuple[subprocess.Popen, int, int]]) -> None:
         time.sleep(0.01)
 
 
-def run_here(*args: str) -> tuple[int, str]:
-    """`noodle ARGS` in this process on one thread (as cli_in_process runs it for one test):
-    its exit code and what it printed on stderr."""
-    stderr, threads = io.StringIO(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with (
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(stderr),
-            pytest.raises(SystemExit) as exit_info,
-        ):
-            main(list(args))
-    finally:
-        torch.set_num_threads(threads)
-    return exit_info.value.code, stderr.getvalue()
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_run: TinyRun, trained_base: Path, tmp_path_factory) -> dict[str, FixtureRun]:
     """Side by side, each process on one thread: training runs, one per signal stopped past
@@ -139,7 +119,10 @@ def runs(tiny_run: TinyRun, trained_base: Path, tmp_path_factory) -> dict[str, F
     stops = {root / name: (started[name], *stop) for name, (_, stop) in interrupted.items()}
     with ThreadPoolExecutor(max_workers=1) as stopper:  # it signals, this thread trains
         stopping = stopper.submit(stop_at_steps, stops)
-        ended = {name: (args, *run_here(*args)) for name, args in uninterrupted.items()}
+        ended = {}
+        for name, args in uninterrupted.items():
+            code, _, stderr = run_cli_on_one_thread(*args)
+            ended[name] = (args, code, stderr)
         stopping.result()
     for name, (args, _) in interrupted.items():
         ended[name] = (args, finish(started[name]), (root / f"{name}.log").read_text())
@@ -153,15 +136,6 @@ def runs(tiny_run: TinyRun, trained_base: Path, tmp_path_factory) -> dict[str, F
         )
         for name, (args, exit_code, stderr) in ended.items()
     }
-
-
-def assert_same_tensors(reference: Path, out: Path, names: tuple[str, ...]) -> None:
-    """The safetensors files `names` of `out` are bit-identical to those of `reference`."""
-    for name in names:
-        expected, actual = saved_tensors(reference / name), saved_tensors(out / name)
-        assert expected.keys() == actual.keys()
-        for key, tensor in expected.items():
-            assert torch.equal(tensor, actual[key]), f"{name}: {key} differs"
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=[s.name for s in SIGNALS])
@@ -183,7 +157,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(
 
     # Final weights, optimizer moments and RNG (the last resume state) and the best weights
     # are bit-identical to the uninterrupted run's.
-    assert_same_tensors(reference.out, run.out, ("resume.safetensors", "model.safetensors"))
+    assert_same_files(reference.out, run.out, ("resume.safetensors", "model.safetensors"))
     evals = [
         [(m["step"], m["val_loss"]) for m in read_metrics(out) if m["kind"] == "eval"]
         for out in (reference.out, run.out)
@@ -212,7 +186,7 @@ def test_a_run_killed_before_its_first_evaluation_resumes_to_the_uninterrupted_w
 
     assert code == 0, err
     assert "resuming at step 0 " in err
-    assert_same_tensors(reference.out, run.out, ("resume.safetensors", "model.safetensors"))
+    assert_same_files(reference.out, run.out, ("resume.safetensors", "model.safetensors"))
 
 
 def test_first_signal_is_a_flag_and_a_second_interrupts_at_once():
@@ -272,4 +246,4 @@ def test_interrupted_lora_finetune_resumes_to_the_uninterrupted_adapters_and_wei
     assert f"resuming at step {steps} " in err
     assert reference.exit_code == 0, reference.stderr
     names = ("adapters.safetensors", "model.safetensors", "resume.safetensors")
-    assert_same_tensors(reference.out, run.out, names)
+    assert_same_files(reference.out, run.out, names)

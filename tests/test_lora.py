@@ -37,7 +37,7 @@ from noodle.sampling import SamplingSettings
 from noodle.train.loop import Trainer
 from noodle.train.settings import TrainSettings
 from tests.conftest import ONE_THREAD, PAIRS, TINY_CONFIG, run_noodle, write_instructions
-from tests.tiny_runs import directory_snapshot, read_metrics, saved_tensors
+from tests.tiny_runs import assert_same_tensors, directory_snapshot, read_metrics, saved_tensors
 
 CPU = torch.device("cpu")
 QUIET = Reporter(interactive=False, quiet=True)
@@ -102,8 +102,7 @@ def test_frozen_weights_kept_in_bfloat16_compute_exactly_what_autocast_computes(
         assert model.tok_emb.weight.dtype == model.ln_f.weight.dtype == torch.float32
 
     assert torch.equal(logits[0], logits[1])
-    for name, gradient in gradients[0].items():
-        assert torch.equal(gradient, gradients[1][name]), name
+    assert_same_tensors(gradients[0], gradients[1], "gradients")
 
 
 def test_merged_weights_are_base_plus_scaled_update_and_compute_the_adapted_logits(

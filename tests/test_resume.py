@@ -7,13 +7,12 @@ import json
 from dataclasses import asdict, replace
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from noodle.errors import NoodleError
 from noodle.train.settings import TrainSettings
 from noodle.train.writer import Writer
-from tests.tiny_runs import read_metrics, saved_tensors
+from tests.tiny_runs import assert_same_files, assert_same_tensors, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,13 +70,8 @@ def test_run_resumed_after_a_crash_matches_the_uninterrupted_run(tiny_run, tmp_p
     final = resumed.run()
 
     assert asdict(final) == asdict(expected)
-    for name, tensor in reference.model.state_dict().items():
-        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
-    expected_state = saved_tensors(tmp_path / "reference" / "resume.safetensors")
-    resumed_state = saved_tensors(out / "resume.safetensors")
-    assert expected_state.keys() == resumed_state.keys()
-    for name, tensor in expected_state.items():
-        assert torch.equal(tensor, resumed_state[name]), name
+    assert_same_tensors(reference.model.state_dict(), resumed.model.state_dict(), "weights")
+    assert_same_files(tmp_path / "reference", out, ("resume.safetensors",))
     # metrics.jsonl: the records logged after the saved step before the crash were dropped,
     # so every step appears once and the evaluations are the uninterrupted run's.
     metrics = read_metrics(out)
@@ -214,12 +208,9 @@ def test_saving_in_the_background_ends_with_the_same_files(tiny_run, tmp_path):
     background.run()
 
     assert background.writer.thread is None  # stopped once the run was over
-    for name in ("model.safetensors", "resume.safetensors"):
-        expected = saved_tensors(tmp_path / "inline" / name)
-        written = saved_tensors(tmp_path / "background" / name)
-        assert expected.keys() == written.keys()
-        for key, tensor in expected.items():
-            assert torch.equal(tensor, written[key]), (name, key)
+    assert_same_files(
+        tmp_path / "inline", tmp_path / "background", ("model.safetensors", "resume.safetensors")
+    )
 
 
 def test_a_failed_background_save_stops_the_run_with_its_error(tiny_run, tmp_path):

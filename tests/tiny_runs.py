@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from safetensors import safe_open
 
 from noodle.batching import split_windows
 from noodle.checkpoint import ModelDir
-from noodle.config import config_from_dict, padded_vocab_size
+from noodle.config import resolve_model_config
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
 from noodle.tokenizer import load_tokenizer
@@ -49,8 +50,7 @@ class TinyRun:
     def trainer(self, out: Path, settings: TrainSettings) -> Trainer:
         """A Trainer on a real model and the real corpus, for in-process tests."""
         tokenizer = load_tokenizer(self.tokenizer)
-        config, _ = config_from_dict(json.loads(self.config.read_text()), str(self.config))
-        config = replace(config, vocab_size=padded_vocab_size(tokenizer.vocab_size))
+        _, config = resolve_model_config(str(self.config), tokenizer.vocab_size)
         tokens = np.asarray(tokenizer.encode(self.corpus.read_text()), dtype=np.uint16)
         train_data, eval_data = split_windows(
             tokens, config.ctx_len, settings.batch_size, settings.seed
@@ -77,6 +77,22 @@ def read_metrics(out: Path) -> list[dict]:
 def saved_tensors(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(path, framework="pt") as reader:
         return {name: reader.get_tensor(name) for name in reader.keys()}  # noqa: SIM118
+
+
+def assert_same_tensors(
+    expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """`actual` holds the tensors of `expected` (`what` they are, for the message), bit for
+    bit, and no others."""
+    assert expected.keys() == actual.keys(), what
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, actual[name]), f"{what}: {name} differs"
+
+
+def assert_same_files(reference: Path, out: Path, names: Iterable[str]) -> None:
+    """The safetensors files `names` of `out` are bit-identical to those of `reference`."""
+    for name in names:
+        assert_same_tensors(saved_tensors(reference / name), saved_tensors(out / name), name)
 
 
 def directory_snapshot(directory: Path) -> dict[str, bytes | None]:

@@ -21,7 +21,7 @@ from noodle.checkpoint import (
     weights_sha256,
 )
 from noodle.config import LoraSettings
-from noodle.device import describe_device, select_device, select_dtype
+from noodle.device import describe_device, select_dtype
 from noodle.errors import NoodleError
 from noodle.instructions import (
     RESPONSE_HEADER,
@@ -41,6 +41,7 @@ from noodle.train.run import (
     prepare_output_dir,
     run_training,
     sample_from_best,
+    training_processes,
 )
 from noodle.train.settings import TrainSettings, TrainState
 
@@ -93,12 +94,8 @@ def model_to_finetune(
 
 
 def finetune(options: FinetuneOptions, reporter: Reporter) -> TrainState:
-    settings = options.settings
-    parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
-    parallel.check(settings.batch_size, settings.grad_accum, settings.optimizer)
-    device = select_device(options.backend, parallel.local_rank)
-    with parallel.processes(device) as connected:
-        return finetune_with(options, connected, device, reporter)
+    with training_processes(options.settings, options.backend) as (parallel, device):
+        return finetune_with(options, parallel, device, reporter)
 
 
 def finetune_with(
@@ -108,12 +105,17 @@ def finetune_with(
     amp_dtype = select_dtype(options.dtype, device)
     base = open_model_dir(options.model)
     tokenizer, config = base.tokenizer, base.config
-    micro_batch = settings.batch_size // parallel.batch_parts(settings.grad_accum)
-    parallel = parallel.shard_if_needed(
-        config, micro_batch, settings.optimizer, amp_dtype, device, reporter, lora
+    parallel = parallel.fit_memory(
+        config,
+        f"model {base.directory}",
+        settings.batch_size,
+        settings.grad_accum,
+        settings.optimizer,
+        amp_dtype,
+        device,
+        reporter,
+        lora,
     )
-    name = f"model {base.directory}"
-    parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device, lora)
     if Path(options.output_dir).resolve() == base.directory.resolve():
         raise NoodleError(
             f"{options.output_dir} is the base model's directory; fine-tune into another one"
@@ -142,12 +144,7 @@ def finetune_with(
             "base_weights_sha256": identity["base_weights"],
         }
 
-    # Only now, with every input checked (by every process), is OUTPUT_DIR created or
-    # written to.
-    parallel.wait_for_all()
-    with locked_output_dir(
-        options.output_dir, options.resume, reporter, lock=parallel.is_main
-    ) as out:
+    with locked_output_dir(options.output_dir, options.resume, reporter, parallel) as out:
         if lora is not None:
             out = AdaptedModelDir(out.path, lora, base.directory / WEIGHTS)
         record = RunRecord(

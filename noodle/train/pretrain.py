@@ -14,7 +14,7 @@ from noodle.batching import split_windows
 from noodle.checkpoint import TOKENIZER, ModelDir
 from noodle.config import ModelConfig, resolve_model_config
 from noodle.corpus import load_token_stream, read_lines, token_chunks
-from noodle.device import describe_device, select_device, select_dtype
+from noodle.device import describe_device, select_dtype
 from noodle.errors import UsageError
 from noodle.parallel import Parallel
 from noodle.progress import Reporter
@@ -27,6 +27,7 @@ from noodle.train.run import (
     prepare_output_dir,
     run_training,
     sample_from_best,
+    training_processes,
 )
 from noodle.train.settings import PRESET_RUN_DEFAULTS, TrainSettings, TrainState, run_defaults
 
@@ -91,36 +92,49 @@ def data_sized_config(
     return replace(config, dropout=dropout)
 
 
-def train(options: TrainOptions, reporter: Reporter) -> TrainState:
-    settings = options.settings
-    parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
-    parallel.check(settings.batch_size, settings.grad_accum, settings.optimizer)
-    device = select_device(options.backend, parallel.local_rank)
-    with parallel.processes(device) as connected:
-        return train_with(options, connected, device, reporter)
-
-
-def train_with(
-    options: TrainOptions, parallel: Parallel, device: torch.device, reporter: Reporter
-) -> TrainState:
-    amp_dtype = select_dtype(options.dtype, device)
-    compile_model = device.type == "cuda" if options.compile is None else options.compile
-    settings = replace(options.settings, compile=compile_model)
+def vocabulary_to_learn(options: TrainOptions) -> int | None:
+    """N of `--tokenizer bpe:N` (None for a tokenizer given whole), refused out of range or
+    with the corpus on standard input, which it would read twice."""
     to_learn = learned_vocabulary(options.tokenizer)
     if to_learn is not None and options.corpus == "-":
         raise UsageError(
             f"--tokenizer {options.tokenizer} reads the corpus twice (to learn the tokenizer, "
             "then to tokenize it): give a file or URL, not standard input"
         )
+    return to_learn
+
+
+def train(options: TrainOptions, reporter: Reporter) -> TrainState:
+    to_learn = vocabulary_to_learn(options)  # before the processes meet: a usage error
+    with training_processes(options.settings, options.backend) as (parallel, device):
+        return train_with(options, to_learn, parallel, device, reporter)
+
+
+def train_with(
+    options: TrainOptions,
+    to_learn: int | None,
+    parallel: Parallel,
+    device: torch.device,
+    reporter: Reporter,
+) -> TrainState:
+    """`train` in its processes; `to_learn` is `vocabulary_to_learn(options)`."""
+    amp_dtype = select_dtype(options.dtype, device)
+    compile_model = device.type == "cuda" if options.compile is None else options.compile
+    settings = replace(options.settings, compile=compile_model)
     tokenizer = load_tokenizer(options.tokenizer) if to_learn is None else None
     vocabulary = to_learn if tokenizer is None else tokenizer.vocab_size
     preset, config = resolve_model_config(options.model, vocabulary)
     name = f"model {preset}" if preset != "custom" else f"model {options.model}"
-    micro_batch = settings.batch_size // parallel.batch_parts(settings.grad_accum)
-    parallel = parallel.shard_if_needed(
-        config, micro_batch, settings.optimizer, amp_dtype, device, reporter
+    parallel = parallel.fit_memory(
+        config,
+        name,
+        settings.batch_size,
+        settings.grad_accum,
+        settings.optimizer,
+        amp_dtype,
+        device,
+        reporter,
     )
-    parallel.require_memory(config, name, micro_batch, settings.grad_accum, amp_dtype, device)
     # A preset's dropout may depend on the corpus: it is checked once the corpus is read.
     known = {"architecture": {k: v for k, v in config.to_dict().items() if k != "dropout"}}
     if tokenizer is not None:
@@ -149,12 +163,7 @@ def train_with(
         f"({train_windows.count:,} training / {val_windows.count:,} validation windows of "
         f"{config.ctx_len})"
     )
-    # Only now, with every input checked (by every process), is OUTPUT_DIR created or
-    # written to.
-    parallel.wait_for_all()
-    with locked_output_dir(
-        options.output_dir, options.resume, reporter, lock=parallel.is_main
-    ) as out:
+    with locked_output_dir(options.output_dir, options.resume, reporter, parallel) as out:
         record = RunRecord(
             out,
             config,

@@ -21,9 +21,11 @@ from noodle.checkpoint import (
     model_metadata,
 )
 from noodle.config import ModelConfig
+from noodle.device import select_device
 from noodle.errors import Interrupted, NoodleError
 from noodle.inference import Session, generate
 from noodle.memory import release_free_memory
+from noodle.parallel import Parallel
 from noodle.progress import Reporter, plural
 from noodle.sampling import SamplingSettings
 from noodle.tokenizer import TextTokenizer
@@ -66,18 +68,34 @@ def prepare_output_dir(path: Path, resume: bool, identity: dict) -> None:
 
 
 @contextlib.contextmanager
+def training_processes(
+    settings: TrainSettings, backend: str | None
+) -> Iterator[tuple[Parallel, torch.device]]:
+    """The processes of this run (see `parallel`), connected for the `with`, and this
+    process's device (`--backend`). How they share the global batch, and the optimizer,
+    are checked before they meet."""
+    parallel = Parallel.from_environment(settings.fsdp, settings.activation_checkpointing)
+    parallel.check(settings.batch_size, settings.grad_accum, settings.optimizer)
+    device = select_device(backend, parallel.local_rank)
+    with parallel.processes(device) as connected:
+        yield connected, device
+
+
+@contextlib.contextmanager
 def locked_output_dir(
-    path: Path, resume: bool, reporter: Reporter, lock: bool = True
+    path: Path, resume: bool, reporter: Reporter, parallel: Parallel
 ) -> Iterator[ModelDir]:
-    """OUTPUT_DIR, created, with its run lock held (see `lock.RunLock`) for the `with`.
+    """OUTPUT_DIR, created once every process of the run got here (each having checked its
+    inputs), with its run lock held (see `lock.RunLock`) for the `with`.
 
     What `prepare_output_dir` checked is checked again under the lock: another run may have
     finished there in the meantime. A new run takes over a directory where a run died
-    before its first save. Without `lock` (the processes of a run other than the first,
-    which holds it for them all) the directory is only opened.
+    before its first save. The processes other than the first, which holds the lock for
+    them all, only open the directory.
     """
+    parallel.wait_for_all()
     out = ModelDir(path)
-    if not lock:
+    if not parallel.is_main:
         yield out
         return
     with RunLock(out.path):
