@@ -47,6 +47,7 @@ from tokenizers import normalizers
 from noodle.decoding import as_text
 from noodle.errors import NoodleError
 from noodle.files import atomic_write
+from noodle.interruptible import next_item
 from noodle.memory import release_free_memory
 from noodle.sources import OpenedSource, parse_source
 from noodle.tokenizer import TextTokenizer
@@ -195,7 +196,7 @@ def prefetch(items: Iterable[Item], depth: int = 2) -> Iterator[Item]:
     threading.Thread(target=produce, daemon=True, name="noodle-prefetch").start()
     try:
         while True:
-            ok, item = ready.get()
+            ok, item = next_item(ready)
             if not ok:
                 raise item
             if item is done:
@@ -359,7 +360,7 @@ class TokenizerProcess:
     def receive(self) -> tuple[np.ndarray, int, bool]:
         """The ids of the oldest block sent and not yet received, its invalid UTF-8
         sequences and its blankness."""
-        result = self.results.get()
+        result = next_item(self.results)
         if result is None:
             self.fail()
         return result

@@ -11,6 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from noodle.errors import NoodleError, UsageError
+from noodle.interruptible import read_all
 
 END_OF_TEXT = "<|endoftext|>"
 PADDING = "<|padding|>"
@@ -66,7 +67,7 @@ def load_tokenizer(path: str | Path | None = None) -> TextTokenizer:
     """The tokenizer at `path`, or (None or BUNDLED) the packaged GPT-NeoX-20B one."""
     path = packaged_tokenizer_path() if path in (None, BUNDLED) else Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_all(path)
     except FileNotFoundError:
         raise NoodleError(f"{path}: tokenizer file not found") from None
     except OSError as exc:

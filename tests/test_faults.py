@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -115,6 +116,37 @@ def test_sigterm_while_the_tokenizer_is_read_is_an_interruption(trained_base, tm
             os.close(writer)
     assert process.returncode == 143, stderr
     assert stderr == "error: interrupted by SIGTERM\n"
+
+
+def test_a_signal_another_thread_receives_still_interrupts_reading_a_pipe(tmp_path):
+    """The kernel may hand the process's SIGTERM to any of its threads (torch starts some):
+    here a thread of the reading process sends it to itself, while the main thread waits in
+    a read of a pipe whose writer is open and silent."""
+    fifo = tmp_path / "tokenizer.json"
+    os.mkfifo(fifo)
+    program = f"""
+import os, signal, threading, time
+from noodle.cli import sigterm_raises_interrupted
+from noodle.errors import Interrupted
+from noodle.tokenizer import load_tokenizer
+
+def silent_writer_then_signal():
+    writer = os.open({str(fifo)!r}, os.O_WRONLY)  # waits for the reader
+    time.sleep(0.5)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+    time.sleep(60)
+
+with sigterm_raises_interrupted():
+    threading.Thread(target=silent_writer_then_signal, daemon=True).start()
+    try:
+        load_tokenizer({str(fifo)!r})
+    except Interrupted as exc:
+        print("interrupted by", exc)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=30
+    )
+    assert done.stdout == "interrupted by SIGTERM\n", done.stderr
 
 
 # -- two runs, one OUTPUT_DIR -------------------------------------------------------------

@@ -193,8 +193,7 @@ def test_a_wsd_run_that_plateaus_at_its_peak_decays_from_there_and_resumes_so(ti
     resumed.resume()
     assert resumed.state.step == 40 and resumed.schedule == wsd.schedule
     assert asdict(resumed.run()) == asdict(finished)
-    for name, tensor in wsd.model.state_dict().items():
-        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert_same_tensors(wsd.model.state_dict(), resumed.model.state_dict(), "weights")
 
 
 def test_saving_in_the_background_ends_with_the_same_files(tiny_run, tmp_path):
