@@ -42,6 +42,7 @@ from noodle.footprint import (
 from noodle.loss import IGNORE
 from noodle.model import NoodleModel
 from noodle.progress import Reporter
+from noodle.train.settings import TrainSettings
 
 # NVLink multicast (NVLS) off: the GPU machines' operators require it, since a program using
 # it can put a host's shared GPUs out of service. Set wherever an NCCL process group starts,
@@ -139,27 +140,25 @@ class Parallel:
         self,
         config: ModelConfig,
         name: str,
-        batch_size: int,
-        grad_accum: int,
-        optimizer: str,
+        settings: TrainSettings,
         amp_dtype: torch.dtype,
         device: torch.device,
         reporter: Reporter,
         adapters: LoraSettings | None = None,
     ) -> Parallel:
         """This run as it trains `config` (called `name` in messages; through LoRA
-        `adapters`, if given) at `batch_size` over `grad_accum` micro-batches: sharded when
-        a GPU would not hold it whole (see `shard_if_needed`), and refused where this
-        process's device cannot hold its share (see `footprint`): of the weights and their
-        state, or of the frozen weights and the adapters', and a micro-batch's
+        `adapters`, if given) with the batch, micro-batches and optimizer of `settings`:
+        sharded when a GPU would not hold it whole (see `shard_if_needed`), and refused
+        where this process's device cannot hold its share (see `footprint`): of the weights
+        and their state, or of the frozen weights and the adapters', and a micro-batch's
         activations."""
-        parts = self.batch_parts(grad_accum)
+        parts = self.batch_parts(settings.grad_accum)
         activation_bytes = torch.finfo(amp_dtype).bits // 8
 
         def need_for(candidate: ModelConfig, shards: int) -> MemoryNeed:
             return training_need(
                 candidate,
-                batch_size // parts,
+                settings.batch_size // parts,
                 activation_bytes,
                 shards,
                 self.activation_checkpointing,
@@ -169,7 +168,7 @@ class Parallel:
 
         available = available_memory(device)
         whole = need_for(config, 1).total
-        fitted = self.shard_if_needed(whole, available, optimizer, device, reporter)
+        fitted = self.shard_if_needed(whole, available, settings.optimizer, device, reporter)
         shards = fitted.world_size if fitted.fsdp else 1
         require_memory(
             config, lambda candidate: need_for(candidate, shards), name, device, available

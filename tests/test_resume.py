@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import pytest
 from safetensors import safe_open
 
 from noodle.errors import NoodleError
+from noodle.train.loop import Trainer
 from noodle.train.settings import TrainSettings
 from noodle.train.writer import Writer
 from tests.tiny_runs import assert_same_files, assert_same_tensors, read_metrics
@@ -37,26 +39,32 @@ class SimulatedCrash(Exception):
     """Stands for a kill or a power cut: the run stops with no chance to save anything."""
 
 
+def crash_before_step(trainer: Trainer, step: int, saves_at: Callable[[int], bool]) -> None:
+    """Run `trainer`, saving its resume state only after the steps `saves_at` accepts, and
+    crash it as it is about to take step `step + 1`."""
+    trainer.save_due = lambda: saves_at(trainer.state.step)
+    get_batch = trainer.train_data.get
+
+    def get_batch_or_crash(epoch: int, index: int):
+        if trainer.state.step == step:
+            raise SimulatedCrash
+        return get_batch(epoch, index)
+
+    trainer.train_data.get = get_batch_or_crash
+    with pytest.raises(SimulatedCrash):
+        trainer.run()
+
+
 def test_run_resumed_after_a_crash_matches_the_uninterrupted_run(tiny_run, tmp_path):
     reference = tiny_run.trainer(tmp_path / "reference", SETTINGS)
     expected = reference.run()
     assert expected.stopped_early and expected.step == EARLY_STOP_STEP
 
     out = tmp_path / "crashed"
-    crashing = tiny_run.trainer(out, SETTINGS)
     # Save the resume state at the evaluations only, so the crash leaves metrics records
     # past the saved step.
-    crashing.save_due = lambda: crashing.state.step % SETTINGS.eval_interval == 0
-    get_batch = crashing.train_data.get
-
-    def get_batch_or_crash(epoch: int, index: int):
-        if crashing.state.step == CRASH_AT_STEP:
-            raise SimulatedCrash
-        return get_batch(epoch, index)
-
-    crashing.train_data.get = get_batch_or_crash
-    with pytest.raises(SimulatedCrash):
-        crashing.run()
+    crashing = tiny_run.trainer(out, SETTINGS)
+    crash_before_step(crashing, CRASH_AT_STEP, lambda step: step % SETTINGS.eval_interval == 0)
     assert max(m["step"] for m in read_metrics(out)) == CRASH_AT_STEP - 1
 
     # A write the crash cut short left its temporary file; resuming removes it.
@@ -121,17 +129,7 @@ def test_a_run_resumed_with_more_steps_keeps_its_rate_and_decays_the_rest(tiny_r
     settings = replace(SETTINGS, max_steps=60, patience=1000, eval_interval=30, log_interval=1)
     out = tmp_path / "model"
     crashing = tiny_run.trainer(out, settings)
-    crashing.save_due = lambda: crashing.state.step == 30
-    get_batch = crashing.train_data.get
-
-    def get_batch_or_crash(epoch: int, index: int):
-        if crashing.state.step == 31:
-            raise SimulatedCrash
-        return get_batch(epoch, index)
-
-    crashing.train_data.get = get_batch_or_crash
-    with pytest.raises(SimulatedCrash):
-        crashing.run()
+    crash_before_step(crashing, 31, lambda step: step == 30)
     planned = crashing.schedule
 
     resumed = tiny_run.trainer(out, replace(settings, max_steps=90))
@@ -177,18 +175,7 @@ def test_a_wsd_run_that_plateaus_at_its_peak_decays_from_there_and_resumes_so(ti
     assert wsd.schedule.factor(50) == pytest.approx(0.1)
 
     out = tmp_path / "crashed"
-    crashing = tiny_run.trainer(out, wsd_settings)
-    crashing.save_due = lambda: crashing.state.step % wsd_settings.eval_interval == 0
-    get_batch = crashing.train_data.get
-
-    def get_batch_or_crash(epoch: int, index: int):
-        if crashing.state.step == 43:
-            raise SimulatedCrash
-        return get_batch(epoch, index)
-
-    crashing.train_data.get = get_batch_or_crash
-    with pytest.raises(SimulatedCrash):
-        crashing.run()
+    crash_before_step(tiny_run.trainer(out, wsd_settings), 43, lambda step: step % 10 == 0)
     resumed = tiny_run.trainer(out, wsd_settings)
     resumed.resume()
     assert resumed.state.step == 40 and resumed.schedule == wsd.schedule

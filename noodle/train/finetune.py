@@ -105,17 +105,8 @@ def finetune_with(
     amp_dtype = select_dtype(options.dtype, device)
     base = open_model_dir(options.model)
     tokenizer, config = base.tokenizer, base.config
-    parallel = parallel.fit_memory(
-        config,
-        f"model {base.directory}",
-        settings.batch_size,
-        settings.grad_accum,
-        settings.optimizer,
-        amp_dtype,
-        device,
-        reporter,
-        lora,
-    )
+    name = f"model {base.directory}"
+    parallel = parallel.fit_memory(config, name, settings, amp_dtype, device, reporter, lora)
     if Path(options.output_dir).resolve() == base.directory.resolve():
         raise NoodleError(
             f"{options.output_dir} is the base model's directory; fine-tune into another one"

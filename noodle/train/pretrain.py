@@ -125,16 +125,7 @@ def train_with(
     vocabulary = to_learn if tokenizer is None else tokenizer.vocab_size
     preset, config = resolve_model_config(options.model, vocabulary)
     name = f"model {preset}" if preset != "custom" else f"model {options.model}"
-    parallel = parallel.fit_memory(
-        config,
-        name,
-        settings.batch_size,
-        settings.grad_accum,
-        settings.optimizer,
-        amp_dtype,
-        device,
-        reporter,
-    )
+    parallel = parallel.fit_memory(config, name, settings, amp_dtype, device, reporter)
     # A preset's dropout may depend on the corpus: it is checked once the corpus is read.
     known = {"architecture": {k: v for k, v in config.to_dict().items() if k != "dropout"}}
     if tokenizer is not None:
