@@ -210,9 +210,12 @@ def test_batched_muon_steps_as_pytorchs_muon_and_takes_over_its_state(options):
     params, ours, theirs = muon_pair(options)
     count = len(MUON_SHAPES)
     for seed in range(3):
-        set_gradients(params[:count], seed, scale=8.0)
+        # A scale that changes from step to step changes the momentum's mix: dividing by
+        # it (the clipping) shows in the weights and the buffers.
+        scale = 4.0**seed
+        set_gradients(params[:count], seed, scale=scale)
         set_gradients(params[count:], seed)
-        ours.grad_scale, ours.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+        ours.grad_scale, ours.found_inf = torch.tensor(scale), torch.tensor(0.0)
         ours.step()
         theirs.step()
         # A non-finite step between the others: flagged, it leaves no trace.
@@ -228,6 +231,9 @@ def test_batched_muon_steps_as_pytorchs_muon_and_takes_over_its_state(options):
             )
     for mine, reference in zip(params[:count], params[count:], strict=True):
         torch.testing.assert_close(mine, reference, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            ours.state[mine]["momentum_buffer"], theirs.state[reference]["momentum_buffer"]
+        )
 
     resumed = BatchedMuon([nn.Parameter(p.detach().clone()) for p in params[count:]], **options)
     resumed.load_state_dict(copy.deepcopy(theirs.state_dict()))  # as if read from disk
@@ -336,6 +342,7 @@ def test_a_run_replanned_in_its_warm_up_or_flat_stretch_takes_the_new_plan():
 def test_a_plateau_begins_the_wsd_decay_early_and_a_resume_keeps_the_shorter_plan():
     wsd = Schedule("wsd", warmup_steps=10, total_steps=110, decay_fraction=0.2)
     assert wsd.decays_early(50) and not wsd.decays_early(88)
+    assert not wsd.decays_early(5)  # in the warm-up a plateau stops the run, as before
     assert not Schedule("cosine", warmup_steps=10, total_steps=110).decays_early(50)
     early = wsd.decay_now(50)
     assert early.total_steps == 72 and early.decay_start() == 50  # the planned 22-step decay

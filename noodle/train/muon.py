@@ -26,9 +26,11 @@ def orthogonalise(
     stack: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
 ) -> Tensor:
     """The Newton-Schulz iteration of `torch.optim.Muon` in bfloat16, on a stack of wide
-    matrices (rows <= columns) at once."""
+    matrices (rows <= columns) at once; in float32 on a GPU without bfloat16 products
+    (before Ampere), where cuBLAS refuses or emulates them."""
     a, b, c = coefficients
-    x = stack.bfloat16()
+    native = stack.device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
+    x = stack.to(torch.bfloat16 if native else torch.float32)
     norms = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     x = x / norms.clamp(min=eps)
     for _ in range(steps):

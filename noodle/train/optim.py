@@ -104,8 +104,8 @@ class Schedule:
 
     def decays_early(self, step: int) -> bool:
         """Whether a plateau at `step` should begin the decay (see `decay_now`) rather than
-        stop the run: a "wsd" run before its decay has begun."""
-        return self.kind == "wsd" and step < self.decay_start()
+        stop the run: a "wsd" run at its peak rate, past the warm-up and before the decay."""
+        return self.kind == "wsd" and self.warmup_steps <= step < self.decay_start()
 
     def decay_now(self, step: int) -> Schedule:
         """This "wsd" schedule with its decay begun at `step`, over its planned decay length

@@ -34,7 +34,9 @@ from noodle.train.settings import (
 )
 
 # Bumped when the resume state's layout changes; another layout is refused, not misread.
-RESUME_FORMAT = 2
+# Format 3 added the schedule's `requested_steps`, which a format-2 state simply lacks.
+RESUME_FORMAT = 3
+READABLE_RESUME_FORMATS = (2, RESUME_FORMAT)
 
 
 def run_identity(settings: TrainSettings, **parts: object) -> dict:
@@ -131,7 +133,7 @@ def check_resumable(out: ModelDir, identity: dict) -> None:
     """Refuse to resume the run saved in `out` unless it was saved in this layout and
     matches `identity` (or whichever of its parts are given)."""
     saved = out.read_resume_metadata()
-    if saved.get("format") != RESUME_FORMAT:
+    if saved.get("format") not in READABLE_RESUME_FORMATS:
         raise NoodleError(
             f"cannot resume {out.path}: its resume state was written by another version of "
             "noodle; start a new run in another output directory"
