@@ -9,12 +9,13 @@ from dataclasses import asdict, replace
 
 import pytest
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from noodle.errors import NoodleError
 from noodle.train.loop import Trainer
 from noodle.train.settings import TrainSettings
 from noodle.train.writer import Writer
-from tests.tiny_runs import assert_same_files, assert_same_tensors, read_metrics
+from tests.tiny_runs import assert_same_files, assert_same_tensors, read_metrics, saved_tensors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -123,6 +124,23 @@ def test_resume_state_is_one_safetensors_file_of_tensors_and_json(tiny_run, tmp_
         "model.safetensors",
         "resume.safetensors",
     ]
+
+
+def test_a_resume_state_of_format_2_is_still_resumed(tiny_run, tmp_path):
+    """Format 3 added the schedule's requested_steps; a state written before it lacks it."""
+    out = tmp_path / "model"
+    settings = replace(SETTINGS, max_steps=10)
+    tiny_run.trainer(out, settings).run()
+    path = out / "resume.safetensors"
+    with safe_open(path, framework="pt") as reader:
+        state = json.loads(reader.metadata()["state"])
+    tensors = saved_tensors(path)
+    del state["schedule"]["requested_steps"]
+    save_file(tensors, path, metadata={"state": json.dumps({**state, "format": 2})})
+
+    resumed = tiny_run.trainer(out, replace(settings, max_steps=20))
+    resumed.resume()
+    assert resumed.run().step == 20
 
 
 def test_a_run_resumed_with_more_steps_keeps_its_rate_and_decays_the_rest(tiny_run, tmp_path):
