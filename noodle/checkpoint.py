@@ -220,15 +220,7 @@ class ModelDir:
 
     def open_resume_state(self) -> tuple[SavedTensors, dict]:
         """The resume state's tensors (each read when asked for) and its JSON part."""
-        path = self.file(RESUME)
-        if not path.is_file():
-            raise NoodleError(f"nothing to resume: {path} does not exist (start without --resume)")
-        tensors = SavedTensors(path, "corrupt resume state")
-        try:
-            state = json.loads(tensors.metadata()["state"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise NoodleError(f"{path}: corrupt resume state ({exc})") from None
-        return tensors, state
+        return open_resume_state(self.file(RESUME))
 
 
 class SavedTensors(Mapping[str, torch.Tensor]):
@@ -267,6 +259,18 @@ class SavedTensors(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def open_resume_state(path: Path) -> tuple[SavedTensors, dict]:
+    """The tensors (each read when asked for) and the JSON part of the resume state `path`."""
+    if not path.is_file():
+        raise NoodleError(f"nothing to resume: {path} does not exist (start without --resume)")
+    tensors = SavedTensors(path, "corrupt resume state")
+    try:
+        state = json.loads(tensors.metadata()["state"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NoodleError(f"{path}: corrupt resume state ({exc})") from None
+    return tensors, state
 
 
 @dataclass

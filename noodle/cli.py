@@ -400,7 +400,8 @@ def with_training_options(
     """Give a command the options `train` and `finetune` share (with `defaults`, or those
     `choose` gives for the values of the command's own options, e.g. a preset's, for the
     options not given; the help shows `defaults`, those of `preset`); the command receives
-    them as one TrainSettings, its `settings` parameter."""
+    them as one TrainSettings, its `settings` parameter. With --resume, the options not
+    given are the saved run's."""
     options = training_option_types(defaults, preset)
 
     def decorate(command: Callable) -> Callable:
@@ -424,6 +425,11 @@ def with_training_options(
                 for name, value in shared.items()
                 if context.get_parameter_source(name).name != "DEFAULT"
             }
+            if values.get("resume"):  # the saved run's options, unless given again
+                from noodle.train.resume import saved_options
+
+                saved = saved_options(values["output_dir"]).items()
+                given = {**{name: v for name, v in saved if name in options}, **given}
             chosen = defaults if choose is None else choose(values)
             command(settings=resolved_settings(chosen, given), **values)
 

@@ -18,11 +18,20 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from noodle.checkpoint import MODEL_JSON, TOKENIZER, ModelDir, SavedTensors, unwrap
+from noodle.checkpoint import (
+    MODEL_JSON,
+    RESUME,
+    TOKENIZER,
+    ModelDir,
+    SavedTensors,
+    open_resume_state,
+    unwrap,
+)
 from noodle.errors import NoodleError
 from noodle.parallel import Parallel
 from noodle.train.optim import LossScale, Schedule
@@ -59,6 +68,18 @@ def first_difference(
         elif old != value:
             return (*path, key), old, value
     return None
+
+
+def saved_options(output_dir: str) -> dict:
+    """The options (settings an option sets) that the run saved in `output_dir` was started
+    with, by setting name: a resumed run's defaults; none where nothing readable is saved
+    (resuming then fails with its own message)."""
+    try:
+        _, saved = open_resume_state(Path(output_dir) / RESUME)
+    except NoodleError:
+        return {}
+    settings = saved.get("identity", {}).get("settings", {})
+    return {name: value for name, value in settings.items() if SETTING_OPTIONS.get(name)}
 
 
 def recorded_source(out: ModelDir) -> str:
