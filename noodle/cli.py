@@ -398,7 +398,7 @@ def with_training_options(
     preset: str | None = None,
 ) -> Callable[[Callable], Callable]:
     """Give a command the options `train` and `finetune` share (with `defaults`, or those
-    `choose` gives for the values of the command's own options, e.g. a preset's, for the
+    `choose` gives for the values of the command's options, e.g. a preset's, for the
     options not given; the help shows `defaults`, those of `preset`); the command receives
     them as one TrainSettings, its `settings` parameter. With --resume, the options not
     given are the saved run's."""
@@ -430,7 +430,7 @@ def with_training_options(
 
                 saved = saved_options(values["output_dir"]).items()
                 given = {**{name: v for name, v in saved if name in options}, **given}
-            chosen = defaults if choose is None else choose(values)
+            chosen = defaults if choose is None else choose({**values, **shared})
             command(settings=resolved_settings(chosen, given), **values)
 
         run.__signature__ = inspect.Signature(parameters)
@@ -461,10 +461,11 @@ def run_with_reporter(work: Callable[[Reporter], object]) -> None:
 
 def pretrain_defaults(values: dict) -> RunDefaults:
     """The defaults of `train --model` on the device `--backend` gives (somen's differ on a
-    CUDA GPU): the one place the command line looks for a device, so it imports torch."""
+    CUDA GPU), and with --fsdp: the one place the command line looks for a device, so it
+    imports torch."""
     from noodle.device import device_type
 
-    return run_defaults(values["model"], device_type(values["backend"]))
+    return run_defaults(values["model"], device_type(values["backend"]), values["fsdp"])
 
 
 @command()

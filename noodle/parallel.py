@@ -126,10 +126,9 @@ class Parallel:
             )
         if self.fsdp and optimizer == "muon":
             raise UsageError(
-                "--optimizer muon (somen's default on a GPU) cannot train a sharded (FSDP) "
-                "model: its Newton-Schulz step orthogonalises whole matrices, and FSDP gives "
-                "each process a slice of each; use --optimizer adamw with FSDP, or Muon "
-                "without --fsdp"
+                "--optimizer muon cannot train a sharded (FSDP) model: its Newton-Schulz "
+                "step orthogonalises whole matrices, and FSDP gives each process a slice of "
+                "each; use --optimizer adamw with FSDP, or Muon without --fsdp"
             )
 
     def batch_parts(self, grad_accum: int) -> int:

@@ -365,9 +365,9 @@ def test_gradient_accumulation_ends_with_the_weights_of_the_whole_batch(
         ),
         (
             ("--fsdp", "--optimizer", "muon"),
-            "error: --optimizer muon (somen's default on a GPU) cannot train a sharded (FSDP) "
-            "model: its Newton-Schulz step orthogonalises whole matrices, and FSDP gives each "
-            "process a slice of each; use --optimizer adamw with FSDP, or Muon without --fsdp",
+            "error: --optimizer muon cannot train a sharded (FSDP) model: its Newton-Schulz "
+            "step orthogonalises whole matrices, and FSDP gives each process a slice of each; "
+            "use --optimizer adamw with FSDP, or Muon without --fsdp",
         ),
         (
             ("--tokenizer", "bpe:12"),

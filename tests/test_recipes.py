@@ -41,6 +41,9 @@ def test_somen_on_a_cuda_gpu_trains_with_the_measured_recipe_and_elsewhere_as_be
     assert settings_for("somen", "cuda", optimizer="adamw").optimizer == "adamw"
     for preset, device in (("somen", "cpu"), ("somen", "mps"), ("soba", "cuda"), ("udon", "cuda")):
         assert settings_for(preset, device).optimizer == "adamw"
+    # Sharded (--fsdp), where Muon cannot run, somen keeps AdamW and the rest of its recipe.
+    sharded = resolved_settings(run_defaults("somen", "cuda", sharded=True), {})
+    assert (*recipe(sharded), sharded.optimizer) == (64, 3e-3, "wsd", "adamw")
     assert settings_for("somen", "cuda").eval_batches == 7  # still 400 sequences' worth
     # Not measured on a CPU or MPS, nor for larger presets: the original's defaults.
     for device in ("cpu", "mps"):

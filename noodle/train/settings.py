@@ -99,10 +99,12 @@ PRESET_RUN_DEFAULTS = {
 }
 
 
-def run_defaults(model: str, device_type: str) -> RunDefaults:
+def run_defaults(model: str, device_type: str, sharded: bool = False) -> RunDefaults:
     """The defaults of `noodle train --model MODEL` on a device of this type: the preset's,
-    or for a CONFIG.json the general ones."""
-    return PRESET_RUN_DEFAULTS.get(model, PRETRAIN_DEFAULTS).for_device(device_type)
+    or for a CONFIG.json the general ones. A `sharded` (FSDP) run keeps AdamW: Muon
+    orthogonalises whole matrices, and FSDP gives each process a slice of each."""
+    defaults = PRESET_RUN_DEFAULTS.get(model, PRETRAIN_DEFAULTS).for_device(device_type)
+    return replace(defaults, optimizer="adamw") if sharded else defaults
 
 
 FINETUNE_DEFAULTS = RunDefaults(
