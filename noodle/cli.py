@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import math
+import operator
 import os
 import shlex
 import signal
@@ -187,6 +188,13 @@ def training_option_types(
 ) -> dict[str, tuple[object, object]]:
     """The options `train` and `finetune` share: name -> (annotation, default). Their help
     shows `defaults` (those of `preset`, if they differ on a GPU)."""
+
+    def recipe_option(kind: type, description: str, field: str) -> tuple[object, object]:
+        """An option whose default is the field `field` of the defaults."""
+        text = f"{description} " + default_text(defaults, preset, operator.attrgetter(field))
+        annotation = Annotated[kind, typer.Option(help=text, show_default=False)]
+        return annotation, getattr(defaults, field)
+
     return {
         "max_epochs": (
             Annotated[int, typer.Option(help="Passes over the training split.")],
@@ -198,17 +206,7 @@ def training_option_types(
             ],
             defaults.max_steps,
         ),
-        "batch_size": (
-            Annotated[
-                int,
-                typer.Option(
-                    help="Sequences per optimizer step. "
-                    + default_text(defaults, preset, lambda d: d.batch_size),
-                    show_default=False,
-                ),
-            ],
-            defaults.batch_size,
-        ),
+        "batch_size": recipe_option(int, "Sequences per optimizer step.", "batch_size"),
         "lr": (
             Annotated[
                 float | None,
@@ -220,28 +218,14 @@ def training_option_types(
             ],
             None,
         ),
-        "optimizer": (
-            Annotated[
-                str,
-                typer.Option(
-                    help="adamw, or muon (Muon for the blocks' matrices, AdamW for the rest). "
-                    + default_text(defaults, preset, lambda d: d.optimizer),
-                    show_default=False,
-                ),
-            ],
-            defaults.optimizer,
+        "optimizer": recipe_option(
+            str, "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest).", "optimizer"
         ),
-        "schedule": (
-            Annotated[
-                str,
-                typer.Option(
-                    help="Learning rate after the warm-up: cosine (decay to a tenth of the "
-                    "peak) or wsd (flat, then a linear decay over the last fifth). "
-                    + default_text(defaults, preset, lambda d: d.schedule),
-                    show_default=False,
-                ),
-            ],
-            defaults.schedule,
+        "schedule": recipe_option(
+            str,
+            "Learning rate after the warm-up: cosine (decay to a tenth of the peak) or wsd "
+            "(flat, then a linear decay over the last fifth).",
+            "schedule",
         ),
         "grad_accum": (
             Annotated[
