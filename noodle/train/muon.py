@@ -13,6 +13,7 @@ resumes the other's runs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 
@@ -22,15 +23,22 @@ from torch import Tensor
 Bucket = tuple[int, int, torch.dtype, torch.device]
 
 
+@functools.cache
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16, as `torch.optim.Muon` uses; float32 on a GPU without bfloat16 products
+    (before Ampere), where cuBLAS refuses or emulates them."""
+    if device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float32
+
+
 def orthogonalise(
     stack: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float
 ) -> Tensor:
-    """The Newton-Schulz iteration of `torch.optim.Muon` in bfloat16, on a stack of wide
-    matrices (rows <= columns) at once; in float32 on a GPU without bfloat16 products
-    (before Ampere), where cuBLAS refuses or emulates them."""
+    """The Newton-Schulz iteration of `torch.optim.Muon` on a stack of wide matrices
+    (rows <= columns) at once, in `newton_schulz_dtype`."""
     a, b, c = coefficients
-    native = stack.device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
-    x = stack.to(torch.bfloat16 if native else torch.float32)
+    x = stack.to(newton_schulz_dtype(stack.device))
     norms = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     x = x / norms.clamp(min=eps)
     for _ in range(steps):
