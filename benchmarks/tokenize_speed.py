@@ -47,9 +47,9 @@ from typing import NamedTuple
 import tokenizers
 
 from benchmarks.process_memory import TreePeakMemory
+from noodle.cores import available_cores
 from noodle.corpus import (
     BLOCK_BYTES,
-    available_cores,
     flatten_ids,
     text_blocks,
     token_dtype,

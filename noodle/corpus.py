@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import math
 import mmap
 import os
 import queue
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, BinaryIO, NamedTuple, NoReturn, TypeVar
 import numpy as np
 from tokenizers import normalizers
 
+from noodle.cores import available_cores
 from noodle.decoding import as_text
 from noodle.errors import NoodleError
 from noodle.files import atomic_write
@@ -416,32 +416,6 @@ def tokenize_in_processes(
     finally:
         for worker in workers:
             worker.stop()
-
-
-def available_cores() -> int:
-    """The cores this process may use: its CPU affinity, capped by a container's CPU quota
-    (which the affinity does not show)."""
-    if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    return max(1, min(cores, math.ceil(quota))) if quota else cores
-
-
-def cgroup_cpu_quota() -> float | None:
-    """The CPU quota of this process's cgroup in cores (cgroup v2, else v1), or None."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-    except (OSError, ValueError):
-        try:
-            quota = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text().strip()
-            period = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    if quota in ("max", "-1"):
-        return None
-    return int(quota) / int(period)
 
 
 def tokenizer_processes(size: int | None) -> int:

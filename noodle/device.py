@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from noodle.cores import available_cores
 from noodle.errors import NoodleError, UsageError, did_you_mean
 from noodle.memory import keep_freed_memory
 
@@ -65,11 +66,12 @@ def use_free_cores() -> None:
     for the slowest part: a thread whose core is busy with another process stalls them all.
     On the 2-core development machine with other work running, one thread decoded 4-6x and
     trained 1.6-5x faster than two (benchmarks/RESULTS.md); on a quiet machine the load is
-    low and every core is used. The load average is read once, at start."""
+    low and every core is used. A container's CPU quota caps the cores (see
+    `cores.available_cores`). The load average is read once, at start."""
     if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
         return
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(free_core_threads(os.getloadavg()[0], cpus or 1, torch.get_num_threads()))
+    cpus = available_cores()
+    torch.set_num_threads(free_core_threads(os.getloadavg()[0], cpus, torch.get_num_threads()))
 
 
 def describe_device(device: torch.device) -> str:

@@ -27,9 +27,9 @@ import pytest
 from tokenizers import normalizers
 
 from noodle import sources
+from noodle.cores import available_cores
 from noodle.corpus import (
     BlockEncoder,
-    available_cores,
     load_token_stream,
     read_lines,
     text_blocks,
