@@ -7,7 +7,7 @@ seed 1, an evaluation every 10 steps: the run of benchmarks/RESULTS.md's parity 
 The CPU run uses one thread (the CPU figures move at the fourth decimal with the thread
 count); the two runs go side by side.
 
-    PYTHONPATH=. python benchmarks/train_parity.py --device cuda [--json parity.json]
+    PYTHONPATH=. python benchmarks/train_parity.py --device cuda [--optimizer muon] [--json F]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def start_run(
     command += ["--model", str(model), "--backend", backend, "--no-cache"]
     command += ["--max-steps", str(args.steps), "--eval-interval", str(args.eval_interval)]
     command += ["--batch-size", "8", "--lr", "0.003", "--seed", "1"]
+    command += ["--optimizer", args.optimizer]
     command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if threads:
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--eval-interval", type=int, default=10)
     parser.add_argument("--lines", type=int, default=3000, help="lines of story corpus")
     parser.add_argument("--tokenizer", help="a tokenizer.json (default: the bundled one)")
+    parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
     parser.add_argument("--json", help="also write the curves to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

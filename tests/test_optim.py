@@ -13,7 +13,7 @@ from torch import nn
 
 from noodle.config import ModelConfig
 from noodle.model import NoodleModel
-from noodle.train.muon import BatchedMuon
+from noodle.train.muon import BatchedMuon, RecordedUpdate
 from noodle.train.optim import (
     LossScale,
     OptimizerStep,
@@ -243,6 +243,54 @@ def test_batched_muon_steps_as_pytorchs_muon_and_takes_over_its_state(options):
     theirs.step()
     for mine, reference in zip(resumed.param_groups[0]["params"], params[count:], strict=True):
         torch.testing.assert_close(mine, reference, rtol=0, atol=1e-5)
+
+
+class Rerun:
+    """What a CUDA graph does, on the CPU: recording runs nothing, each replay runs the
+    recorded update again from the tensors it was recorded with."""
+
+    def __init__(self, record) -> None:
+        self.record = record
+
+    def replay(self) -> None:
+        self.record()
+
+
+def test_the_recorded_muon_update_steps_as_the_one_issued_op_by_op():
+    """The update a CUDA graph records reads the learning rate, the clipping's divisor, the
+    skip flag and the gradients from tensors of its own: replayed after each step's values
+    are copied in, it steps as BatchedMuon does op by op, skipped steps included."""
+    options = {"lr": 0.02, "adjust_lr_fn": "match_rms_adamw"}
+    params, eager, _ = muon_pair(options)
+    count = len(MUON_SHAPES)
+    replayed_params = [nn.Parameter(p.detach().clone()) for p in params[:count]]
+    replayed = BatchedMuon(replayed_params, **options)
+    recorded = None
+    for seed, (lr, scale, skipped) in enumerate(
+        [(0.02, 1.0, 0.0), (0.01, 2.0, 0.0), (0.005, 8.0, 1.0), (0.001, 3.0, 0.0)]
+    ):
+        for optimizer, ps in ((eager, params[:count]), (replayed, replayed_params)):
+            set_gradients(ps, seed, scale=torch.nan if skipped else scale)
+            optimizer.param_groups[0]["lr"] = lr
+            optimizer.grad_scale, optimizer.found_inf = torch.tensor(scale), torch.tensor(skipped)
+        eager.step()
+        if recorded is None:  # the first step creates the momentum buffers the graph reads
+            replayed.step()
+            stacks = replayed.stacks()
+            matrices = [id(p) for stack in stacks for p in stack.params]
+            recorded = RecordedUpdate(replayed, stacks, matrices, Rerun)
+        else:
+            with torch.no_grad():  # as BatchedMuon.step runs it
+                recorded.run(replayed)
+        for mine, reference in zip(replayed_params, params[:count], strict=True):
+            torch.testing.assert_close(mine, reference, rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                replayed.state[mine]["momentum_buffer"],
+                eager.state[reference]["momentum_buffer"],
+                rtol=0,
+                atol=1e-6,
+            )
+    assert recorded is not None and len(recorded.grads) == 3  # (8, 4) with (4, 8), 6 x 6, 3 x 5
 
 
 def test_float16_loss_scaling_keeps_the_gradients_that_underflow_without_it():

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,20 +59,62 @@ def shaped_as(param: Tensor, wide_matrix: Tensor) -> Tensor:
     return wide_matrix.mT if param.size(0) > param.size(1) else wide_matrix
 
 
+class Stack(NamedTuple):
+    """The matrices of one parameter group that share a shape once made wide."""
+
+    group: dict
+    params: list[Tensor]
+
+
 class BatchedMuon(torch.optim.Muon):
     """`torch.optim.Muon`, batched by shape, with fused AdamW's `grad_scale` and `found_inf`
-    (set them as attributes before `step`, as `torch.amp.GradScaler` does)."""
+    (set them as attributes before `step`, as `torch.amp.GradScaler` does).
+
+    On a CUDA GPU (unless `graphed` is false) its update is recorded as a CUDA graph at its
+    second step and replayed from then on: issued from Python, its hundred-odd kernels
+    took the host longer than the GPU's whole training step on some machines
+    (benchmarks/RESULTS.md). The first step (and the first after loading a state) is
+    issued op by op: it creates the momentum buffers the graph reads and warms up the
+    libraries its kernels come from.
+    """
 
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
+
+    def __init__(self, params, *, graphed: bool = True, **options) -> None:
+        super().__init__(params, **options)
+        self.graphed = graphed
+        self.recorded: RecordedUpdate | None = None
+        self.stepped_op_by_op = False
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # The recorded update reads the momentum buffers this replaced.
+        self.recorded, self.stepped_op_by_op = None, False
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:
         if closure is not None:
             raise ValueError("BatchedMuon.step takes no closure")
-        # 1 where the step goes ahead, 0 where it is skipped: multiplying by it leaves a
-        # skipped step's buffers and weights bit-identical (finite values plus zero).
+        stacks = self.stacks()
+        if not stacks:
+            return
+        if self.graphed and self.stepped_op_by_op and stacks[0].params[0].is_cuda:
+            matrices = [id(p) for stack in stacks for p in stack.params]
+            if self.recorded is None or self.recorded.matrices != matrices:
+                self.recorded = RecordedUpdate(self, stacks, matrices, CudaGraph)
+            self.recorded.run(self)
+            return
         keep = None if self.found_inf is None else 1 - self.found_inf
+        for stack in stacks:
+            grads = torch.stack([wide(p.grad) for p in stack.params])
+            self.update(stack, grads, stack.group["lr"], self.grad_scale, keep)
+        self.stepped_op_by_op = True
+
+    def stacks(self) -> list[Stack]:
+        """The matrices that have a gradient, stacked by group and wide shape (their
+        momentum buffers created where missing)."""
+        stacks = []
         for group in self.param_groups:
             buckets: dict[Bucket, list[Tensor]] = defaultdict(list)
             for param in group["params"]:
@@ -82,16 +126,26 @@ class BatchedMuon(torch.optim.Muon):
                 rows, columns = param.shape
                 key = (min(rows, columns), max(rows, columns), param.dtype, param.device)
                 buckets[key].append(param)
-            for params in buckets.values():
-                self.update(group, params, keep)
+            stacks.extend(Stack(group, params) for params in buckets.values())
+        return stacks
 
-    def update(self, group: dict, params: list[Tensor], keep: Tensor | None) -> None:
-        """One step of the matrices `params`, all of one shape once made wide."""
-        momentum, lr = group["momentum"], group["lr"]
+    def update(
+        self,
+        stack: Stack,
+        grads: Tensor,
+        lr: float | Tensor,
+        grad_scale: Tensor | None,
+        keep: Tensor | None,
+    ) -> None:
+        """One step of the matrices of `stack`, whose gradients `grads` holds stacked wide
+        (and may overwrite). `keep` is 1 where the step goes ahead, 0 where it is skipped:
+        multiplying by it leaves a skipped step's buffers and weights bit-identical (finite
+        values plus zero)."""
+        group, params = stack
+        momentum = group["momentum"]
         buffers = [self.state[p]["momentum_buffer"] for p in params]
-        grads = torch.stack([wide(p.grad) for p in params])
-        if self.grad_scale is not None:
-            grads.div_(self.grad_scale)
+        if grad_scale is not None:
+            grads.div_(grad_scale)
         stacked_buffers = torch.stack([wide(b) for b in buffers])
         if keep is None:
             stacked_buffers.lerp_(grads, 1 - momentum)
@@ -109,13 +163,78 @@ class BatchedMuon(torch.optim.Muon):
         decay = 1 - lr * group["weight_decay"]
         if keep is None:
             torch._foreach_mul_(params, decay)
+            update.mul_(-lr)
         else:
             torch._foreach_mul_(params, 1 - (1 - decay) * keep)
-            update.mul_(keep)
+            update.mul_(-lr * keep)
         updates = [shaped_as(p, u) for p, u in zip(params, update.unbind(), strict=True)]
-        scales = [-lr * update_scale(group["adjust_lr_fn"], p.shape) for p in params]
-        torch._foreach_mul_(updates, scales)
+        torch._foreach_mul_(updates, [update_scale(group["adjust_lr_fn"], p.shape) for p in params])
         torch._foreach_add_(params, updates)
+
+
+class CudaGraph:
+    """`record` captured once as a CUDA graph; `replay` runs its kernels again with one
+    launch."""
+
+    def __init__(self, record: Callable[[], None]) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        # Thread-local: the run's writer thread may copy tensors meanwhile.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            record()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class RecordedUpdate:
+    """A BatchedMuon update of fixed matrices, recorded by `recorder` (`CudaGraph`) from
+    tensors of its own: each step copies the stacked gradients, the learning rates, the
+    clipping's divisor and the skip flag into them, then replays it."""
+
+    def __init__(
+        self,
+        optimizer: BatchedMuon,
+        stacks: list[Stack],
+        matrices: list[int],
+        recorder: Callable[[Callable[[], None]], CudaGraph],
+    ) -> None:
+        self.matrices = matrices  # the ids of the parameters it updates, in order
+        device = stacks[0].params[0].device
+        groups = optimizer.param_groups
+        self.lrs = torch.zeros(len(groups), device=device)
+        self.grad_scale = torch.ones((), device=device)
+        self.found_inf = torch.zeros((), device=device)
+        self.grads = [
+            torch.empty(
+                (len(s.params), *wide(s.params[0]).shape), dtype=s.params[0].dtype, device=device
+            )
+            for s in stacks
+        ]
+        group_index = {id(group): index for index, group in enumerate(groups)}
+        self.lr_of_stack = [self.lrs[group_index[id(s.group)]] for s in stacks]
+
+        def record() -> None:
+            keep = 1 - self.found_inf
+            for stack, grads, lr in zip(stacks, self.grads, self.lr_of_stack, strict=True):
+                optimizer.update(stack, grads, lr, self.grad_scale, keep)
+
+        self.stacks = stacks
+        self.recording = recorder(record)
+
+    def run(self, optimizer: BatchedMuon) -> None:
+        for stack, grads in zip(self.stacks, self.grads, strict=True):
+            torch.stack([wide(p.grad) for p in stack.params], out=grads)
+        for lr, group in zip(self.lrs, optimizer.param_groups, strict=True):
+            lr.fill_(group["lr"])
+        if optimizer.grad_scale is None:
+            self.grad_scale.fill_(1.0)
+        else:
+            self.grad_scale.copy_(optimizer.grad_scale)
+        if optimizer.found_inf is None:
+            self.found_inf.zero_()
+        else:
+            self.found_inf.copy_(optimizer.found_inf)
+        self.recording.replay()
 
 
 def update_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
