@@ -1,7 +1,7 @@
-"""Tokenization speed of the corpus pipeline against the tokenizers library's own ceiling,
+"""Tokenization speed of the corpus pipeline against the encoding libraries' own ceiling,
 with the cores each uses and its peak memory.
 
-Four measurements on one text file, each in a fresh process whose process tree's resident
+Five measurements on one text file, each in a fresh process whose process tree's resident
 memory is sampled (see process_memory.py):
 
 - library, 1 process: `encode_batch_fast` with the library's own parallelism (a Rayon
@@ -10,13 +10,16 @@ memory is sampled (see process_memory.py):
   at line boundaries) with `encode_batch_fast` in blocks of the pipeline's size and take
   the ids out into an array, as any pipeline must; timed from a common start to the last
   one done.
+- tiktoken, N processes: the same with tiktoken's `encode_ordinary` on each line (the
+  library alone: the added tokens that noodle's `tiktoken_bpe` cuts out first are left
+  in the text).
 - noodle, 1 process: `tokenize_to_file` in-process (a thread reads, the encoder runs on all
   cores, the calling thread takes the ids out and writes them), as for a small corpus.
 - noodle, N processes: `tokenize_to_file` as `noodle train` runs it on a large corpus,
   with N tokenizer processes; timed from the start, the processes' start-up included.
 
 N is the number of cores available (or --processes). Runs are interleaved; the best of
---repeats counts, and the faster library measurement is the ceiling. MB/CPU-s is the speed
+--repeats counts, and the fastest library measurement is the ceiling. MB/CPU-s is the speed
 per busy core (CPU time of all processes and threads; on a busy machine the wall-clock
 figures mislead, this less so), and the last line what the main process's own CPU time
 allows, the limit of scaling by more processes.
@@ -41,9 +44,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import tiktoken
 import tokenizers
 
 from benchmarks.process_memory import TreePeakMemory
@@ -57,11 +62,13 @@ from noodle.corpus import (
 )
 from noodle.progress import Reporter
 from noodle.sources import LocalFile
+from noodle.tiktoken_bpe import TiktokenLines
 from noodle.tokenizer import load_tokenizer
 
 MEASUREMENTS = {
     "library-1": "library: encode_batch_fast, 1 process",
     "library-n": "library: encode_batch_fast + ids, N processes",
+    "tiktoken-n": "tiktoken: encode_ordinary + ids, N processes",
     "noodle-1": "noodle: 1 process",
     "noodle-n": "noodle: N tokenizer processes",
 }
@@ -120,25 +127,34 @@ def library_one_process(text: Path, batch_bytes: int) -> Timing:
     return Timing(seconds, cpu_seconds, cpu_seconds)
 
 
-def library_share(text: Path, index: int, count: int) -> None:
+def line_ids(library: str) -> Callable[[list[str]], list[list[int]]]:
+    """Each line's ids by `library` alone (tokenizers or tiktoken)."""
+    tokenizer = load_tokenizer()
+    if library == "tiktoken":
+        encode_line = TiktokenLines(json.loads(tokenizer.raw)).encode_piece
+        return lambda lines: [encode_line(line) for line in lines]
+    encode = tokenizer.backend.encode_batch_fast
+    return lambda lines: [e.ids for e in encode(lines, add_special_tokens=False)]
+
+
+def library_share(text: Path, library: str, index: int, count: int) -> None:
     """One of the N processes: decode its share, say ready, encode when told, say done
     and the CPU time that took."""
-    tokenizer = load_tokenizer()
-    encode, dtype = tokenizer.backend.encode_batch_fast, token_dtype(tokenizer.vocab_size)
+    encode, dtype = line_ids(library), token_dtype(load_tokenizer().vocab_size)
     blocks = list(text_blocks(io.BytesIO(share_of(text, index, count)), BLOCK_BYTES))
     print("ready", flush=True)
     sys.stdin.readline()
     cpu_started = time.process_time()
     for block in blocks:
-        flatten_ids(encode(block.lines, add_special_tokens=False), dtype)
+        flatten_ids(encode(block.lines), dtype)
     print(time.process_time() - cpu_started, flush=True)
 
 
-def library_processes(text: Path, count: int) -> Timing:
+def library_processes(text: Path, library: str, count: int) -> Timing:
     command = [sys.executable, __file__, str(text), "--share"]
     shares = [
         subprocess.Popen(
-            [*command, f"{index}/{count}"],
+            [*command, f"{library}/{index}/{count}"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -177,7 +193,9 @@ def measure(name: str, text: Path, processes: int, batch_bytes: int) -> Timing:
     if name == "library-1":
         return library_one_process(text, batch_bytes)
     if name == "library-n":
-        return library_processes(text, processes)
+        return library_processes(text, "tokenizers", processes)
+    if name == "tiktoken-n":
+        return library_processes(text, "tiktoken", processes)
     return noodle_pipeline(text, processes if name == "noodle-n" else 0)
 
 
@@ -205,7 +223,8 @@ def main() -> None:
     args = parser.parse_args()
     text = decompressed(args.text)
     if args.share:
-        library_share(text, *map(int, args.share.split("/")))
+        library, index, count = args.share.split("/")
+        library_share(text, library, int(index), int(count))
         return
     if args.measure:
         timing = measure(args.measure, text, args.processes, int(args.batch_mb * 1e6))
@@ -216,7 +235,8 @@ def main() -> None:
     print(
         f"{text.name}: {megabytes:,.1f} MB | {available_cores()} cores available, "
         f"N = {args.processes} | {platform.machine()} {os.cpu_count()} CPUs | "
-        f"tokenizers {tokenizers.__version__} | Python {platform.python_version()} | "
+        f"tokenizers {tokenizers.__version__} | tiktoken {tiktoken.__version__} | "
+        f"Python {platform.python_version()} | "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}",
         flush=True,
     )
@@ -231,10 +251,11 @@ def main() -> None:
     cores = {
         "library-1": f"{available_cores()} threads",
         "library-n": f"{args.processes} x 1",
+        "tiktoken-n": f"{args.processes} x 1",
         "noodle-1": f"{available_cores()} threads",
         "noodle-n": f"1 + {args.processes} x 1",
     }
-    ceiling = min(best["library-1"].seconds, best["library-n"].seconds)
+    ceiling = min(best[name].seconds for name in ("library-1", "library-n", "tiktoken-n"))
     header = f"{'cores':>12} {'MB/s':>7} {'of ceiling':>10} {'MB/CPU-s':>9} {'peak RSS':>12}"
     print(f"{'':<46} {header}")
     for name, label in MEASUREMENTS.items():

@@ -92,9 +92,15 @@ def test_parallel_tokenization_matches_the_sequential_reference(tokenizer, proce
         assert blocks[0].blank is (block_bytes < 160) and not blocks[-1].blank
 
 
-def test_the_block_encoder_skips_normalizing_ascii_lines_without_changing_ids(tokenizer):
+@pytest.mark.parametrize("encoder_name", ["tiktoken", "tokenizers"])
+def test_the_block_encoder_skips_normalizing_ascii_lines_without_changing_ids(
+    tokenizer, encoder_name
+):
     own = load_tokenizer()
     encoder = BlockEncoder(own)
+    assert encoder.fast is not None  # the bundled tokenizer is one tiktoken reproduces
+    if encoder_name == "tokenizers":
+        encoder.fast = None
     mixed = TRICKY_TEXT * 3
     for text in (mixed, "only ascii\r\n  here\n", "\n".join(["café ﬁ"] * 3)):
         ids, replaced, blank = encoder(text.encode())

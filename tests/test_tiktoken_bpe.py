@@ -1,0 +1,185 @@
+"""tiktoken's encoder gives the tokenizers library's ids, line by line, wherever it is used."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import random
+
+import pytest
+
+from noodle.corpus import cache_key
+from noodle.tiktoken_bpe import reproducible, tiktoken_lines
+from noodle.tokenizer import TextTokenizer, learn_tokenizer, load_tokenizer
+from tests.stories import story_corpus
+
+SPACE_RUNS = [" " * count for count in range(1, 60)]
+EDGE_TEXTS = [
+    *(run + "\n" for run in SPACE_RUNS),
+    *(f"a{run}b{run}\n" for run in SPACE_RUNS),
+    *(f"{run}indented, then trailing{run}" for run in SPACE_RUNS[:30]),
+    "<|endoftext|>",
+    "end.<|endoftext|>Start  <|endoftext|>   <|padding|>\n",
+    "<|endoftext|><|endoftext|>  \n",
+    "<|endoftext",
+    "|>  <|",
+    "not a special: <|endoftext |>\n",
+    "e\u0301 and e\u0301\u0301, A\u030a, \uac00\u11a8 (decomposed, NFC composes them)\n",
+    "café déjà vu\r\n",
+    "日本語のテキスト、そして絵文字 🍜🍥!\n",
+    "ß ẞ ﬁ Ω ≠ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢\n",
+    "don't I'LL we've they'd it's 'tis\n",
+    "tabs\tand\t\ttabs \t mixed\x0b\x0c\n",
+    "no-break\u00a0space, ideographic\u3000space,\u2009thin\n",
+    "numbers 3.14159 1,000,000 2026-12-02 0x7f\n",
+    "\n",
+    "\r\n",
+    "",
+    "   ",
+    "\x00 control \x1f characters \x7f\n",
+    "\ufffd replaced\n",
+]
+# Every line of a block but its last ends with a newline.
+EDGE_LINES = [text if text.endswith("\n") else text + "\n" for text in EDGE_TEXTS]
+# Lines are encoded joined where that changes nothing: around each newline, whitespace on
+# either side, or none.
+LINE_ENDS = [
+    "word\n",
+    "next\n",
+    "trailing space \n",
+    "after\n",
+    "trailing tab\t\n",
+    "x\n",
+    "\n",
+    "\n",
+    "  indented\n",
+    "\tTab\n",
+    "\r\n",
+    "nbsp\u00a0\n",
+    "\u3000ideographic\n",
+    "\x1cseparator\n",
+    "\u2028line separator\n",
+    "<|endoftext|>\n",
+    " one space\n",
+    "no newline at the end  ",
+]
+
+
+def random_lines(count: int, seed: int) -> list[str]:
+    """Lines of words, punctuation, runs of spaces, specials and non-ASCII text."""
+    rng = random.Random(seed)
+    parts = [
+        "the",
+        "Noodle",
+        "ramen",
+        "é",
+        "e\u0301",
+        "日本",
+        "🍜",
+        "42",
+        "'s",
+        ",",
+        ".",
+        "!?",
+        " ",
+        "  ",
+        "    ",
+        "\t",
+        "<|endoftext|>",
+        "<|padding|>",
+        "\u00a0",
+        "x" * 30,
+    ]
+    return ["".join(rng.choices(parts, k=rng.randint(0, 40))) + "\n" for _ in range(count)]
+
+
+def reference(tokenizer: TextTokenizer, lines: list[str]) -> list[int]:
+    """tokenizers' ids of the lines, each encoded on its own, concatenated."""
+    encodings = tokenizer.backend.encode_batch_fast(lines, add_special_tokens=False)
+    return [token for encoding in encodings for token in encoding.ids]
+
+
+def flat(pieces: list[list[int]]) -> list[int]:
+    return [token for piece in pieces for token in piece]
+
+
+@pytest.fixture(scope="module")
+def bundled() -> TextTokenizer:
+    return load_tokenizer()
+
+
+def test_the_bundled_tokenizer_is_encoded_by_tiktoken_with_its_own_ids(bundled):
+    encode = tiktoken_lines(bundled.raw)
+    assert encode is not None
+    stories = story_corpus(500).splitlines(keepends=True)
+    lines = [*EDGE_LINES, *stories, *random_lines(800, 0), *LINE_ENDS]
+    expected = reference(bundled, lines)
+    assert flat(encode(lines)) == expected
+    # The added tokens of space runs and the specials are really in play.
+    assert {0, 1, 50254, 50276} <= set(expected)
+    for line_ends in itertools.permutations(LINE_ENDS[:-1], 3):
+        assert flat(encode(list(line_ends))) == reference(bundled, list(line_ends))
+
+
+def test_a_learned_tokenizer_is_encoded_by_tiktoken_with_its_own_ids():
+    corpus = story_corpus(400).splitlines(keepends=True) + random_lines(200, 1)
+    learned = learn_tokenizer(corpus, 600)
+    encode = tiktoken_lines(learned.raw)
+    assert encode is not None
+    lines = [*EDGE_LINES, *random_lines(300, 2), *LINE_ENDS]
+    assert flat(encode(lines)) == reference(learned, lines)
+
+
+def variant(raw: bytes, change) -> bytes:
+    spec = copy.deepcopy(json.loads(raw))
+    change(spec)
+    return json.dumps(spec).encode()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda spec: spec["model"].update(dropout=0.1),
+        lambda spec: spec.update(normalizer={"type": "NFKC"}),
+        lambda spec: spec.update(normalizer={"type": "Lowercase"}),
+        lambda spec: spec["pre_tokenizer"].update(add_prefix_space=True),
+        lambda spec: spec.update(pre_tokenizer={"type": "Whitespace"}),
+        lambda spec: spec["model"].update(type="WordPiece"),
+        lambda spec: spec["added_tokens"][2].update(lstrip=True),
+        # Two merges swapped: the second makes a token of a lower id than the first.
+        lambda spec: spec["model"]["merges"].insert(0, spec["model"]["merges"].pop(5)),
+        # A byte that UTF-8 text can hold and the vocabulary lacks.
+        lambda spec: spec["model"]["vocab"].pop("A"),
+    ],
+    ids=[
+        "dropout",
+        "nfkc",
+        "lowercase",
+        "prefix-space",
+        "whitespace-split",
+        "wordpiece",
+        "lstrip",
+        "merge-order",
+        "missing-byte",
+    ],
+)
+def test_a_tokenizer_tiktoken_cannot_reproduce_is_left_to_tokenizers(bundled, change):
+    assert reproducible(json.loads(bundled.raw))
+    assert not reproducible(json.loads(variant(bundled.raw, change)))
+
+
+def test_the_token_cache_records_the_encoder(bundled, monkeypatch):
+    source = {"path": "corpus.txt", "size": 10, "mtime_ns": 1}
+    fast = cache_key(source, bundled)
+    monkeypatch.setattr("noodle.corpus.tiktoken_lines", lambda raw: None)
+    assert cache_key(source, bundled) != fast
+
+
+def test_without_tiktoken_the_tokenizers_library_encodes_alone(bundled, monkeypatch):
+    monkeypatch.setattr("noodle.tiktoken_bpe.tiktoken", None)
+    tiktoken_lines.cache_clear()
+    try:
+        assert tiktoken_lines(bundled.raw) is None
+    finally:
+        tiktoken_lines.cache_clear()
