@@ -19,7 +19,8 @@ from noodle.errors import NoodleError
 from noodle.lora import adapter_parameter_count
 
 FLOAT32_BYTES = 4
-# Weights, gradients and AdamW's two moments, all float32 (Muon keeps less: this bounds it).
+# Weights, gradients and AdamW's two moments, all float32. Muon keeps one moment, and on a
+# GPU its recorded update holds a stacked copy of the gradients besides: about as much.
 TRAINING_BYTES_PER_PARAMETER = 4 * FLOAT32_BYTES
 MEMINFO = Path("/proc/meminfo")
 CGROUP = Path("/sys/fs/cgroup")

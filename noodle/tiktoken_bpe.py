@@ -1,24 +1,30 @@
-"""Corpus lines encoded by tiktoken, for the byte-level BPE tokenizers it reproduces.
+"""Corpus lines encoded by tiktoken, for the bundled GPT-NeoX tokenizer.
 
 tiktoken's encoder does the work of the tokenizers library's byte-level BPE in a third to
 a fifth of the CPU time (benchmarks/RESULTS.md), which is what tokenizing a large corpus
-costs. It merges the pair whose token has the lowest id, where tokenizers applies its merge
-rules in order: the same merges when every rule makes a token of a higher id than the rules
-before it, as BPE training numbers them (checked here, with the rest of what tiktoken can
-reproduce). Around the model, tokenizers' steps are taken in its order: special tokens cut
-the raw text, NFC normalizes the rest, the other added tokens cut it (leftmost, longest
-first), and each piece is split by the byte-level pattern and merged. The ids agree with
-tokenizers' on every corpus compared (RESULTS.md and tests/test_tiktoken_bpe.py); the token
-cache keys name the encoder anyway.
+costs. It merges any adjacent pair whose joined bytes are a token, the lowest id first,
+where tokenizers applies its merge rules in order. For a vocabulary that BPE training made
+those give the same tokens, but a tokenizer.json can hold tokens or rules for which they
+do not (a token no rule makes, a rule out of order), and no cheap check tells them apart:
+tiktoken is used for the bundled tokenizer alone, whose ids it reproduces on every corpus
+compared (RESULTS.md: the whole Gutenberg text; tests/test_tiktoken_bpe.py). Around the
+model, tokenizers' steps are taken in its order, with its own normalizer: the special
+tokens cut the raw text, NFC normalizes the rest, the added tokens of space runs cut it
+(leftmost, longest first), and each piece is split by the byte-level pattern and merged.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
-import unicodedata
 from collections.abc import Callable
+
+from tokenizers import normalizers
+
+from noodle.interruptible import read_all
+from noodle.tokenizer import packaged_tokenizer_path
 
 try:
     import tiktoken
@@ -30,15 +36,6 @@ LineEncoder = Callable[[list[str]], list[list[int]]]
 BYTE_LEVEL_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
-NEVER_IN_UTF8 = {0xC0, 0xC1, *range(0xF5, 0x100)}
-BPE_SETTINGS_REPRODUCED = {
-    "dropout": (None,),
-    "unk_token": (None,),
-    "continuing_subword_prefix": (None, ""),
-    "end_of_word_suffix": (None, ""),
-    "byte_fallback": (False,),
-    "ignore_merges": (None, False),
-}
 
 
 @functools.cache
@@ -51,38 +48,6 @@ def byte_of_character() -> dict[str, int]:
     table = {chr(byte): byte for byte in printable}
     table.update({chr(256 + index): byte for index, byte in enumerate(shifted)})
     return table
-
-
-def reproducible(spec: dict) -> bool:
-    """Whether tiktoken gives this tokenizer.json's ids: a byte-level BPE whose merges make
-    tokens in increasing id order, normalized by NFC or not at all, with added tokens that
-    match plain substrings."""
-    model, pre_tokenizer = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
-    if model.get("type") != "BPE" or any(
-        model.get(key) not in allowed for key, allowed in BPE_SETTINGS_REPRODUCED.items()
-    ):
-        return False
-    if any(pre_tokenizer.get(key) != value for key, value in byte_level.items()):
-        return False
-    if spec.get("normalizer") not in (None, {"type": "NFC"}):
-        return False
-    added = spec.get("added_tokens") or []
-    if any(token[flag] for token in added for flag in ("single_word", "lstrip", "rstrip")):
-        return False
-    vocab, table = model.get("vocab") or {}, byte_of_character()
-    # Every byte that UTF-8 text can hold must be a token (tiktoken has no unknown token).
-    needed = {character for character, byte in table.items() if byte not in NEVER_IN_UTF8}
-    if not needed <= vocab.keys() or not set("".join(vocab)) <= table.keys():
-        return False
-    last = -1
-    for merge in model.get("merges") or []:
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        made = vocab.get(left + right)
-        if made is None or made <= last:
-            return False
-        last = made
-    return True
 
 
 def alternation(tokens: list[str]) -> re.Pattern | None:
@@ -99,10 +64,11 @@ class TiktokenLines:
     def __init__(self, spec: dict) -> None:
         table = byte_of_character()
         added = {token["content"]: token for token in spec.get("added_tokens") or []}
+        added_ids = {token["id"] for token in added.values()}
         ranks = {
             bytes(table[character] for character in token): index
             for token, index in spec["model"]["vocab"].items()
-            if token not in added
+            if index not in added_ids
         }
         self.encode_piece = tiktoken.Encoding(
             "noodle", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens={}
@@ -111,7 +77,8 @@ class TiktokenLines:
         raw = [content for content, token in added.items() if not token["normalized"]]
         normalized = [content for content, token in added.items() if token["normalized"]]
         self.raw_cut, self.normalized_cut = alternation(raw), alternation(normalized)
-        self.nfc = spec.get("normalizer") is not None
+        # tokenizers' own NFC: Python's unicodedata may know a later Unicode version.
+        self.nfc = normalizers.NFC().normalize_str if spec.get("normalizer") else None
         # An ASCII line in which no added token's first two characters appear needs no
         # cutting ("<|" or two spaces for GPT-NeoX's).
         beginnings = alternation(list({content[:2] for content in added}))
@@ -130,7 +97,7 @@ class TiktokenLines:
                 ids.append(self.ids[part])
                 continue
             if self.nfc and not part.isascii():
-                part = unicodedata.normalize("NFC", part)
+                part = self.nfc(part)
             pieces = self.normalized_cut.split(part) if self.normalized_cut else [part]
             for position, piece in enumerate(pieces):
                 if position % 2:
@@ -140,11 +107,15 @@ class TiktokenLines:
         return ids
 
 
+@functools.cache
+def bundled_sha256() -> str:
+    return hashlib.sha256(read_all(packaged_tokenizer_path())).hexdigest()
+
+
 @functools.lru_cache(maxsize=4)
 def tiktoken_lines(tokenizer_json: bytes) -> LineEncoder | None:
-    """tiktoken's line encoder for this tokenizer.json, or None where tiktoken is not
-    installed or cannot reproduce it."""
-    if tiktoken is None:
+    """tiktoken's line encoder for this tokenizer.json: for the bundled tokenizer, where
+    tiktoken is installed; else None."""
+    if tiktoken is None or hashlib.sha256(tokenizer_json).hexdigest() != bundled_sha256():
         return None
-    spec = json.loads(tokenizer_json)
-    return TiktokenLines(spec) if reproducible(spec) else None
+    return TiktokenLines(json.loads(tokenizer_json))

@@ -76,9 +76,15 @@ def reference_ids(tokenizer, text: str) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("processes", "block_sizes"), [(0, (7, 100, 1 << 20)), (2, (64,))], ids=["threads", "2"]
+    ("processes", "block_sizes", "encoder"),
+    [(0, (7, 100, 1 << 20), "tiktoken"), (0, (100,), "tokenizers"), (2, (64,), "tiktoken")],
+    ids=["threads", "threads-tokenizers", "2"],
 )
-def test_parallel_tokenization_matches_the_sequential_reference(tokenizer, processes, block_sizes):
+def test_parallel_tokenization_matches_the_sequential_reference(
+    tokenizer, processes, block_sizes, encoder, monkeypatch
+):
+    if encoder == "tokenizers":
+        monkeypatch.setattr("noodle.corpus.tiktoken_lines", lambda raw: None)
     text = " \n\t\n" * 40 + TRICKY_TEXT * 40
     expected = reference_ids(tokenizer, text)
     # Small blocks put block boundaries everywhere, including inside multi-byte runs' lines,

@@ -13,7 +13,7 @@ from torch import nn
 
 from noodle.config import ModelConfig
 from noodle.model import NoodleModel
-from noodle.train.muon import BatchedMuon, RecordedUpdate
+from noodle.train.muon import BatchedMuon
 from noodle.train.optim import (
     LossScale,
     OptimizerStep,
@@ -247,7 +247,8 @@ def test_batched_muon_steps_as_pytorchs_muon_and_takes_over_its_state(options):
 
 class Rerun:
     """What a CUDA graph does, on the CPU: recording runs nothing, each replay runs the
-    recorded update again from the tensors it was recorded with."""
+    recorded update again from the tensors it was recorded with (unlike a graph, it would
+    see a group's changed settings: see BatchedMuon's doc)."""
 
     def __init__(self, record) -> None:
         self.record = record
@@ -256,41 +257,49 @@ class Rerun:
         self.record()
 
 
-def test_the_recorded_muon_update_steps_as_the_one_issued_op_by_op():
-    """The update a CUDA graph records reads the learning rate, the clipping's divisor, the
-    skip flag and the gradients from tensors of its own: replayed after each step's values
-    are copied in, it steps as BatchedMuon does op by op, skipped steps included."""
+class RecordedOnTheCpu(BatchedMuon):
+    recorder = Rerun
+
+    @staticmethod
+    def records_on(device: torch.device) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
+def test_the_recorded_muon_update_steps_as_the_one_issued_op_by_op(guarded):
+    """From its second step BatchedMuon replays its update, recorded from tensors of its
+    own: with each step's learning rate, divisor and skip flag copied in, it steps as the
+    update issued op by op, a skipped step included; loading a state records it again."""
     options = {"lr": 0.02, "adjust_lr_fn": "match_rms_adamw"}
-    params, eager, _ = muon_pair(options)
+    params, op_by_op, _ = muon_pair(options)
     count = len(MUON_SHAPES)
-    replayed_params = [nn.Parameter(p.detach().clone()) for p in params[:count]]
-    replayed = BatchedMuon(replayed_params, **options)
-    recorded = None
-    for seed, (lr, scale, skipped) in enumerate(
-        [(0.02, 1.0, 0.0), (0.01, 2.0, 0.0), (0.005, 8.0, 1.0), (0.001, 3.0, 0.0)]
-    ):
-        for optimizer, ps in ((eager, params[:count]), (replayed, replayed_params)):
+    recorded_params = [nn.Parameter(p.detach().clone()) for p in params[:count]]
+    recorded = RecordedOnTheCpu(recorded_params, **options)
+    steps = [(0.02, 1.0, 0.0), (0.01, 2.0, 0.0), (0.005, 8.0, 1.0), (0.001, 3.0, 0.0)]
+    steps += [(0.002, 1.0, 0.0)]
+    for seed, (lr, scale, skipped) in enumerate(steps):
+        if seed == 3:  # as a resumed run: new momentum buffers
+            recorded.load_state_dict(copy.deepcopy(recorded.state_dict()))
+        skipped = skipped if guarded else 0.0
+        for optimizer, ps in ((op_by_op, params[:count]), (recorded, recorded_params)):
             set_gradients(ps, seed, scale=torch.nan if skipped else scale)
             optimizer.param_groups[0]["lr"] = lr
-            optimizer.grad_scale, optimizer.found_inf = torch.tensor(scale), torch.tensor(skipped)
-        eager.step()
-        if recorded is None:  # the first step creates the momentum buffers the graph reads
-            replayed.step()
-            stacks = replayed.stacks()
-            matrices = [id(p) for stack in stacks for p in stack.params]
-            recorded = RecordedUpdate(replayed, stacks, matrices, Rerun)
-        else:
-            with torch.no_grad():  # as BatchedMuon.step runs it
-                recorded.run(replayed)
-        for mine, reference in zip(replayed_params, params[:count], strict=True):
+            if guarded:
+                optimizer.grad_scale = torch.tensor(scale)
+                optimizer.found_inf = torch.tensor(skipped)
+        op_by_op.step()
+        recorded.step()
+        assert (recorded.recorded is not None) == (seed in (1, 2, 4))
+        for mine, reference in zip(recorded_params, params[:count], strict=True):
             torch.testing.assert_close(mine, reference, rtol=0, atol=1e-6)
             torch.testing.assert_close(
-                replayed.state[mine]["momentum_buffer"],
-                eager.state[reference]["momentum_buffer"],
+                recorded.state[mine]["momentum_buffer"],
+                op_by_op.state[reference]["momentum_buffer"],
                 rtol=0,
                 atol=1e-6,
             )
-    assert recorded is not None and len(recorded.grads) == 3  # (8, 4) with (4, 8), 6 x 6, 3 x 5
+    assert op_by_op.recorded is None  # a CPU records nothing
+    assert len(recorded.recorded.grads) == 3  # (8, 4) with (4, 8), 6 x 6, 3 x 5
 
 
 def test_float16_loss_scaling_keeps_the_gradients_that_underflow_without_it():

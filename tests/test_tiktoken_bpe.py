@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import random
@@ -10,7 +9,7 @@ import random
 import pytest
 
 from noodle.corpus import cache_key
-from noodle.tiktoken_bpe import reproducible, tiktoken_lines
+from noodle.tiktoken_bpe import tiktoken_lines
 from noodle.tokenizer import TextTokenizer, learn_tokenizer, load_tokenizer
 from tests.stories import story_corpus
 
@@ -122,51 +121,26 @@ def test_the_bundled_tokenizer_is_encoded_by_tiktoken_with_its_own_ids(bundled):
         assert flat(encode(list(line_ends))) == reference(bundled, list(line_ends))
 
 
-def test_a_learned_tokenizer_is_encoded_by_tiktoken_with_its_own_ids():
-    corpus = story_corpus(400).splitlines(keepends=True) + random_lines(200, 1)
-    learned = learn_tokenizer(corpus, 600)
-    encode = tiktoken_lines(learned.raw)
-    assert encode is not None
-    lines = [*EDGE_LINES, *random_lines(300, 2), *LINE_ENDS]
-    assert flat(encode(lines)) == reference(learned, lines)
+def test_combining_marks_are_composed_by_the_tokenizers_own_nfc(bundled):
+    """Python's unicodedata may know a later Unicode version than tokenizers' NFC: marks
+    it gives a combining class are reordered by one and not the other."""
+    encode = tiktoken_lines(bundled.raw)
+    marks = [*range(0x300, 0x370), *range(0x890, 0x8FF), *range(0x1AB0, 0x1B00)]
+    marks += [*range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100), 0xC3C, 0x1E08F]
+    lines = [f"a{chr(mark)}\u0323{chr(mark)}\u0301\n" for mark in marks]
+    lines += ["a\u1dfa\u0323\n", "\u0628\u0650\u08d3\u0650\n"]
+    assert flat(encode(lines)) == reference(bundled, lines)
 
 
-def variant(raw: bytes, change) -> bytes:
-    spec = copy.deepcopy(json.loads(raw))
-    change(spec)
-    return json.dumps(spec).encode()
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        lambda spec: spec["model"].update(dropout=0.1),
-        lambda spec: spec.update(normalizer={"type": "NFKC"}),
-        lambda spec: spec.update(normalizer={"type": "Lowercase"}),
-        lambda spec: spec["pre_tokenizer"].update(add_prefix_space=True),
-        lambda spec: spec.update(pre_tokenizer={"type": "Whitespace"}),
-        lambda spec: spec["model"].update(type="WordPiece"),
-        lambda spec: spec["added_tokens"][2].update(lstrip=True),
-        # Two merges swapped: the second makes a token of a lower id than the first.
-        lambda spec: spec["model"]["merges"].insert(0, spec["model"]["merges"].pop(5)),
-        # A byte that UTF-8 text can hold and the vocabulary lacks.
-        lambda spec: spec["model"]["vocab"].pop("A"),
-    ],
-    ids=[
-        "dropout",
-        "nfkc",
-        "lowercase",
-        "prefix-space",
-        "whitespace-split",
-        "wordpiece",
-        "lstrip",
-        "merge-order",
-        "missing-byte",
-    ],
-)
-def test_a_tokenizer_tiktoken_cannot_reproduce_is_left_to_tokenizers(bundled, change):
-    assert reproducible(json.loads(bundled.raw))
-    assert not reproducible(json.loads(variant(bundled.raw, change)))
+def test_other_tokenizers_are_left_to_the_tokenizers_library(bundled):
+    """tiktoken merges any pair whose bytes are a token; a tokenizer.json other than the
+    bundled one may hold a token no merge rule makes, where tokenizers would not."""
+    learned = learn_tokenizer(story_corpus(400).splitlines(keepends=True), 600)
+    assert tiktoken_lines(learned.raw) is None
+    spec = json.loads(bundled.raw)
+    spec["model"]["vocab"]["Ġqzxv"] = len(spec["model"]["vocab"])
+    assert tiktoken_lines(json.dumps(spec).encode()) is None
+    assert tiktoken_lines(bundled.raw + b" ") is None
 
 
 def test_the_token_cache_records_the_encoder(bundled, monkeypatch):

@@ -66,6 +66,20 @@ class Stack(NamedTuple):
     params: list[Tensor]
 
 
+class CudaGraph:
+    """`record` captured once as a CUDA graph; `replay` runs its kernels again with one
+    launch."""
+
+    def __init__(self, record: Callable[[], None]) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        # Thread-local: the run's writer thread may copy tensors meanwhile.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            record()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
 class BatchedMuon(torch.optim.Muon):
     """`torch.optim.Muon`, batched by shape, with fused AdamW's `grad_scale` and `found_inf`
     (set them as attributes before `step`, as `torch.amp.GradScaler` does).
@@ -75,8 +89,17 @@ class BatchedMuon(torch.optim.Muon):
     took the host longer than the GPU's whole training step on some machines
     (benchmarks/RESULTS.md). The first step (and the first after loading a state) is
     issued op by op: it creates the momentum buffers the graph reads and warms up the
-    libraries its kernels come from.
+    libraries its kernels come from. The recording reads each step's learning rates,
+    `grad_scale` and `found_inf`; the groups' other settings (momentum, weight decay,
+    Newton-Schulz's) are those it was recorded with.
     """
+
+    # What records the update, and on which devices (the tests record on the CPU).
+    recorder: Callable[[Callable[[], None]], CudaGraph] = CudaGraph
+
+    @staticmethod
+    def records_on(device: torch.device) -> bool:
+        return device.type == "cuda"
 
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
@@ -99,11 +122,11 @@ class BatchedMuon(torch.optim.Muon):
         stacks = self.stacks()
         if not stacks:
             return
-        if self.graphed and self.stepped_op_by_op and stacks[0].params[0].is_cuda:
+        if self.graphed and self.stepped_op_by_op and self.records_on(stacks[0].params[0].device):
             matrices = [id(p) for stack in stacks for p in stack.params]
             if self.recorded is None or self.recorded.matrices != matrices:
-                self.recorded = RecordedUpdate(self, stacks, matrices, CudaGraph)
-            self.recorded.run(self)
+                self.recorded = RecordedUpdate(self, stacks, matrices, self.recorder)
+            self.recorded.run()
             return
         keep = None if self.found_inf is None else 1 - self.found_inf
         for stack in stacks:
@@ -172,20 +195,6 @@ class BatchedMuon(torch.optim.Muon):
         torch._foreach_add_(params, updates)
 
 
-class CudaGraph:
-    """`record` captured once as a CUDA graph; `replay` runs its kernels again with one
-    launch."""
-
-    def __init__(self, record: Callable[[], None]) -> None:
-        self.graph = torch.cuda.CUDAGraph()
-        # Thread-local: the run's writer thread may copy tensors meanwhile.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            record()
-
-    def replay(self) -> None:
-        self.graph.replay()
-
-
 class RecordedUpdate:
     """A BatchedMuon update of fixed matrices, recorded by `recorder` (`CudaGraph`) from
     tensors of its own: each step copies the stacked gradients, the learning rates, the
@@ -199,8 +208,10 @@ class RecordedUpdate:
         recorder: Callable[[Callable[[], None]], CudaGraph],
     ) -> None:
         self.matrices = matrices  # the ids of the parameters it updates, in order
+        self.optimizer = optimizer
         device = stacks[0].params[0].device
-        groups = optimizer.param_groups
+        # A group added later holds no matrix recorded here.
+        self.groups = groups = list(optimizer.param_groups)
         self.lrs = torch.zeros(len(groups), device=device)
         self.grad_scale = torch.ones((), device=device)
         self.found_inf = torch.zeros((), device=device)
@@ -221,10 +232,11 @@ class RecordedUpdate:
         self.stacks = stacks
         self.recording = recorder(record)
 
-    def run(self, optimizer: BatchedMuon) -> None:
+    def run(self) -> None:
+        optimizer = self.optimizer
         for stack, grads in zip(self.stacks, self.grads, strict=True):
             torch.stack([wide(p.grad) for p in stack.params], out=grads)
-        for lr, group in zip(self.lrs, optimizer.param_groups, strict=True):
+        for lr, group in zip(self.lrs, self.groups, strict=True):
             lr.fill_(group["lr"])
         if optimizer.grad_scale is None:
             self.grad_scale.fill_(1.0)
