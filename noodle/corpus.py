@@ -239,7 +239,7 @@ def tokenize_in_threads(
 
 class BlockEncoder:
     """Token ids of a block of whole lines, each line encoded on its own, in one thread:
-    by tiktoken where it reproduces the tokenizer (`tiktoken_bpe`), else by tokenizers.
+    by tiktoken for the bundled tokenizer (`tiktoken_bpe`), else by tokenizers.
 
     Unicode normalization (NFC and its kin) leaves ASCII text as it is, so tokenizers
     encodes ASCII lines with the normalizer switched off (13% fewer instructions on
