@@ -210,7 +210,7 @@ def prefetch(items: Iterable[Item], depth: int = 2) -> Iterator[Item]:
 def encode_blocks(
     blocks: Iterable[TextBlock], tokenizer: TextTokenizer
 ) -> Iterator[tuple[TextBlock, list[list[int]]]]:
-    fast = tiktoken_lines(tokenizer.raw)
+    fast = tiktoken_lines(tokenizer)
     # The offset-free batch encoder: Noodle needs only the ids, and offsets cost ~10%.
     encode = tokenizer.backend.encode_batch_fast
     for block in blocks:
@@ -247,7 +247,7 @@ class BlockEncoder:
     """
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
-        self.fast = tiktoken_lines(tokenizer.raw)
+        self.fast = tiktoken_lines(tokenizer)
         self.backend = tokenizer.backend
         self.normalizer = self.backend.normalizer
         self.dtype = token_dtype(tokenizer.vocab_size)
@@ -521,7 +521,7 @@ def tokenize_to_file(
 def cache_key(identity: dict, tokenizer: TextTokenizer) -> str:
     material = {"format": CACHE_FORMAT, "source": identity, "tokenizer": tokenizer.sha256}
     # The encoders agree (tiktoken_bpe), but a cache records which one wrote it.
-    material["encoder"] = "tiktoken" if tiktoken_lines(tokenizer.raw) else "tokenizers"
+    material["encoder"] = "tiktoken" if tiktoken_lines(tokenizer) else "tokenizers"
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from tokenizers import normalizers
 
 from noodle.interruptible import read_all
-from noodle.tokenizer import packaged_tokenizer_path
+from noodle.tokenizer import TextTokenizer, packaged_tokenizer_path
 
 try:
     import tiktoken
@@ -112,10 +112,14 @@ def bundled_sha256() -> str:
     return hashlib.sha256(read_all(packaged_tokenizer_path())).hexdigest()
 
 
-@functools.lru_cache(maxsize=4)
-def tiktoken_lines(tokenizer_json: bytes) -> LineEncoder | None:
-    """tiktoken's line encoder for this tokenizer.json: for the bundled tokenizer, where
-    tiktoken is installed; else None."""
-    if tiktoken is None or hashlib.sha256(tokenizer_json).hexdigest() != bundled_sha256():
+def tiktoken_lines(tokenizer: TextTokenizer) -> LineEncoder | None:
+    """tiktoken's line encoder for `tokenizer`: for the bundled tokenizer, where tiktoken
+    is installed; else None."""
+    if tiktoken is None or tokenizer.sha256 != bundled_sha256():
         return None
+    return bundled_lines(tokenizer.raw)
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_lines(tokenizer_json: bytes) -> TiktokenLines:
     return TiktokenLines(json.loads(tokenizer_json))
