@@ -10,13 +10,15 @@ memory is sampled (see process_memory.py):
   at line boundaries) with `encode_batch_fast` in blocks of the pipeline's size and take
   the ids out into an array, as any pipeline must; timed from a common start to the last
   one done.
-- tiktoken, N processes: the same with tiktoken's `encode_ordinary` on each line (the
-  library alone: the added tokens that noodle's `tiktoken_bpe` cuts out first are left
-  in the text).
+- tiktoken, N processes: the same with tiktoken's `encode_ordinary` on each block whole,
+  with the pattern that keeps lines apart (the library alone: the added tokens that
+  noodle's `tiktoken_bpe` cuts out first are left in the text).
 - noodle, 1 process: `tokenize_to_file` in-process (a thread reads, the encoder runs on all
   cores, the calling thread takes the ids out and writes them), as for a small corpus.
 - noodle, N processes: `tokenize_to_file` as `noodle train` runs it on a large corpus,
   with N tokenizer processes; timed from the start, the processes' start-up included.
+- noodle, N processes' start-up: what the last costs before any text, each process
+  started and its first (one-line) block encoded.
 
 N is the number of cores available (or --processes). Runs are interleaved; the best of
 --repeats counts, and the fastest library measurement is the ceiling. MB/CPU-s is the speed
@@ -55,6 +57,8 @@ from benchmarks.process_memory import TreePeakMemory
 from noodle.cores import available_cores
 from noodle.corpus import (
     BLOCK_BYTES,
+    TextBlock,
+    TokenizerProcess,
     flatten_ids,
     text_blocks,
     token_dtype,
@@ -62,7 +66,7 @@ from noodle.corpus import (
 )
 from noodle.progress import Reporter
 from noodle.sources import LocalFile
-from noodle.tiktoken_bpe import TiktokenLines
+from noodle.tiktoken_bpe import TiktokenText
 from noodle.tokenizer import load_tokenizer
 
 MEASUREMENTS = {
@@ -71,6 +75,7 @@ MEASUREMENTS = {
     "tiktoken-n": "tiktoken: encode_ordinary + ids, N processes",
     "noodle-1": "noodle: 1 process",
     "noodle-n": "noodle: N tokenizer processes",
+    "startup-n": "noodle: N tokenizer processes' start-up",
 }
 
 
@@ -127,26 +132,26 @@ def library_one_process(text: Path, batch_bytes: int) -> Timing:
     return Timing(seconds, cpu_seconds, cpu_seconds)
 
 
-def line_ids(library: str) -> Callable[[list[str]], list[list[int]]]:
-    """Each line's ids by `library` alone (tokenizers or tiktoken)."""
+def block_ids(library: str) -> Callable[[TextBlock], list[list[int]]]:
+    """A block's ids by `library` alone (tokenizers or tiktoken), a list per call."""
     tokenizer = load_tokenizer()
     if library == "tiktoken":
-        encode_line = TiktokenLines(json.loads(tokenizer.raw)).encode_piece
-        return lambda lines: [encode_line(line) for line in lines]
+        encode_text = TiktokenText(json.loads(tokenizer.raw)).encode_piece
+        return lambda block: [encode_text(block.text)]
     encode = tokenizer.backend.encode_batch_fast
-    return lambda lines: [e.ids for e in encode(lines, add_special_tokens=False)]
+    return lambda block: [e.ids for e in encode(block.lines, add_special_tokens=False)]
 
 
 def library_share(text: Path, library: str, index: int, count: int) -> None:
     """One of the N processes: decode its share, say ready, encode when told, say done
     and the CPU time that took."""
-    encode, dtype = line_ids(library), token_dtype(load_tokenizer().vocab_size)
+    encode, dtype = block_ids(library), token_dtype(load_tokenizer().vocab_size)
     blocks = list(text_blocks(io.BytesIO(share_of(text, index, count)), BLOCK_BYTES))
     print("ready", flush=True)
     sys.stdin.readline()
     cpu_started = time.process_time()
     for block in blocks:
-        flatten_ids(encode(block.lines), dtype)
+        flatten_ids(encode(block), dtype)
     print(time.process_time() - cpu_started, flush=True)
 
 
@@ -189,6 +194,20 @@ def noodle_pipeline(text: Path, processes: int) -> Timing:
     return Timing(seconds, main_cpu + workers_cpu, main_cpu, digest)
 
 
+def startup(processes: int) -> Timing:
+    tokenizer = load_tokenizer()
+    started, children_started = time.perf_counter(), children_cpu_seconds()
+    workers = [TokenizerProcess(tokenizer) for _ in range(processes)]
+    for worker in workers:
+        worker.send(b"a line\n")
+    for worker in workers:
+        worker.receive()
+        worker.finish()
+        worker.stop()
+    seconds = time.perf_counter() - started
+    return Timing(seconds, children_cpu_seconds() - children_started, 0.0)
+
+
 def measure(name: str, text: Path, processes: int, batch_bytes: int) -> Timing:
     if name == "library-1":
         return library_one_process(text, batch_bytes)
@@ -196,6 +215,8 @@ def measure(name: str, text: Path, processes: int, batch_bytes: int) -> Timing:
         return library_processes(text, "tokenizers", processes)
     if name == "tiktoken-n":
         return library_processes(text, "tiktoken", processes)
+    if name == "startup-n":
+        return startup(processes)
     return noodle_pipeline(text, processes if name == "noodle-n" else 0)
 
 
@@ -254,12 +275,17 @@ def main() -> None:
         "tiktoken-n": f"{args.processes} x 1",
         "noodle-1": f"{available_cores()} threads",
         "noodle-n": f"1 + {args.processes} x 1",
+        "startup-n": f"{args.processes} x 1",
     }
     ceiling = min(best[name].seconds for name in ("library-1", "library-n", "tiktoken-n"))
     header = f"{'cores':>12} {'MB/s':>7} {'of ceiling':>10} {'MB/CPU-s':>9} {'peak RSS':>12}"
     print(f"{'':<46} {header}")
     for name, label in MEASUREMENTS.items():
         timing = best[name]
+        if name == "startup-n":
+            seconds, cpu_seconds = timing.seconds, timing.cpu_seconds
+            print(f"{label:<46} {cores[name]:>12} {seconds:6.2f} s, {cpu_seconds:.2f} CPU-s")
+            continue
         print(
             f"{label:<46} {cores[name]:>12} {megabytes / timing.seconds:7.1f} "
             f"{ceiling / timing.seconds:10.0%} {megabytes / timing.cpu_seconds:9.2f} "

@@ -10,9 +10,9 @@ A large or unbounded source is tokenized by one process per core: a thread reads
 blocks (for a URL, the download keeps going while we tokenize) and hands them to the
 processes, and the caller's thread writes their ids in order. In one process the work
 would stop scaling at a few cores, because turning encodings into ids holds the GIL. A
-small source is tokenized in this process: a thread reads and decodes, a second one runs
-the Rust encoder (in parallel, GIL released), and the caller's thread turns encodings into
-ids and writes them.
+small source is tokenized in this process: a thread reads and decodes, a second one
+encodes (tiktoken on one core for the bundled tokenizer, else tokenizers' Rust encoder on
+all of them, GIL released) and makes the ids, and the caller's thread writes them.
 
 Token files are cached in `$XDG_CACHE_HOME/noodle` under a key made of the source's
 identity (resolved path + size + mtime; URL + ETag/Last-Modified + length) and the
@@ -50,7 +50,7 @@ from noodle.files import atomic_write
 from noodle.interruptible import next_item
 from noodle.memory import release_free_memory
 from noodle.sources import OpenedSource, parse_source
-from noodle.tiktoken_bpe import tiktoken_lines
+from noodle.tiktoken_bpe import tiktoken_text
 from noodle.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:  # tokenizer processes import this module; they need no progress display
@@ -94,9 +94,13 @@ class LineBlock(NamedTuple):
 
 class TextBlock(NamedTuple):
     nbytes: int
-    lines: list[str]  # each with its newline, except a last line that has none
+    text: str  # whole lines
     replaced: int  # invalid UTF-8 sequences replaced with U+FFFD
     blank: bool  # nothing but whitespace
+
+    @property
+    def lines(self) -> list[str]:
+        return split_lines(self.text)
 
 
 class TokenBlock(NamedTuple):
@@ -106,20 +110,25 @@ class TokenBlock(NamedTuple):
     blank: bool
 
 
-def decode_lines(data: bytes) -> tuple[list[str], int, bool]:
-    """Lines of `data`, each with its newline, the count of invalid UTF-8 sequences, and
-    whether `data` is nothing but (ASCII) whitespace."""
+def decode_text(data: bytes) -> tuple[str, int, bool]:
+    """The text of `data`, the count of its invalid UTF-8 sequences, and whether `data` is
+    nothing but (ASCII) whitespace."""
     try:
         text, replaced = data.decode("utf-8"), 0
     except UnicodeDecodeError:
         text = data.decode("utf-8", errors="replace")
         replaced = text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8"))
+    return text, replaced, not data or data.isspace()
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of `text`, each with its newline, except a last line that has none."""
     lines = text.split("\n")
     last = lines.pop()
     lines = [line + "\n" for line in lines]
     if last:
         lines.append(last)
-    return lines, replaced, not data or data.isspace()
+    return lines
 
 
 def cut_point(data: bytes, max_line_bytes: int) -> int:
@@ -163,7 +172,7 @@ def text_blocks(
 ) -> Iterator[TextBlock]:
     """The stream's text in blocks of about `block_bytes`, cut at line boundaries."""
     for block in line_blocks(stream, block_bytes, max_line_bytes):
-        yield TextBlock(block.nbytes, *decode_lines(block.data))
+        yield TextBlock(block.nbytes, *decode_text(block.data))
 
 
 def prefetch(items: Iterable[Item], depth: int = 2) -> Iterator[Item]:
@@ -209,15 +218,17 @@ def prefetch(items: Iterable[Item], depth: int = 2) -> Iterator[Item]:
 
 def encode_blocks(
     blocks: Iterable[TextBlock], tokenizer: TextTokenizer
-) -> Iterator[tuple[TextBlock, list[list[int]]]]:
-    fast = tiktoken_lines(tokenizer)
+) -> Iterator[tuple[TextBlock, np.ndarray]]:
+    fast = tiktoken_text(tokenizer)
     # The offset-free batch encoder: Noodle needs only the ids, and offsets cost ~10%.
     encode = tokenizer.backend.encode_batch_fast
+    dtype = token_dtype(tokenizer.vocab_size)
     for block in blocks:
         if fast:
-            yield block, fast(block.lines)
+            yield block, np.array(fast(block.text), dtype)
         else:
-            yield block, [e.ids for e in encode(block.lines, add_special_tokens=False)]
+            encodings = encode(block.lines, add_special_tokens=False)
+            yield block, flatten_ids([e.ids for e in encodings], dtype)
 
 
 def flatten_ids(ids: list[list[int]], dtype: np.dtype) -> np.ndarray:
@@ -230,10 +241,8 @@ def tokenize_in_threads(
     stream: BinaryIO, tokenizer: TextTokenizer, block_bytes: int = BLOCK_BYTES
 ) -> Iterator[TokenBlock]:
     """Each block of the stream with its token ids, read and encoded ahead in threads."""
-    dtype = token_dtype(tokenizer.vocab_size)
     blocks = prefetch(text_blocks(stream, block_bytes))
-    for block, line_ids in prefetch(encode_blocks(blocks, tokenizer), depth=1):
-        ids = flatten_ids(line_ids, dtype)
+    for block, ids in prefetch(encode_blocks(blocks, tokenizer), depth=1):
         yield TokenBlock(block.nbytes, ids, block.replaced, block.blank)
 
 
@@ -247,19 +256,18 @@ class BlockEncoder:
     """
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
-        self.fast = tiktoken_lines(tokenizer)
+        self.fast = tiktoken_text(tokenizer)
         self.backend = tokenizer.backend
         self.normalizer = self.backend.normalizer
         self.dtype = token_dtype(tokenizer.vocab_size)
 
     def __call__(self, data: bytes) -> tuple[np.ndarray, int, bool]:
         """The ids of a block of lines, its invalid UTF-8 sequences and its blankness."""
-        lines, replaced, blank = decode_lines(data)
+        text, replaced, blank = decode_text(data)
         if self.fast:
-            line_ids = self.fast(lines)
-        else:
-            line_ids = [e.ids for e in self.encodings(lines, data.isascii())]
-        return flatten_ids(line_ids, self.dtype), replaced, blank
+            return np.array(self.fast(text), self.dtype), replaced, blank
+        encodings = self.encodings(split_lines(text), data.isascii())
+        return flatten_ids([e.ids for e in encodings], self.dtype), replaced, blank
 
     def encodings(self, lines: list[str], all_ascii: bool) -> list:
         if not isinstance(self.normalizer, UNICODE_NORMALIZATIONS):
@@ -521,7 +529,7 @@ def tokenize_to_file(
 def cache_key(identity: dict, tokenizer: TextTokenizer) -> str:
     material = {"format": CACHE_FORMAT, "source": identity, "tokenizer": tokenizer.sha256}
     # The encoders agree (tiktoken_bpe), but a cache records which one wrote it.
-    material["encoder"] = "tiktoken" if tiktoken_lines(tokenizer) else "tokenizers"
+    material["encoder"] = "tiktoken" if tiktoken_text(tokenizer) else "tokenizers"
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 

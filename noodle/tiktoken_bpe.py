@@ -1,4 +1,4 @@
-"""Corpus lines encoded by tiktoken, for the bundled GPT-NeoX tokenizer.
+"""Blocks of corpus lines encoded by tiktoken, for the bundled GPT-NeoX tokenizer.
 
 tiktoken's encoder does the work of the tokenizers library's byte-level BPE in a third to
 a fifth of the CPU time (benchmarks/RESULTS.md), which is what tokenizing a large corpus
@@ -11,6 +11,13 @@ compared (RESULTS.md: the whole Gutenberg text; tests/test_tiktoken_bpe.py). Aro
 model, tokenizers' steps are taken in its order, with its own normalizer: the special
 tokens cut the raw text, NFC normalizes the rest, the added tokens of space runs cut it
 (leftmost, longest first), and each piece is split by the byte-level pattern and merged.
+
+Each line of a corpus is encoded on its own, yet a block of lines is handed to tiktoken
+whole: a call per line costs as much again as the encoding of an average line. The
+block's pattern (`BLOCK_PATTERN`) cuts after every newline, so no piece spans two lines
+and each line's pieces are those of the line alone (see the pattern). None of the steps
+around the model reaches across a newline either: no special or added token holds one,
+and NFC composes no character with a newline.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import functools
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Callable
 
 from tokenizers import normalizers
@@ -31,11 +39,19 @@ try:
 except ImportError:  # an optional speed-up: tokenizers encodes alone without it
     tiktoken = None
 
-LineEncoder = Callable[[list[str]], list[list[int]]]
+TextEncoder = Callable[[str], list[int]]
 # The regular expression of tokenizers' ByteLevel pre-tokenizer (use_regex), GPT-2's.
 BYTE_LEVEL_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
+# The same pieces as BYTE_LEVEL_PATTERN on each line of a block alone. Only the whitespace
+# alternatives can reach across a newline, and at the end of a line, where the line's
+# string ends, `\s+(?!\S)` takes all of the line's trailing whitespace, newline included;
+# the inserted alternative takes that, and is tried only where the alternatives before it
+# failed, as they fail there on a line of its own (placed first, it made tiktoken 5-10%
+# slower). Elsewhere a whitespace run is followed by a non-space on its own line, so the
+# later alternatives match what they match in the line alone.
+BLOCK_PATTERN = BYTE_LEVEL_PATTERN.replace(r"|\s+(?!\S)", r"|[^\S\n]*\n|\s+(?!\S)")
 
 
 @functools.cache
@@ -58,8 +74,9 @@ def alternation(tokens: list[str]) -> re.Pattern | None:
     return re.compile("(" + "|".join(map(re.escape, ordered)) + ")")
 
 
-class TiktokenLines:
-    """Encodes each line on its own, as tokenizers' batch encoder does (see module doc)."""
+class TiktokenText:
+    """The ids of each line of a text encoded on its own, as tokenizers' batch encoder
+    gives them, concatenated (see module doc)."""
 
     def __init__(self, spec: dict) -> None:
         table = byte_of_character()
@@ -71,7 +88,7 @@ class TiktokenLines:
             if index not in added_ids
         }
         self.encode_piece = tiktoken.Encoding(
-            "noodle", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens={}
+            "noodle", pat_str=BLOCK_PATTERN, mergeable_ranks=ranks, special_tokens={}
         ).encode_ordinary
         self.ids = {content: token["id"] for content, token in added.items()}
         raw = [content for content, token in added.items() if not token["normalized"]]
@@ -79,25 +96,20 @@ class TiktokenLines:
         self.raw_cut, self.normalized_cut = alternation(raw), alternation(normalized)
         # tokenizers' own NFC: Python's unicodedata may know a later Unicode version.
         self.nfc = normalizers.NFC().normalize_str if spec.get("normalizer") else None
-        # An ASCII line in which no added token's first two characters appear needs no
+        # An ASCII text in which no added token's first two characters appear needs no
         # cutting ("<|" or two spaces for GPT-NeoX's).
         beginnings = alternation(list({content[:2] for content in added}))
         self.may_cut = beginnings.search if beginnings else None
 
-    def __call__(self, lines: list[str]) -> list[list[int]]:
-        return [self.line(line) for line in lines]
-
-    def line(self, line: str) -> list[int]:
-        plain = line.isascii() or not self.nfc
-        if plain and not (self.may_cut and self.may_cut(line)):
-            return self.encode_piece(line)
+    def __call__(self, text: str) -> list[int]:
+        if text.isascii() and not (self.may_cut and self.may_cut(text)):
+            return self.encode_piece(text)
         ids: list[int] = []
-        for index, part in enumerate(self.raw_cut.split(line) if self.raw_cut else [line]):
+        for index, part in enumerate(self.raw_cut.split(text) if self.raw_cut else [text]):
             if index % 2:
                 ids.append(self.ids[part])
                 continue
-            if self.nfc and not part.isascii():
-                part = self.nfc(part)
+            part = self.normalize(part)
             pieces = self.normalized_cut.split(part) if self.normalized_cut else [part]
             for position, piece in enumerate(pieces):
                 if position % 2:
@@ -106,20 +118,28 @@ class TiktokenLines:
                     ids.extend(self.encode_piece(piece))
         return ids
 
+    def normalize(self, text: str) -> str:
+        """tokenizers' NFC of `text`. Python's own check comes first, at a tenth of the
+        cost: its Unicode version is later than tokenizers' tables, and normalization is
+        stable across versions, so what it finds normalized tokenizers leaves alone."""
+        if not self.nfc or text.isascii() or unicodedata.is_normalized("NFC", text):
+            return text
+        return self.nfc(text)
+
 
 @functools.cache
 def bundled_sha256() -> str:
     return hashlib.sha256(read_all(packaged_tokenizer_path())).hexdigest()
 
 
-def tiktoken_lines(tokenizer: TextTokenizer) -> LineEncoder | None:
-    """tiktoken's line encoder for `tokenizer`: for the bundled tokenizer, where tiktoken
-    is installed; else None."""
+def tiktoken_text(tokenizer: TextTokenizer) -> TextEncoder | None:
+    """tiktoken's encoder of blocks of lines for `tokenizer`: for the bundled tokenizer,
+    where tiktoken is installed; else None."""
     if tiktoken is None or tokenizer.sha256 != bundled_sha256():
         return None
-    return bundled_lines(tokenizer.raw)
+    return bundled_text(tokenizer.raw)
 
 
 @functools.lru_cache(maxsize=1)
-def bundled_lines(tokenizer_json: bytes) -> TiktokenLines:
-    return TiktokenLines(json.loads(tokenizer_json))
+def bundled_text(tokenizer_json: bytes) -> TiktokenText:
+    return TiktokenText(json.loads(tokenizer_json))

@@ -84,7 +84,7 @@ def test_parallel_tokenization_matches_the_sequential_reference(
     tokenizer, processes, block_sizes, encoder, monkeypatch
 ):
     if encoder == "tokenizers":
-        monkeypatch.setattr("noodle.corpus.tiktoken_lines", lambda tokenizer: None)
+        monkeypatch.setattr("noodle.corpus.tiktoken_text", lambda tokenizer: None)
     text = " \n\t\n" * 40 + TRICKY_TEXT * 40
     expected = reference_ids(tokenizer, text)
     # Small blocks put block boundaries everywhere, including inside multi-byte runs' lines,

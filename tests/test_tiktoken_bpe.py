@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import unicodedata
 
 import pytest
 
 from noodle.corpus import cache_key
-from noodle.tiktoken_bpe import tiktoken_lines
+from noodle.tiktoken_bpe import bundled_text, tiktoken_text
 from noodle.tokenizer import TextTokenizer, learn_tokenizer, load_tokenizer
 from tests.stories import story_corpus
 
@@ -41,8 +42,8 @@ EDGE_TEXTS = [
 ]
 # Every line of a block but its last ends with a newline.
 EDGE_LINES = [text if text.endswith("\n") else text + "\n" for text in EDGE_TEXTS]
-# Lines are encoded joined where that changes nothing: around each newline, whitespace on
-# either side, or none.
+# A block's lines are encoded joined, as if each were alone: around each newline,
+# whitespace on either side, or none.
 LINE_ENDS = [
     "word\n",
     "next\n",
@@ -99,57 +100,71 @@ def reference(tokenizer: TextTokenizer, lines: list[str]) -> list[int]:
     return [token for encoding in encodings for token in encoding.ids]
 
 
-def flat(pieces: list[list[int]]) -> list[int]:
-    return [token for piece in pieces for token in piece]
-
-
 @pytest.fixture(scope="module")
 def bundled() -> TextTokenizer:
     return load_tokenizer()
 
 
 def test_the_bundled_tokenizer_is_encoded_by_tiktoken_with_its_own_ids(bundled):
-    encode = tiktoken_lines(bundled)
+    encode = tiktoken_text(bundled)
     assert encode is not None
     stories = story_corpus(500).splitlines(keepends=True)
     lines = [*EDGE_LINES, *stories, *random_lines(800, 0), *LINE_ENDS]
     expected = reference(bundled, lines)
-    assert flat(encode(lines)) == expected
+    assert encode("".join(lines)) == expected
     # The added tokens of space runs and the specials are really in play.
     assert {0, 1, 50254, 50276} <= set(expected)
-    for line_ends in itertools.permutations(LINE_ENDS[:-1], 3):
-        assert flat(encode(list(line_ends))) == reference(bundled, list(line_ends))
+    for line_ends in itertools.permutations(LINE_ENDS, 3):
+        if LINE_ENDS[-1] in line_ends[:-1]:
+            continue  # has no newline: only a block's last line
+        assert encode("".join(line_ends)) == reference(bundled, list(line_ends))
+    for line in EDGE_LINES:  # and each line alone, as a block of one line
+        assert encode(line) == reference(bundled, [line])
 
 
 def test_combining_marks_are_composed_by_the_tokenizers_own_nfc(bundled):
     """Python's unicodedata may know a later Unicode version than tokenizers' NFC: marks
     it gives a combining class are reordered by one and not the other."""
-    encode = tiktoken_lines(bundled)
+    encode = tiktoken_text(bundled)
     marks = [*range(0x300, 0x370), *range(0x890, 0x8FF), *range(0x1AB0, 0x1B00)]
     marks += [*range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100), 0xC3C, 0x1E08F]
     lines = [f"a{chr(mark)}\u0323{chr(mark)}\u0301\n" for mark in marks]
     lines += ["a\u1dfa\u0323\n", "\u0628\u0650\u08d3\u0650\n"]
-    assert flat(encode(lines)) == reference(bundled, lines)
+    assert encode("".join(lines)) == reference(bundled, lines)
+
+
+def test_what_python_finds_normalized_the_tokenizers_nfc_leaves_alone():
+    """The encoder skips tokenizers' NFC where Python's quick check finds text in NFC:
+    whatever Python's Unicode version, for every code point alone, after a letter, and
+    before two marks that NFC reorders and composes."""
+    nfc = bundled_text(load_tokenizer().raw).nfc
+    # Not surrogates (no text), nor the newline that joins the texts into one call.
+    characters = [chr(code) for code in range(0x110000) if not 0xD800 <= code < 0xE000]
+    characters.remove("\n")
+    for template in ("{}", "a{}", "a{}\u0323\u0301"):
+        texts = (template.format(character) for character in characters)
+        normalized = "\n".join(t for t in texts if unicodedata.is_normalized("NFC", t))
+        assert nfc(normalized) == normalized
 
 
 def test_other_tokenizers_are_left_to_the_tokenizers_library(bundled):
     """tiktoken merges any pair whose bytes are a token; a tokenizer.json other than the
     bundled one may hold a token no merge rule makes, where tokenizers would not."""
     learned = learn_tokenizer(story_corpus(400).splitlines(keepends=True), 600)
-    assert tiktoken_lines(learned) is None
+    assert tiktoken_text(learned) is None
     spec = json.loads(bundled.raw)
     spec["model"]["vocab"]["Ġqzxv"] = len(spec["model"]["vocab"])
-    assert tiktoken_lines(TextTokenizer(json.dumps(spec).encode(), "edited")) is None
-    assert tiktoken_lines(TextTokenizer(bundled.raw + b" ", "edited")) is None
+    assert tiktoken_text(TextTokenizer(json.dumps(spec).encode(), "edited")) is None
+    assert tiktoken_text(TextTokenizer(bundled.raw + b" ", "edited")) is None
 
 
 def test_the_token_cache_records_the_encoder(bundled, monkeypatch):
     source = {"path": "corpus.txt", "size": 10, "mtime_ns": 1}
     fast = cache_key(source, bundled)
-    monkeypatch.setattr("noodle.corpus.tiktoken_lines", lambda tokenizer: None)
+    monkeypatch.setattr("noodle.corpus.tiktoken_text", lambda tokenizer: None)
     assert cache_key(source, bundled) != fast
 
 
 def test_without_tiktoken_the_tokenizers_library_encodes_alone(bundled, monkeypatch):
     monkeypatch.setattr("noodle.tiktoken_bpe.tiktoken", None)
-    assert tiktoken_lines(bundled) is None
+    assert tiktoken_text(bundled) is None
