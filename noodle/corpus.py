@@ -50,7 +50,7 @@ from noodle.files import atomic_write
 from noodle.interruptible import next_item
 from noodle.memory import release_free_memory
 from noodle.sources import OpenedSource, parse_source
-from noodle.tiktoken_bpe import tiktoken_text
+from noodle.tiktoken_bpe import tiktoken_for_json, tiktoken_text
 from noodle.tokenizer import TextTokenizer
 
 if TYPE_CHECKING:  # tokenizer processes import this module; they need no progress display
@@ -77,6 +77,15 @@ BLOCKS_PER_PROCESS = 4
 # The frames of a tokenizer process: its input's length before it (the tokenizer.json, then
 # each block); a result's token count, invalid UTF-8 sequences and blankness before its ids.
 BLOCK_HEADER = struct.Struct("<Q")
+# The processes are the parallelism: the libraries' thread pools get one thread each (at
+# import, OpenBLAS would start one thread per core in every process).
+ONE_THREAD = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAYON_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 RESULT_HEADER = struct.Struct("<QQ?")
 UNICODE_NORMALIZATIONS = (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)
 # Part of every cache key: bump it when the token stream of the same text changes.
@@ -248,15 +257,20 @@ def tokenize_in_threads(
 
 class BlockEncoder:
     """Token ids of a block of whole lines, each line encoded on its own, in one thread:
-    by tiktoken for the bundled tokenizer (`tiktoken_bpe`), else by tokenizers.
+    by tiktoken for the bundled tokenizer (`tiktoken_bpe`), else by tokenizers, built
+    from the tokenizer.json only then (a tenth of a tokenizer process's start).
 
     Unicode normalization (NFC and its kin) leaves ASCII text as it is, so tokenizers
     encodes ASCII lines with the normalizer switched off (13% fewer instructions on
     Gutenberg text): the encoder owns its tokenizer.
     """
 
-    def __init__(self, tokenizer: TextTokenizer) -> None:
-        self.fast = tiktoken_text(tokenizer)
+    def __init__(self, tokenizer_json: bytes) -> None:
+        self.fast = tiktoken_for_json(tokenizer_json)
+        if self.fast:
+            self.dtype = token_dtype(self.fast.vocab_size)
+            return
+        tokenizer = TextTokenizer(tokenizer_json, "the tokenizer")
         self.backend = tokenizer.backend
         self.normalizer = self.backend.normalizer
         self.dtype = token_dtype(tokenizer.vocab_size)
@@ -302,10 +316,8 @@ def serve_tokenizer() -> None:
             yield stdin.read(BLOCK_HEADER.unpack(header)[0])
 
     inputs = frames()
-    # The processes are the parallelism: one encoder thread each.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        encode = BlockEncoder(TextTokenizer(next(inputs), "the tokenizer"))
+        encode = BlockEncoder(next(inputs))
     except (StopIteration, NoodleError) as exc:  # the command ended, or a bug
         sys.exit(str(exc))
     for data in inputs:
@@ -331,7 +343,7 @@ class TokenizerProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.errors,
-            env={**os.environ, "PYTHONPATH": path},
+            env={**os.environ, **ONE_THREAD, "PYTHONPATH": path},
             # Out of the terminal's process group: Ctrl-C reaches the command alone, which
             # then stops its tokenizer processes.
             start_new_session=True,

@@ -27,7 +27,6 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Callable
 
 from tokenizers import normalizers
 
@@ -39,7 +38,6 @@ try:
 except ImportError:  # an optional speed-up: tokenizers encodes alone without it
     tiktoken = None
 
-TextEncoder = Callable[[str], list[int]]
 # The regular expression of tokenizers' ByteLevel pre-tokenizer (use_regex), GPT-2's.
 BYTE_LEVEL_PATTERN = (
     r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -82,6 +80,7 @@ class TiktokenText:
         table = byte_of_character()
         added = {token["content"]: token for token in spec.get("added_tokens") or []}
         added_ids = {token["id"] for token in added.values()}
+        self.vocab_size = max([*spec["model"]["vocab"].values(), *added_ids]) + 1
         ranks = {
             bytes(table[character] for character in token): index
             for token, index in spec["model"]["vocab"].items()
@@ -132,12 +131,19 @@ def bundled_sha256() -> str:
     return hashlib.sha256(read_all(packaged_tokenizer_path())).hexdigest()
 
 
-def tiktoken_text(tokenizer: TextTokenizer) -> TextEncoder | None:
+def tiktoken_text(tokenizer: TextTokenizer) -> TiktokenText | None:
     """tiktoken's encoder of blocks of lines for `tokenizer`: for the bundled tokenizer,
     where tiktoken is installed; else None."""
     if tiktoken is None or tokenizer.sha256 != bundled_sha256():
         return None
     return bundled_text(tokenizer.raw)
+
+
+def tiktoken_for_json(tokenizer_json: bytes) -> TiktokenText | None:
+    """`tiktoken_text` of a tokenizer.json, without building the tokenizer."""
+    if tiktoken is None or hashlib.sha256(tokenizer_json).hexdigest() != bundled_sha256():
+        return None
+    return bundled_text(tokenizer_json)
 
 
 @functools.lru_cache(maxsize=1)
