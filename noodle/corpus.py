@@ -6,9 +6,9 @@ tokenized on its own with the tokenizer's batch API, and the ids go straight to 
 uint16/uint32 file that training memory-maps. Memory is bounded by a few blocks in flight,
 never by the corpus.
 
-A large or unbounded source is tokenized by one process per core: a thread reads the next
-blocks (for a URL, the download keeps going while we tokenize) and hands them to the
-processes, and the caller's thread writes their ids in order. In one process the work
+A large or unbounded source is tokenized by one process per core (`tokenizer_worker`): a
+thread reads the next blocks (for a URL, the download keeps going while we tokenize) and
+hands them to the processes, and the caller's thread writes their ids in order. In one process the work
 would stop scaling at a few cores, because turning encodings into ids holds the GIL. A
 small source is tokenized in this process: a thread reads and decodes, a second one
 encodes (tiktoken on one core for the bundled tokenizer, else tokenizers' Rust encoder on
@@ -30,7 +30,6 @@ import json
 import mmap
 import os
 import queue
-import struct
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, NoReturn, TypeVar
 
 import numpy as np
-from tokenizers import normalizers
 
 from noodle.cores import available_cores
 from noodle.decoding import as_text
@@ -50,8 +48,16 @@ from noodle.files import atomic_write
 from noodle.interruptible import next_item
 from noodle.memory import release_free_memory
 from noodle.sources import OpenedSource, parse_source
-from noodle.tiktoken_bpe import tiktoken_for_json, tiktoken_text
+from noodle.tiktoken_bpe import tiktoken_text
 from noodle.tokenizer import TextTokenizer
+from noodle.tokenizer_worker import (
+    BLOCK_HEADER,
+    ONE_THREAD,
+    RESULT_HEADER,
+    decode_text,
+    split_lines,
+    token_itemsize,
+)
 
 if TYPE_CHECKING:  # tokenizer processes import this module; they need no progress display
     from noodle.progress import Reporter
@@ -66,31 +72,16 @@ BLOCK_BYTES = 1 << 19
 # A line longer than this is cut between two words (see `cut_point`) so memory stays bounded
 # even for text without newlines.
 MAX_LINE_BYTES = 1 << 20
-# A tokenizer process costs about half a second of one core to start (an interpreter and the
-# tokenizer): each gets at least this much text, and a source with less than twice this is
-# tokenized in this process.
+# A tokenizer process costs a fifth to a third of a second of one core to start (an
+# interpreter and the tokenizer; RESULTS.md): each gets at least this much text, and a
+# source with less than twice this is tokenized in this process.
 MIN_BYTES_PER_PROCESS = 4 << 20
 # Blocks handed to the tokenizer processes and not yet written, per process: enough slack
 # for the others to go on while one is slow with a block (results are written in order),
 # few enough to bound memory (with 16 processes, ~50 MB of text and ids).
 BLOCKS_PER_PROCESS = 4
-# The frames of a tokenizer process: its input's length before it (the tokenizer.json, then
-# each block); a result's token count, invalid UTF-8 sequences and blankness before its ids.
-BLOCK_HEADER = struct.Struct("<Q")
-# The processes are the parallelism: the libraries' thread pools get one thread each (at
-# import, OpenBLAS would start one thread per core in every process).
-ONE_THREAD = {
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAYON_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
-RESULT_HEADER = struct.Struct("<QQ?")
-UNICODE_NORMALIZATIONS = (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)
 # Part of every cache key: bump it when the token stream of the same text changes.
 CACHE_FORMAT = 1
-REPLACEMENT = "\ufffd"
 ASCII_WHITESPACE = b" \t\n\r\x0b\x0c"
 
 Item = TypeVar("Item")
@@ -117,27 +108,6 @@ class TokenBlock(NamedTuple):
     ids: np.ndarray
     replaced: int
     blank: bool
-
-
-def decode_text(data: bytes) -> tuple[str, int, bool]:
-    """The text of `data`, the count of its invalid UTF-8 sequences, and whether `data` is
-    nothing but (ASCII) whitespace."""
-    try:
-        text, replaced = data.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        replaced = text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8"))
-    return text, replaced, not data or data.isspace()
-
-
-def split_lines(text: str) -> list[str]:
-    """The lines of `text`, each with its newline, except a last line that has none."""
-    lines = text.split("\n")
-    last = lines.pop()
-    lines = [line + "\n" for line in lines]
-    if last:
-        lines.append(last)
-    return lines
 
 
 def cut_point(data: bytes, max_line_bytes: int) -> int:
@@ -255,87 +225,15 @@ def tokenize_in_threads(
         yield TokenBlock(block.nbytes, ids, block.replaced, block.blank)
 
 
-class BlockEncoder:
-    """Token ids of a block of whole lines, each line encoded on its own, in one thread:
-    by tiktoken for the bundled tokenizer (`tiktoken_bpe`), else by tokenizers, built
-    from the tokenizer.json only then (a tenth of a tokenizer process's start).
-
-    Unicode normalization (NFC and its kin) leaves ASCII text as it is, so tokenizers
-    encodes ASCII lines with the normalizer switched off (13% fewer instructions on
-    Gutenberg text): the encoder owns its tokenizer.
-    """
-
-    def __init__(self, tokenizer_json: bytes) -> None:
-        self.fast = tiktoken_for_json(tokenizer_json)
-        if self.fast:
-            self.dtype = token_dtype(self.fast.vocab_size)
-            return
-        tokenizer = TextTokenizer(tokenizer_json, "the tokenizer")
-        self.backend = tokenizer.backend
-        self.normalizer = self.backend.normalizer
-        self.dtype = token_dtype(tokenizer.vocab_size)
-
-    def __call__(self, data: bytes) -> tuple[np.ndarray, int, bool]:
-        """The ids of a block of lines, its invalid UTF-8 sequences and its blankness."""
-        text, replaced, blank = decode_text(data)
-        if self.fast:
-            return np.array(self.fast(text), self.dtype), replaced, blank
-        encodings = self.encodings(split_lines(text), data.isascii())
-        return flatten_ids([e.ids for e in encodings], self.dtype), replaced, blank
-
-    def encodings(self, lines: list[str], all_ascii: bool) -> list:
-        if not isinstance(self.normalizer, UNICODE_NORMALIZATIONS):
-            return self.encode(lines)
-        if all_ascii:
-            return self.encode(lines, normalize=False)
-        is_ascii = [line.isascii() for line in lines]
-        ascii_lines = [line for line, flag in zip(lines, is_ascii, strict=True) if flag]
-        other_lines = [line for line, flag in zip(lines, is_ascii, strict=True) if not flag]
-        ascii_encodings = iter(self.encode(ascii_lines, normalize=False))
-        other_encodings = iter(self.encode(other_lines))
-        return [next(ascii_encodings if flag else other_encodings) for flag in is_ascii]
-
-    def encode(self, lines: list[str], normalize: bool = True) -> list:
-        if normalize:
-            return self.backend.encode_batch_fast(lines, add_special_tokens=False)
-        self.backend.normalizer = None  # switching costs ~40 us
-        try:
-            return self.backend.encode_batch_fast(lines, add_special_tokens=False)
-        finally:
-            self.backend.normalizer = self.normalizer
-
-
-def serve_tokenizer() -> None:
-    """A tokenizer process: reads from standard input the tokenizer.json, then blocks of
-    lines, each frame its 8-byte length and its bytes; writes for each block a RESULT_HEADER
-    and the ids. Ends at the end of its input, which comes when the command ends or dies."""
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-
-    def frames() -> Iterator[bytes]:
-        while header := stdin.read(BLOCK_HEADER.size):
-            yield stdin.read(BLOCK_HEADER.unpack(header)[0])
-
-    inputs = frames()
-    try:
-        encode = BlockEncoder(next(inputs))
-    except (StopIteration, NoodleError) as exc:  # the command ended, or a bug
-        sys.exit(str(exc))
-    for data in inputs:
-        ids, replaced, blank = encode(data)
-        stdout.write(RESULT_HEADER.pack(len(ids), replaced, blank))
-        stdout.write(ids.data)
-        stdout.flush()
-
-
 class TokenizerProcess:
-    """A running `serve_tokenizer`. One thread writes its blocks and one collects its
+    """A running `tokenizer_worker`. One thread writes its blocks and one collects its
     results, so that it never waits on the caller, who takes the results in order (and on
     its slowest process)."""
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
         package_root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-        command = "from noodle.corpus import serve_tokenizer; serve_tokenizer()"
+        command = "from noodle.tokenizer_worker import serve; serve()"
         # Read only if it fails; a file, because a pipe nobody reads could fill and stall it.
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop)
         self.process = subprocess.Popen(
@@ -469,7 +367,7 @@ def token_blocks(
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    return np.dtype(f"u{token_itemsize(vocab_size)}")
 
 
 def cache_dir() -> Path:

@@ -29,7 +29,6 @@ from tokenizers import normalizers
 from noodle import sources
 from noodle.cores import available_cores
 from noodle.corpus import (
-    BlockEncoder,
     load_token_stream,
     read_lines,
     text_blocks,
@@ -41,6 +40,7 @@ from noodle.errors import NoodleError, UsageError
 from noodle.progress import Reporter
 from noodle.sources import LocalFile, WebFile, hf_url
 from noodle.tokenizer import load_tokenizer
+from noodle.tokenizer_worker import BlockEncoder
 from tests.conftest import noodle_command, noodle_env, run_noodle, story_corpus
 
 # Multi-byte characters, CRLF line ends, blank lines, the end-of-text marker, a line of

@@ -4,6 +4,9 @@ the model knows nothing of the command line, devices or distribution."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
@@ -52,3 +55,12 @@ def test_the_model_imports_nothing_of_the_cli_devices_or_distribution():
     )
     text = (PACKAGE / "model.py").read_text()
     assert "torch.distributed" not in text and "typer" not in text
+
+
+def test_a_tokenizer_process_loads_only_the_encoders():
+    """One starts per core, all at once: numpy alone would triple their start."""
+    code = "import sys, noodle.tokenizer_worker; print(sorted(sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    loaded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    modules = {name.split(".")[0] for name in ast.literal_eval(loaded.stdout)}
+    assert "tokenizers" in modules and not modules & {"numpy", "torch", "rich", "typer"}
