@@ -13,8 +13,9 @@ memory is sampled (see process_memory.py):
 - tiktoken, N processes: the same with tiktoken's `encode_ordinary` on each block whole,
   with the pattern that keeps lines apart (the library alone: the added tokens that
   noodle's `tiktoken_bpe` cuts out first are left in the text).
-- noodle, 1 process: `tokenize_to_file` in-process (a thread reads, the encoder runs on all
-  cores, the calling thread takes the ids out and writes them), as for a small corpus.
+- noodle, 1 process: `tokenize_to_file` in-process (a thread reads, another encodes: on
+  one core with tiktoken, on all with tokenizers; the calling thread writes the ids), as
+  for a small corpus.
 - noodle, N processes: `tokenize_to_file` as `noodle train` runs it on a large corpus,
   with N tokenizer processes; timed from the start, the processes' start-up included.
 - noodle, N processes' start-up: what the last costs before any text, each process
@@ -66,7 +67,7 @@ from noodle.corpus import (
 )
 from noodle.progress import Reporter
 from noodle.sources import LocalFile
-from noodle.tiktoken_bpe import TiktokenText
+from noodle.tiktoken_bpe import TiktokenText, tiktoken_text
 from noodle.tokenizer import load_tokenizer
 
 MEASUREMENTS = {
@@ -273,7 +274,8 @@ def main() -> None:
         "library-1": f"{available_cores()} threads",
         "library-n": f"{args.processes} x 1",
         "tiktoken-n": f"{args.processes} x 1",
-        "noodle-1": f"{available_cores()} threads",
+        # tiktoken encodes in one thread; tokenizers in a thread per core.
+        "noodle-1": "1" if tiktoken_text(load_tokenizer()) else f"{available_cores()} threads",
         "noodle-n": f"1 + {args.processes} x 1",
         "startup-n": f"{args.processes} x 1",
     }

@@ -2,17 +2,17 @@
 token cache.
 
 Every source is streamed in blocks cut at line boundaries; each line (newline kept) is
-tokenized on its own with the tokenizer's batch API, and the ids go straight to a flat
-uint16/uint32 file that training memory-maps. Memory is bounded by a few blocks in flight,
-never by the corpus.
+tokenized on its own (by tiktoken for the bundled tokenizer, else by the tokenizer's batch
+API), and the ids go straight to a flat uint16/uint32 file that training memory-maps.
+Memory is bounded by a few blocks in flight, never by the corpus.
 
 A large or unbounded source is tokenized by one process per core (`tokenizer_worker`): a
 thread reads the next blocks (for a URL, the download keeps going while we tokenize) and
-hands them to the processes, and the caller's thread writes their ids in order. In one process the work
-would stop scaling at a few cores, because turning encodings into ids holds the GIL. A
-small source is tokenized in this process: a thread reads and decodes, a second one
-encodes (tiktoken on one core for the bundled tokenizer, else tokenizers' Rust encoder on
-all of them, GIL released) and makes the ids, and the caller's thread writes them.
+hands them to the processes, and the caller's thread writes their ids in order. In one
+process the work would stop scaling at a few cores, because turning encodings into ids
+holds the GIL. A small source is tokenized in this process: a thread reads and decodes, a
+second one encodes (tiktoken on one core, or tokenizers' Rust encoder on all of them, GIL
+released) and makes the ids, and the caller's thread writes them.
 
 Token files are cached in `$XDG_CACHE_HOME/noodle` under a key made of the source's
 identity (resolved path + size + mtime; URL + ETag/Last-Modified + length) and the
