@@ -346,8 +346,11 @@ def test_gradient_accumulation_ends_with_the_weights_of_the_whole_batch(
     whole.run()
     split = run.trainer(tmp_path / "split", replace(settings, grad_accum=2))
     split.run()
+    # The halves' sums round differently, and Adam's division by the root of the second
+    # moment enlarges that on rarely seen tokens' rows: up to 3.3e-6 after 12 steps on an
+    # AMD EPYC. A wrong accumulation would be off by the learning rate's scale (3e-3).
     for name, tensor in whole.model.state_dict().items():
-        torch.testing.assert_close(split.model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(split.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
