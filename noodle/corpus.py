@@ -52,7 +52,6 @@ from noodle.tiktoken_bpe import tiktoken_text
 from noodle.tokenizer import TextTokenizer
 from noodle.tokenizer_worker import (
     BLOCK_HEADER,
-    ONE_THREAD,
     RESULT_HEADER,
     decode_text,
     split_lines,
@@ -94,7 +93,7 @@ class LineBlock(NamedTuple):
 
 class TextBlock(NamedTuple):
     nbytes: int
-    text: str  # whole lines
+    text: str  # whole lines, each with its newline, except maybe a last one
     replaced: int  # invalid UTF-8 sequences replaced with U+FFFD
     blank: bool  # nothing but whitespace
 
@@ -241,7 +240,7 @@ class TokenizerProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.errors,
-            env={**os.environ, **ONE_THREAD, "PYTHONPATH": path},
+            env={**os.environ, "PYTHONPATH": path},
             # Out of the terminal's process group: Ctrl-C reaches the command alone, which
             # then stops its tokenizer processes.
             start_new_session=True,

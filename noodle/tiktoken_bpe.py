@@ -38,18 +38,18 @@ try:
 except ImportError:  # an optional speed-up: tokenizers encodes alone without it
     tiktoken = None
 
-# The regular expression of tokenizers' ByteLevel pre-tokenizer (use_regex), GPT-2's.
-BYTE_LEVEL_PATTERN = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
-# The same pieces as BYTE_LEVEL_PATTERN on each line of a block alone. Only the whitespace
-# alternatives can reach across a newline, and at the end of a line, where the line's
-# string ends, `\s+(?!\S)` takes all of the line's trailing whitespace, newline included;
-# the inserted alternative takes that, and is tried only where the alternatives before it
-# failed, as they fail there on a line of its own (placed first, it made tiktoken 5-10%
-# slower). Elsewhere a whitespace run is followed by a non-space on its own line, so the
-# later alternatives match what they match in the line alone.
-BLOCK_PATTERN = BYTE_LEVEL_PATTERN.replace(r"|\s+(?!\S)", r"|[^\S\n]*\n|\s+(?!\S)")
+# The regular expression of tokenizers' ByteLevel pre-tokenizer (use_regex), GPT-2's, is
+# these alternatives for words, numbers and punctuation, then these for whitespace.
+WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
+WHITESPACE = r"\s+(?!\S)|\s+"
+# The pieces that pattern, WORDS|WHITESPACE, makes of each line of a block alone. Only the
+# whitespace alternatives can reach across a newline, and at the end of a line, where the
+# line's string ends, `\s+(?!\S)` takes all of the line's trailing whitespace, newline
+# included; the inserted alternative takes that, and is tried only where the alternatives
+# before it failed, as they fail there on a line of its own (placed first, it made tiktoken
+# 5-10% slower). Elsewhere a whitespace run is followed by a non-space on its own line, so
+# the later alternatives match what they match in the line alone.
+BLOCK_PATTERN = rf"{WORDS}|[^\S\n]*\n|{WHITESPACE}"
 
 
 @functools.cache
@@ -119,8 +119,11 @@ class TiktokenText:
 
     def normalize(self, text: str) -> str:
         """tokenizers' NFC of `text`. Python's own check comes first, at a tenth of the
-        cost: its Unicode version is later than tokenizers' tables, and normalization is
-        stable across versions, so what it finds normalized tokenizers leaves alone."""
+        cost: what it finds normalized, tokenizers leaves alone, because Python's Unicode
+        version is the later one (a test checks every code point): normalization is stable
+        across versions for the characters both know, and a character only the later one
+        knows is, to the earlier tables, a starter that nothing composes with, which can
+        only keep them from changing the text."""
         if not self.nfc or text.isascii() or unicodedata.is_normalized("NFC", text):
             return text
         return self.nfc(text)

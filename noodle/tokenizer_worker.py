@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import array
 import itertools
+import os
 import struct
 import sys
 from collections.abc import Iterator
 
-from tokenizers import normalizers
+from tokenizers import Tokenizer, normalizers
+from tokenizers.normalizers import Normalizer
 
 from noodle.errors import NoodleError
 from noodle.tiktoken_bpe import tiktoken_for_json
@@ -25,8 +27,6 @@ from noodle.tokenizer import TextTokenizer
 # result's token count, invalid UTF-8 sequences and blankness before its ids.
 BLOCK_HEADER = struct.Struct("<Q")
 RESULT_HEADER = struct.Struct("<QQ?")
-# The processes are the parallelism: one encoder thread each.
-ONE_THREAD = {"TOKENIZERS_PARALLELISM": "false"}
 UNICODE_NORMALIZATIONS = (normalizers.NFC, normalizers.NFD, normalizers.NFKC, normalizers.NFKD)
 REPLACEMENT = "\ufffd"
 
@@ -73,7 +73,10 @@ class BlockEncoder:
 
     def __init__(self, tokenizer_json: bytes) -> None:
         self.fast = tiktoken_for_json(tokenizer_json)
+        self.backend: Tokenizer | None = None
+        self.normalizer: Normalizer | None = None
         if self.fast:
+            # The bundled tokenizer's size (a test checks that tokenizers says the same).
             self.itemsize = token_itemsize(self.fast.vocab_size)
             return
         tokenizer = TextTokenizer(tokenizer_json, "the tokenizer")
@@ -123,6 +126,8 @@ def serve() -> None:
             yield stdin.read(BLOCK_HEADER.unpack(header)[0])
 
     inputs = frames()
+    # The processes are the parallelism: one encoder thread each.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         encode = BlockEncoder(next(inputs))
     except (StopIteration, NoodleError) as exc:  # the command ended, or a bug

@@ -122,6 +122,12 @@ def test_the_bundled_tokenizer_is_encoded_by_tiktoken_with_its_own_ids(bundled):
         assert encode(line) == reference(bundled, [line])
 
 
+def test_the_tokenizer_processes_size_token_ids_as_the_tokenizers_library_does(bundled):
+    """Where tiktoken encodes, a tokenizer process does not build the tokenizer: its id
+    width comes from tiktoken's encoder, the command's from tokenizers."""
+    assert tiktoken_text(bundled).vocab_size == bundled.vocab_size
+
+
 def test_combining_marks_are_composed_by_the_tokenizers_own_nfc(bundled):
     """Python's unicodedata may know a later Unicode version than tokenizers' NFC: marks
     it gives a combining class are reordered by one and not the other."""
