@@ -130,7 +130,9 @@ def serve() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         encode = BlockEncoder(next(inputs))
-    except (StopIteration, NoodleError) as exc:  # the command ended, or a bug
+    except StopIteration:  # the command ended before it sent the tokenizer
+        return
+    except NoodleError as exc:  # a bug: the command checked the tokenizer
         sys.exit(str(exc))
     for data in inputs:
         ids, replaced, blank = encode(data)
