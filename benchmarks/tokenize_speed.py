@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import os
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,15 +61,14 @@ from noodle.corpus import (
     BLOCK_BYTES,
     TextBlock,
     TokenizerProcess,
-    flatten_ids,
     text_blocks,
-    token_dtype,
     tokenize_to_file,
 )
 from noodle.progress import Reporter
 from noodle.sources import LocalFile
 from noodle.tiktoken_bpe import TiktokenText, tiktoken_text
 from noodle.tokenizer import load_tokenizer
+from noodle.tokenizer_worker import id_array, token_itemsize
 
 MEASUREMENTS = {
     "library-1": "library: encode_batch_fast, 1 process",
@@ -133,26 +133,28 @@ def library_one_process(text: Path, batch_bytes: int) -> Timing:
     return Timing(seconds, cpu_seconds, cpu_seconds)
 
 
-def block_ids(library: str) -> Callable[[TextBlock], list[list[int]]]:
-    """A block's ids by `library` alone (tokenizers or tiktoken), a list per call."""
+def block_ids(library: str) -> Callable[[TextBlock], Iterable[int]]:
+    """A block's ids by `library` alone (tokenizers or tiktoken)."""
     tokenizer = load_tokenizer()
     if library == "tiktoken":
         encode_text = TiktokenText(json.loads(tokenizer.raw)).encode_piece
-        return lambda block: [encode_text(block.text)]
+        return lambda block: encode_text(block.text)
     encode = tokenizer.backend.encode_batch_fast
-    return lambda block: [e.ids for e in encode(block.lines, add_special_tokens=False)]
+    return lambda block: itertools.chain.from_iterable(
+        e.ids for e in encode(block.lines, add_special_tokens=False)
+    )
 
 
 def library_share(text: Path, library: str, index: int, count: int) -> None:
     """One of the N processes: decode its share, say ready, encode when told, say done
     and the CPU time that took."""
-    encode, dtype = block_ids(library), token_dtype(load_tokenizer().vocab_size)
+    encode, itemsize = block_ids(library), token_itemsize(load_tokenizer().vocab_size)
     blocks = list(text_blocks(io.BytesIO(share_of(text, index, count)), BLOCK_BYTES))
     print("ready", flush=True)
     sys.stdin.readline()
     cpu_started = time.process_time()
     for block in blocks:
-        flatten_ids(encode(block), dtype)
+        id_array(encode(block), itemsize)
     print(time.process_time() - cpu_started, flush=True)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import mmap
 import os
@@ -53,6 +52,7 @@ from noodle.tokenizer import TextTokenizer
 from noodle.tokenizer_worker import (
     BLOCK_HEADER,
     RESULT_HEADER,
+    BlockEncoder,
     decode_text,
     split_lines,
     token_itemsize,
@@ -194,33 +194,16 @@ def prefetch(items: Iterable[Item], depth: int = 2) -> Iterator[Item]:
         stopped.set()
 
 
-def encode_blocks(
-    blocks: Iterable[TextBlock], tokenizer: TextTokenizer
-) -> Iterator[tuple[TextBlock, np.ndarray]]:
-    fast = tiktoken_text(tokenizer)
-    # The offset-free batch encoder: Noodle needs only the ids, and offsets cost ~10%.
-    encode = tokenizer.backend.encode_batch_fast
-    dtype = token_dtype(tokenizer.vocab_size)
-    for block in blocks:
-        if fast:
-            yield block, np.array(fast(block.text), dtype)
-        else:
-            encodings = encode(block.lines, add_special_tokens=False)
-            yield block, flatten_ids([e.ids for e in encodings], dtype)
-
-
-def flatten_ids(ids: list[list[int]], dtype: np.dtype) -> np.ndarray:
-    """All of `ids` as one array, built in one pass instead of one array per line."""
-    count = sum(map(len, ids))
-    return np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=count)
-
-
 def tokenize_in_threads(
     stream: BinaryIO, tokenizer: TextTokenizer, block_bytes: int = BLOCK_BYTES
 ) -> Iterator[TokenBlock]:
-    """Each block of the stream with its token ids, read and encoded ahead in threads."""
+    """Each block of the stream with its token ids, read and encoded ahead in threads, by
+    the encoder of the tokenizer processes (its own tokenizer, its tokenizers encoder on
+    all cores here)."""
+    encoder, dtype = BlockEncoder(tokenizer.raw), token_dtype(tokenizer.vocab_size)
     blocks = prefetch(text_blocks(stream, block_bytes))
-    for block, ids in prefetch(encode_blocks(blocks, tokenizer), depth=1):
+    encoded = ((block, np.frombuffer(encoder.ids(block.text), dtype)) for block in blocks)
+    for block, ids in prefetch(encoded, depth=1):
         yield TokenBlock(block.nbytes, ids, block.replaced, block.blank)
 
 

@@ -14,7 +14,7 @@ import itertools
 import os
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from tokenizers import Tokenizer, normalizers
 from tokenizers.normalizers import Normalizer
@@ -36,7 +36,7 @@ def token_itemsize(vocab_size: int) -> int:
     return 2 if vocab_size <= 1 << 16 else 4
 
 
-def id_array(ids: Iterator[int] | list[int], itemsize: int) -> array.array:
+def id_array(ids: Iterable[int], itemsize: int) -> array.array:
     return array.array("H" if itemsize == 2 else "I", ids)
 
 
@@ -87,11 +87,14 @@ class BlockEncoder:
     def __call__(self, data: bytes) -> tuple[array.array, int, bool]:
         """The ids of a block of lines, its invalid UTF-8 sequences and its blankness."""
         text, replaced, blank = decode_text(data)
+        return self.ids(text), replaced, blank
+
+    def ids(self, text: str) -> array.array:
+        """The ids of a block of whole lines."""
         if self.fast:
-            return id_array(self.fast(text), self.itemsize), replaced, blank
-        encodings = self.encodings(split_lines(text), data.isascii())
-        ids = itertools.chain.from_iterable(e.ids for e in encodings)
-        return id_array(ids, self.itemsize), replaced, blank
+            return id_array(self.fast(text), self.itemsize)
+        encodings = self.encodings(split_lines(text), text.isascii())
+        return id_array(itertools.chain.from_iterable(e.ids for e in encodings), self.itemsize)
 
     def encodings(self, lines: list[str], all_ascii: bool) -> list:
         if not isinstance(self.normalizer, UNICODE_NORMALIZATIONS):
