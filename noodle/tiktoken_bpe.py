@@ -137,14 +137,14 @@ def bundled_sha256() -> str:
 def tiktoken_text(tokenizer: TextTokenizer) -> TiktokenText | None:
     """tiktoken's encoder of blocks of lines for `tokenizer`: for the bundled tokenizer,
     where tiktoken is installed; else None."""
-    if tiktoken is None or tokenizer.sha256 != bundled_sha256():
-        return None
-    return bundled_text(tokenizer.raw)
+    return tiktoken_for_json(tokenizer.raw, tokenizer.sha256)
 
 
-def tiktoken_for_json(tokenizer_json: bytes) -> TiktokenText | None:
-    """`tiktoken_text` of a tokenizer.json, without building the tokenizer."""
-    if tiktoken is None or hashlib.sha256(tokenizer_json).hexdigest() != bundled_sha256():
+def tiktoken_for_json(tokenizer_json: bytes, sha256: str | None = None) -> TiktokenText | None:
+    """`tiktoken_text` of a tokenizer.json (whose SHA-256 is `sha256`, where known),
+    without building the tokenizer."""
+    sha256 = sha256 or hashlib.sha256(tokenizer_json).hexdigest()
+    if tiktoken is None or sha256 != bundled_sha256():
         return None
     return bundled_text(tokenizer_json)
 
