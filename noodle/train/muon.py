@@ -65,6 +65,10 @@ class Stack(NamedTuple):
     group: dict
     params: list[Tensor]
 
+    def gradients(self, out: Tensor | None = None) -> Tensor:
+        """The matrices' gradients made wide and stacked (into `out`, where given)."""
+        return torch.stack([wide(p.grad) for p in self.params], out=out)
+
 
 class CudaGraph:
     """`record` captured once as a CUDA graph; `replay` runs its kernels again with one
@@ -130,8 +134,7 @@ class BatchedMuon(torch.optim.Muon):
             return
         keep = None if self.found_inf is None else 1 - self.found_inf
         for stack in stacks:
-            grads = torch.stack([wide(p.grad) for p in stack.params])
-            self.update(stack, grads, stack.group["lr"], self.grad_scale, keep)
+            self.update(stack, stack.gradients(), stack.group["lr"], self.grad_scale, keep)
         self.stepped_op_by_op = True
 
     def stacks(self) -> list[Stack]:
@@ -215,12 +218,7 @@ class RecordedUpdate:
         self.lrs = torch.zeros(len(groups), device=device)
         self.grad_scale = torch.ones((), device=device)
         self.found_inf = torch.zeros((), device=device)
-        self.grads = [
-            torch.empty(
-                (len(s.params), *wide(s.params[0]).shape), dtype=s.params[0].dtype, device=device
-            )
-            for s in stacks
-        ]
+        self.grads = [torch.empty_like(stack.gradients()) for stack in stacks]
         group_index = {id(group): index for index, group in enumerate(groups)}
         self.lr_of_stack = [self.lrs[group_index[id(s.group)]] for s in stacks]
 
@@ -235,7 +233,7 @@ class RecordedUpdate:
     def run(self) -> None:
         optimizer = self.optimizer
         for stack, grads in zip(self.stacks, self.grads, strict=True):
-            torch.stack([wide(p.grad) for p in stack.params], out=grads)
+            stack.gradients(out=grads)
         for lr, group in zip(self.lrs, self.groups, strict=True):
             lr.fill_(group["lr"])
         if optimizer.grad_scale is None:
