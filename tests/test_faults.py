@@ -20,7 +20,9 @@ import pytest
 
 from noodle.checkpoint import WEIGHTS, ModelDir
 from noodle.config import PRESETS
+from noodle.errors import NoodleError
 from noodle.model import weight_shapes
+from noodle.train.lock import LOCK_FILE, RunLock
 from tests.conftest import ONE_THREAD, noodle_command, noodle_env, run_noodle, start_noodle
 from tests.tiny_runs import read_metrics, saved_tensors
 
@@ -150,6 +152,29 @@ with sigterm_raises_interrupted():
 
 
 # -- two runs, one OUTPUT_DIR -------------------------------------------------------------
+
+
+def test_a_run_refused_as_the_holder_takes_the_lock_names_the_holder(tmp_path):
+    # The holder takes the lock, then writes its process id: a run refused in between
+    # waits for the id instead of naming nobody.
+    program = f"""
+import fcntl, os, sys, time
+fd = os.open({str(tmp_path / LOCK_FILE)!r}, os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(0.5)
+os.pwrite(fd, f"{{os.getpid()}}\\n".encode(), 0)
+sys.stdin.read()
+"""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", program], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(NoodleError, match=rf"another noodle run \(process {holder.pid}\)"):
+            RunLock(tmp_path)
+    finally:
+        holder.communicate("", timeout=30)
 
 
 def test_two_runs_started_together_into_one_directory_one_wins(trained_base, tmp_path):

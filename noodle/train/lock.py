@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -27,7 +28,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+            holder = _holder(fd)
             os.close(fd)
             who = f"process {holder}" if holder.isdigit() else "another process"
             raise NoodleError(
@@ -41,6 +42,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # no stale process id for the next run's refusals
             os.close(self.fd)  # closing the last descriptor releases the lock
             self.fd = None
 
@@ -54,3 +56,14 @@ class RunLock:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _holder(fd: int, patience_s: float = 2.0) -> str:
+    """The process id the lock's holder wrote, or "" if none came. A holder writes it just
+    after taking the lock, so a run refused in that instant waits for it a moment."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+        if holder or time.monotonic() > deadline:
+            return holder
+        time.sleep(0.01)
