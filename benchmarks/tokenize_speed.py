@@ -66,7 +66,7 @@ from noodle.corpus import (
 )
 from noodle.progress import Reporter
 from noodle.sources import LocalFile
-from noodle.tiktoken_bpe import TiktokenText, tiktoken_text
+from noodle.tiktoken_bpe import TiktokenText, uses_tiktoken
 from noodle.tokenizer import load_tokenizer
 from noodle.tokenizer_worker import id_array, token_itemsize
 
@@ -277,7 +277,9 @@ def main() -> None:
         "library-n": f"{args.processes} x 1",
         "tiktoken-n": f"{args.processes} x 1",
         # tiktoken encodes in one thread; tokenizers in a thread per core.
-        "noodle-1": "1" if tiktoken_text(load_tokenizer()) else f"{available_cores()} threads",
+        "noodle-1": "1"
+        if uses_tiktoken(load_tokenizer().sha256)
+        else f"{available_cores()} threads",
         "noodle-n": f"1 + {args.processes} x 1",
         "startup-n": f"{args.processes} x 1",
     }

@@ -47,7 +47,7 @@ from noodle.files import atomic_write
 from noodle.interruptible import next_item
 from noodle.memory import release_free_memory
 from noodle.sources import OpenedSource, parse_source
-from noodle.tiktoken_bpe import tiktoken_text
+from noodle.tiktoken_bpe import uses_tiktoken
 from noodle.tokenizer import TextTokenizer
 from noodle.tokenizer_worker import (
     BLOCK_HEADER,
@@ -421,7 +421,7 @@ def tokenize_to_file(
 def cache_key(identity: dict, tokenizer: TextTokenizer) -> str:
     material = {"format": CACHE_FORMAT, "source": identity, "tokenizer": tokenizer.sha256}
     # The encoders agree (tiktoken_bpe), but a cache records which one wrote it.
-    material["encoder"] = "tiktoken" if tiktoken_text(tokenizer) else "tokenizers"
+    material["encoder"] = "tiktoken" if uses_tiktoken(tokenizer.sha256) else "tokenizers"
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
 
 

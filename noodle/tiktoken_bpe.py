@@ -31,7 +31,7 @@ import unicodedata
 from tokenizers import normalizers
 
 from noodle.interruptible import read_all
-from noodle.tokenizer import TextTokenizer, packaged_tokenizer_path
+from noodle.tokenizer import packaged_tokenizer_path
 
 try:
     import tiktoken
@@ -134,17 +134,16 @@ def bundled_sha256() -> str:
     return hashlib.sha256(read_all(packaged_tokenizer_path())).hexdigest()
 
 
-def tiktoken_text(tokenizer: TextTokenizer) -> TiktokenText | None:
-    """tiktoken's encoder of blocks of lines for `tokenizer`: for the bundled tokenizer,
-    where tiktoken is installed; else None."""
-    return tiktoken_for_json(tokenizer.raw, tokenizer.sha256)
+def uses_tiktoken(sha256: str) -> bool:
+    """Whether tiktoken encodes the tokenizer.json whose SHA-256 is `sha256`: the bundled
+    tokenizer, where tiktoken is installed."""
+    return tiktoken is not None and sha256 == bundled_sha256()
 
 
 def tiktoken_for_json(tokenizer_json: bytes, sha256: str | None = None) -> TiktokenText | None:
-    """`tiktoken_text` of a tokenizer.json (whose SHA-256 is `sha256`, where known),
-    without building the tokenizer."""
-    sha256 = sha256 or hashlib.sha256(tokenizer_json).hexdigest()
-    if tiktoken is None or sha256 != bundled_sha256():
+    """tiktoken's encoder of blocks of lines for a tokenizer.json (whose SHA-256 is
+    `sha256`, where known), built without the tokenizer; None where it `uses_tiktoken` not."""
+    if not uses_tiktoken(sha256 or hashlib.sha256(tokenizer_json).hexdigest()):
         return None
     return bundled_text(tokenizer_json)
 

@@ -39,7 +39,7 @@ from noodle.corpus import (
 from noodle.errors import NoodleError, UsageError
 from noodle.progress import Reporter
 from noodle.sources import LocalFile, WebFile, hf_url
-from noodle.tiktoken_bpe import tiktoken_text
+from noodle.tiktoken_bpe import tiktoken_for_json
 from noodle.tokenizer import TextTokenizer, load_tokenizer
 from noodle.tokenizer_worker import BlockEncoder
 from tests.conftest import noodle_command, noodle_env, run_noodle, story_corpus
@@ -91,7 +91,7 @@ def test_parallel_tokenization_matches_the_sequential_reference(
 ):
     if encoder == "tokenizers":  # a tokenizer.json that tiktoken does not encode
         tokenizer = TextTokenizer(tokenizer.raw + b"\n", "edited")
-        assert tiktoken_text(tokenizer) is None
+        assert tiktoken_for_json(tokenizer.raw) is None
     text = " \n\t\n" * 40 + TRICKY_TEXT * 40
     expected = reference_ids(tokenizer, text)
     # Small blocks put block boundaries everywhere, including inside multi-byte runs' lines,

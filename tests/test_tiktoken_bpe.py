@@ -10,7 +10,7 @@ import unicodedata
 import pytest
 
 from noodle.corpus import cache_key
-from noodle.tiktoken_bpe import bundled_text, tiktoken_text
+from noodle.tiktoken_bpe import bundled_text, tiktoken_for_json
 from noodle.tokenizer import TextTokenizer, learn_tokenizer, load_tokenizer
 from tests.stories import story_corpus
 
@@ -106,7 +106,7 @@ def bundled() -> TextTokenizer:
 
 
 def test_the_bundled_tokenizer_is_encoded_by_tiktoken_with_its_own_ids(bundled):
-    encode = tiktoken_text(bundled)
+    encode = tiktoken_for_json(bundled.raw)
     assert encode is not None
     stories = story_corpus(500).splitlines(keepends=True)
     lines = [*EDGE_LINES, *stories, *random_lines(800, 0), *LINE_ENDS]
@@ -125,13 +125,13 @@ def test_the_bundled_tokenizer_is_encoded_by_tiktoken_with_its_own_ids(bundled):
 def test_the_tokenizer_processes_size_token_ids_as_the_tokenizers_library_does(bundled):
     """Where tiktoken encodes, a tokenizer process does not build the tokenizer: its id
     width comes from tiktoken's encoder, the command's from tokenizers."""
-    assert tiktoken_text(bundled).vocab_size == bundled.vocab_size
+    assert tiktoken_for_json(bundled.raw).vocab_size == bundled.vocab_size
 
 
 def test_combining_marks_are_composed_by_the_tokenizers_own_nfc(bundled):
     """Python's unicodedata may know a later Unicode version than tokenizers' NFC: marks
     it gives a combining class are reordered by one and not the other."""
-    encode = tiktoken_text(bundled)
+    encode = tiktoken_for_json(bundled.raw)
     marks = [*range(0x300, 0x370), *range(0x890, 0x8FF), *range(0x1AB0, 0x1B00)]
     marks += [*range(0x1DC0, 0x1E00), *range(0x20D0, 0x2100), 0xC3C, 0x1E08F]
     lines = [f"a{chr(mark)}\u0323{chr(mark)}\u0301\n" for mark in marks]
@@ -157,20 +157,20 @@ def test_other_tokenizers_are_left_to_the_tokenizers_library(bundled):
     """tiktoken merges any pair whose bytes are a token; a tokenizer.json other than the
     bundled one may hold a token no merge rule makes, where tokenizers would not."""
     learned = learn_tokenizer(story_corpus(400).splitlines(keepends=True), 600)
-    assert tiktoken_text(learned) is None
+    assert tiktoken_for_json(learned.raw) is None
     spec = json.loads(bundled.raw)
     spec["model"]["vocab"]["Ġqzxv"] = len(spec["model"]["vocab"])
-    assert tiktoken_text(TextTokenizer(json.dumps(spec).encode(), "edited")) is None
-    assert tiktoken_text(TextTokenizer(bundled.raw + b" ", "edited")) is None
+    assert tiktoken_for_json(json.dumps(spec).encode()) is None
+    assert tiktoken_for_json(bundled.raw + b" ") is None
 
 
 def test_the_token_cache_records_the_encoder(bundled, monkeypatch):
     source = {"path": "corpus.txt", "size": 10, "mtime_ns": 1}
     fast = cache_key(source, bundled)
-    monkeypatch.setattr("noodle.corpus.tiktoken_text", lambda tokenizer: None)
+    monkeypatch.setattr("noodle.corpus.uses_tiktoken", lambda sha256: False)
     assert cache_key(source, bundled) != fast
 
 
 def test_without_tiktoken_the_tokenizers_library_encodes_alone(bundled, monkeypatch):
     monkeypatch.setattr("noodle.tiktoken_bpe.tiktoken", None)
-    assert tiktoken_text(bundled) is None
+    assert tiktoken_for_json(bundled.raw) is None
